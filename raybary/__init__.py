@@ -1,0 +1,36 @@
+"""raybary: batched Wasserstein barycenters of Gaussian mixture models.
+
+The names below are the stable public API. Those backed by JAX are imported
+lazily, so ``import raybary.storage`` (or the CLI's help) does not start JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from raybary.types import GMM, Problem, Result
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "solve": "raybary.batch.api",
+    "SolverConfig": "raybary.solvers.barycenter",
+    "log_density": "raybary.density",
+    "log_density_grid": "raybary.density",
+    "read_results": "raybary.storage.results",
+}
+
+__all__ = ["GMM", "Problem", "Result", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raybary.batch.api import solve
+    from raybary.density import log_density, log_density_grid
+    from raybary.solvers.barycenter import SolverConfig
+    from raybary.storage.results import read_results
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'raybary' has no attribute {name!r}")

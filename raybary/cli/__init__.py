@@ -1,0 +1,23 @@
+"""Command-line interface: a thin click group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from raybary import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="raybary")
+def main() -> None:
+    """raybary: Wasserstein barycenters of Gaussian mixtures, in batches, on Ray."""
+
+
+def _register() -> None:
+    from raybary.cli import solve_cmds, storage_cmds
+
+    solve_cmds.register(main)
+    storage_cmds.register(main)
+
+
+_register()

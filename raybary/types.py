@@ -1,0 +1,125 @@
+"""Plain NumPy containers shared by every layer: GMMs, problems and results.
+
+This module imports NumPy only, so storage, validation and the CLI can use it
+without pulling in JAX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["GMM", "Problem", "Result"]
+
+
+def _as_float_array(x, name: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class GMM:
+    r"""A Gaussian mixture :math:`\sum_k w_k \mathcal{N}(m_k, C_k)` in :math:`\mathbb{R}^d`.
+
+    Args:
+      weights: component weights ``(K,)``, non-negative, summing to one.
+      means: component means ``(K, d)``.
+      covs: component covariances ``(K, d, d)``, symmetric positive definite.
+
+    Only shapes are checked here; values (finiteness, symmetry, definiteness,
+    normalisation) are checked by :mod:`raybary.validation`.
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covs: np.ndarray
+
+    def __post_init__(self) -> None:
+        w = _as_float_array(self.weights, "weights", 1)
+        m = _as_float_array(self.means, "means", 2)
+        c = _as_float_array(self.covs, "covs", 3)
+        k, d = m.shape
+        if w.shape[0] != k:
+            raise ValueError(f"weights has {w.shape[0]} entries but means has {k} rows")
+        if c.shape != (k, d, d):
+            raise ValueError(f"covs must have shape ({k}, {d}, {d}), got {c.shape}")
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "means", m)
+        object.__setattr__(self, "covs", c)
+
+    @property
+    def n_components(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    r"""One barycenter problem: J GMMs in the same dimension and barycentric weights.
+
+    The barycenter minimises :math:`\sum_j \lambda_j MW_2^2(\mu, \mathrm{GMM}_j)`.
+    """
+
+    gmms: tuple[GMM, ...]
+    lambdas: np.ndarray
+
+    def __post_init__(self) -> None:
+        gmms = tuple(self.gmms)
+        for j, g in enumerate(gmms):
+            if not isinstance(g, GMM):
+                raise TypeError(f"gmms[{j}] must be a raybary.GMM, got {type(g).__name__}")
+        lam = _as_float_array(self.lambdas, "lambdas", 1)
+        if lam.shape[0] != len(gmms):
+            raise ValueError(f"lambdas has {lam.shape[0]} entries but there are {len(gmms)} GMMs")
+        dims = {g.dim for g in gmms}
+        if len(dims) > 1:
+            raise ValueError(f"all GMMs of a problem must share one dimension, got {sorted(dims)}")
+        object.__setattr__(self, "gmms", gmms)
+        object.__setattr__(self, "lambdas", lam)
+
+    @property
+    def dim(self) -> int:
+        return self.gmms[0].dim if self.gmms else 0
+
+    @property
+    def n_gmms(self) -> int:
+        return len(self.gmms)
+
+    @property
+    def n_components(self) -> int:
+        """Total number of components over all GMMs."""
+        return sum(g.n_components for g in self.gmms)
+
+
+@dataclass(eq=False)
+class Result:
+    """The barycenter of one problem and how the solver got there.
+
+    Attributes:
+      weights, means, covs: the barycenter GMM, ``(n,)``, ``(n, d)``, ``(n, d, d)``.
+      objective: transport objective ``sum_j lambda_j <P_j, C_j>`` of the final
+        plans against the returned atoms, without the entropy term.
+      converged: whether the stopping criteria were met before ``max_iterations``.
+      iterations: outer (plan / atom) iterations done.
+      marginal_error: largest L1 error of the plans' marginals.
+      restart: which initialisation gave this result (0 when ``restarts=1``).
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covs: np.ndarray
+    objective: float
+    converged: bool
+    iterations: int
+    marginal_error: float
+    restart: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def gmm(self) -> GMM:
+        return GMM(self.weights, self.means, self.covs)
