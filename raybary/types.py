@@ -109,6 +109,9 @@ class Result:
       iterations: outer (plan / atom) iterations done.
       marginal_error: largest L1 error of the plans' marginals.
       restart: which initialisation gave this result (0 when ``restarts=1``).
+      status: ``"ok"``, or ``"failed"`` when the solver produced non-finite values.
+      error: what went wrong when ``status`` is not ``"ok"``.
+      extra: solver diagnostics (Sinkhorn iterations, epsilon used, ...).
     """
 
     weights: np.ndarray
@@ -119,6 +122,8 @@ class Result:
     iterations: int
     marginal_error: float
     restart: int = 0
+    status: str = "ok"
+    error: str | None = None
     extra: dict = field(default_factory=dict)
 
     def gmm(self) -> GMM:

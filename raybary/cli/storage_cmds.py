@@ -1,9 +1,114 @@
-"""CLI commands of the storage layer (generate, convert, show)."""
+"""CLI commands of the storage layer (generate, convert, show).
+
+Heavy imports (pyarrow, zarr) happen inside the commands, so ``raybary
+--help`` stays fast; nothing here imports JAX.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
 import click
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IndexError)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the storage layer's errors into clean ``Error: ...`` messages (exit code 1)."""
+    try:
+        yield
+    except _USER_ERRORS as e:
+        raise click.ClickException(str(e)) from e
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields ``update(n)``."""
+    with click.progressbar(length=length, label=label, file=sys.stderr,
+                           show_pos=True, show_eta=True) as bar:
+        yield bar.update
+
+
+@click.command("generate")
+@click.argument("out")
+@click.option("--problems", "-n", "n_problems", type=click.IntRange(min=0), required=True,
+              help="Number of problems.")
+@click.option("--family", type=click.Choice(["tutorial", "random"]), default="tutorial",
+              show_default=True, help="Problem family (see docs/storage.md).")
+@click.option("--dim", type=click.IntRange(min=1), default=None,
+              help="Dimension d (tutorial: 2; random: mixed 1, 2, 3, 5).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
+              help="Zarr: problems per chunk (default 8192).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: int,
+                 chunk_problems: int | None, overwrite: bool) -> None:
+    """Write a seeded batch of problems to OUT (*.parquet or *.zarr)."""
+    from raybary.storage.generate import generate
+
+    t0 = time.perf_counter()
+    with _user_errors(), _progress(n_problems, "generating") as update:
+        store = generate(out, n_problems, family=family, dim=dim, seed=seed,
+                         overwrite=overwrite, chunk_problems=chunk_problems, progress=update)
+    click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}) "
+               f"in {time.perf_counter() - t0:.1f} s")
+
+
+@click.command("convert")
+@click.argument("src", metavar="IN")
+@click.argument("dst", metavar="OUT")
+@click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
+              help="Zarr output: problems per chunk (default 8192).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool) -> None:
+    """Convert a problem store IN to OUT (format from the suffixes: *.parquet, *.zarr)."""
+    from raybary.storage.conversion import convert
+    from raybary.storage.store import open_store
+
+    t0 = time.perf_counter()
+    with _user_errors():
+        store = open_store(src)
+        with _progress(store.n_problems, "converting") as update:
+            out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
+                          progress=update)
+    click.echo(f"converted {out.n_problems} problems from {src} ({store.format}) to {dst} "
+               f"({out.format}) in {time.perf_counter() - t0:.1f} s")
+
+
+@click.command("show")
+@click.argument("path", metavar="OUT")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many slowest / failed problems to list.")
+def show_cmd(path: str, top: int) -> None:
+    """Summarise a results directory (or describe a problem store)."""
+    from raybary.storage import _fs
+    from raybary.storage.results import LAYOUT_FILE, summarize
+
+    with _user_errors():
+        fs, root = _fs.url_to_fs(path)
+        if fs.exists(root.rstrip("/") + "/" + LAYOUT_FILE):
+            click.echo(summarize(path, top=top))
+            return
+        from raybary.storage.store import open_store
+
+        store = open_store(path)
+        click.echo(f"problem store {path}")
+        for key, value in store.describe().items():
+            if key != "url":
+                click.echo(f"  {key}: {value}")
+        if store.n_problems:
+            shard = store.read(0, min(store.n_problems, 1000))
+            click.echo(f"  first {len(shard)} problems: {shard.n_invalid} invalid")
+            for err in [e for e in shard.errors if e][:top]:
+                click.echo(f"    {err}")
 
 
 def register(group: click.Group) -> None:
     """Add the storage commands to ``group``."""
+    group.add_command(generate_cmd)
+    group.add_command(convert_cmd)
+    group.add_command(show_cmd)

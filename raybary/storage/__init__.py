@@ -1,0 +1,54 @@
+"""Storage: problem stores (Parquet, Zarr), validation on reading, results.
+
+No Ray and no JAX here: readers hand NumPy :class:`raybary.types.Problem`
+objects to the solver and the :class:`~raybary.storage.results.ResultWriter`
+takes :class:`raybary.types.Result` objects back. See ``docs/storage.md``.
+
+Main entry points (imported lazily, so ``import raybary.storage`` is cheap):
+
+* :func:`open_store` -> :class:`ProblemStore` with ``.read(start, stop)`` -> :class:`ShardInput`
+* :func:`convert`, :func:`write_store`, :func:`write_problems`
+* :class:`ResultWriter`, :func:`read_results`
+* generators in :mod:`raybary.storage.generate`
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from raybary.storage.errors import ResultsConflictError, StoreDataError, StoreFormatError
+
+_LAZY = {
+    "open_store": "raybary.storage.store",
+    "detect_format": "raybary.storage.store",
+    "ProblemStore": "raybary.storage.store",
+    "ShardInput": "raybary.storage.store",
+    "ProblemColumns": "raybary.storage.columns",
+    "convert": "raybary.storage.conversion",
+    "write_store": "raybary.storage.conversion",
+    "write_problems": "raybary.storage.conversion",
+    "ResultWriter": "raybary.storage.results",
+    "Results": "raybary.storage.results",
+    "read_results": "raybary.storage.results",
+    "ParquetProblemStore": "raybary.storage.parquet_store",
+    "ZarrProblemStore": "raybary.storage.zarr_store",
+    "PARQUET_FORMAT_ID": "raybary.storage.parquet_store",
+    "ZARR_FORMAT_ID": "raybary.storage.zarr_store",
+}
+
+__all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raybary.storage.columns import ProblemColumns
+    from raybary.storage.conversion import convert, write_problems, write_store
+    from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
+    from raybary.storage.results import Results, ResultWriter, read_results
+    from raybary.storage.store import ProblemStore, ShardInput, detect_format, open_store
+    from raybary.storage.zarr_store import ZARR_FORMAT_ID, ZarrProblemStore
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'raybary.storage' has no attribute {name!r}")

@@ -1,0 +1,326 @@
+"""The public solver API: ``solve`` over lists of ragged problems, and the
+array fast path ``solve_padded`` that the runner calls on whole shards.
+
+This is the glue between NumPy problems and the jitted JAX solver: it buckets
+problems by padded shape, pads, runs :func:`raybary.solvers.barycenter.solve_batch`
+per bucket and batch chunk, undoes the normalisation and keeps the best of the
+restarts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from raybary.batch.padding import Bucket, bucket_of, next_pow2, pad_problems
+from raybary.types import Problem, Result
+
+__all__ = ["solve", "solve_padded", "DEFAULT_RELATIVE_EPSILON", "configure_jax"]
+
+DEFAULT_RELATIVE_EPSILON = 1e-3
+_JAX_CONFIGURED = False
+
+
+def configure_jax() -> None:
+    """Turn on JAX's persistent compilation cache (``RAYBARY_JAX_CACHE`` or
+    ``~/.cache/raybary/jax``) unless the user already set a cache directory."""
+    global _JAX_CONFIGURED
+    if _JAX_CONFIGURED:
+        return
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        path = os.environ.get(
+            "RAYBARY_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax")
+        )
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    _JAX_CONFIGURED = True
+
+
+COMPACT_MIN = 64  # batches at most this big are solved in one call
+COMPACT_STEPS = 4  # outer iterations between two looks at which problems are done
+
+
+def _solve_arrays(arrays: dict, config, dtype: str) -> dict[str, np.ndarray]:
+    """Solve a padded batch; stragglers are compacted into smaller batches.
+
+    In a vmapped loop every problem waits for the slowest one. So the batch
+    runs ``COMPACT_STEPS`` outer iterations at a time; once at most an eighth
+    of its rows are still running, those rows move to a batch an eighth the
+    size (so sizes stay powers of two over eight: few compiles).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from raybary.solvers import barycenter as bc
+
+    configure_jax()
+    with jax.enable_x64(dtype == "float64"):
+        full = bc.PaddedProblem(**{k: jnp.asarray(v) for k, v in arrays.items()})
+        size = full.weights.shape[0]
+        if size <= COMPACT_MIN:
+            out = bc.solve_batch(full, config)
+            return {k: np.asarray(v) for k, v in out._asdict().items()}
+        state = bc.init_batch(full, config)
+        final = jax.tree_util.tree_map(np.array, state)
+        batch, rows = full, np.arange(size)  # rows: original row of each slot, -1 filler
+        while True:
+            state = bc.run_batch(state, batch, config, COMPACT_STEPS)
+            live = (~np.asarray(state.done)) & (rows >= 0)
+            n_live = int(live.sum())
+            if n_live == 0 or (n_live <= len(rows) // 8 and len(rows) > COMPACT_MIN):
+                host = jax.tree_util.tree_map(np.asarray, state)
+                keep = (rows >= 0) & ~live
+                for name, arr in zip(final._fields, host):
+                    getattr(final, name)[rows[keep]] = arr[keep]
+                if n_live == 0:
+                    break
+                slots = np.flatnonzero(live)
+                slots = np.concatenate([slots, np.full(len(rows) // 8 - n_live, slots[0])])
+                take = jnp.asarray(slots)
+                state = jax.tree_util.tree_map(lambda x, t=take: x[t], state)
+                batch = jax.tree_util.tree_map(lambda x, t=take: x[t], batch)
+                rows = np.concatenate([rows[slots[:n_live]], np.full(len(slots) - n_live, -1)])
+        final = jax.tree_util.tree_map(jnp.asarray, final)
+        out = bc.finish_batch(final, full)
+        return {k: np.asarray(v) for k, v in out._asdict().items()}
+
+
+def solve_padded(arrays: dict[str, np.ndarray], config, *, dtype: str = "float32"):
+    """Fast path: solve a batch already padded by :func:`raybary.batch.padding.pad_problems`.
+
+    Returns the :class:`raybary.solvers.barycenter.BarycenterOutput` fields as
+    NumPy arrays in solver (normalised) coordinates.
+    """
+    return _solve_arrays(arrays, config, dtype)
+
+
+def _check_dtype(dtype: str) -> str:
+    dtype = np.dtype(dtype).name
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dtype
+
+
+def _validate(problems: Sequence[Problem]) -> list[str]:
+    from raybary.validation import problem_errors
+
+    msgs = []
+    for i, p in enumerate(problems):
+        _, err = problem_errors(p, i)
+        if err:
+            msgs.append(err)
+    return msgs
+
+
+def solve(
+    problems: Problem | Sequence[Problem],
+    *,
+    bar_size: int | Sequence[int],
+    epsilon: float | None = None,
+    relative_epsilon: float | None = None,
+    init: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
+    restarts: int = 1,
+    learn_weights: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_iterations: int | None = None,
+    tol: float | None = None,
+    batch_size: int = 4096,
+    config=None,
+    validate: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[Result]:
+    r"""Wasserstein barycenters (MW2, Bures ground cost) of many GMM problems at once.
+
+    Args:
+      problems: one :class:`~raybary.Problem` or a sequence of them; ragged
+        (different d, J, K_j) is fine.
+      bar_size: barycenter components ``n``, one for all or one per problem.
+      epsilon: absolute entropic regularisation, in squared units of the data
+        (the tutorial's ``epsilon=0.1``).
+      relative_epsilon: regularisation relative to the mean cost between the
+        initial barycenter and the inputs (scale-free). The default, when
+        neither is given, is ``relative_epsilon=1e-4``: small enough that the
+        plans are within ~1e-6 of exact OT on typical problems, and the same
+        for data of any scale. Give at most one of the two.
+      init: ``None`` (k-means++ seeding over the input components by Bures
+        cost) or one ``(means (n, d), covs (n, d, d))`` pair (or ``None``) per
+        problem. A given init is used for restart 0.
+      restarts: initialisations solved per problem inside the same batch; the
+        lowest objective wins.
+      learn_weights: also optimise the barycenter's component weights (the
+        objective is then at most that of uniform weights).
+      dtype: ``"float32"`` (default) or ``"float64"``.
+      seed: seed of the k-means++ draws (results are reproducible).
+      max_iterations, tol: outer iterations and relative objective tolerance
+        (defaults of :class:`~raybary.SolverConfig`).
+      batch_size: problems per compiled call (rounded to a power of two).
+      config: a full :class:`~raybary.SolverConfig` (overrides the above).
+      validate: check the inputs first and raise ``ValueError`` naming every
+        bad problem.
+      progress: called with the number of problems finished after each chunk.
+
+    Returns:
+      One :class:`~raybary.Result` per problem, in order.
+    """
+    from raybary.solvers.barycenter import SolverConfig
+
+    if isinstance(problems, Problem):
+        problems = [problems]
+    problems = list(problems)
+    P = len(problems)
+    if P == 0:
+        return []
+    dtype = _check_dtype(dtype)
+    if epsilon is not None and relative_epsilon is not None:
+        raise ValueError("give epsilon (absolute) or relative_epsilon, not both")
+    if epsilon is None and relative_epsilon is None:
+        relative_epsilon = DEFAULT_RELATIVE_EPSILON
+    eps_value = relative_epsilon if relative_epsilon is not None else epsilon
+    if not np.isfinite(eps_value) or eps_value <= 0:
+        raise ValueError(f"epsilon must be a positive finite number, got {eps_value}")
+    sizes = [int(bar_size)] * P if np.isscalar(bar_size) else [int(s) for s in bar_size]
+    if len(sizes) != P:
+        raise ValueError(f"bar_size has {len(sizes)} entries for {P} problems")
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"bar_size must be at least 1, got {min(sizes)}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1, got {restarts}")
+    inits = [None] * P if init is None else list(init)
+    if len(inits) != P:
+        raise ValueError(f"init has {len(inits)} entries for {P} problems")
+    for i, (ini, n, p) in enumerate(zip(inits, sizes, problems)):
+        if ini is not None:
+            m, c = np.asarray(ini[0]), np.asarray(ini[1])
+            if m.shape != (n, p.dim) or c.shape != (n, p.dim, p.dim):
+                raise ValueError(
+                    f"init of problem {i}: expected means ({n}, {p.dim}) and covs "
+                    f"({n}, {p.dim}, {p.dim}), got {m.shape} and {c.shape}"
+                )
+    if validate:
+        errors = _validate(problems)
+        if errors:
+            raise ValueError("invalid problems:\n  " + "\n  ".join(errors))
+
+    if config is None:
+        config = SolverConfig(relative_epsilon=relative_epsilon is not None)
+        if dtype == "float64":
+            config = replace(config, tol=1e-9, sinkhorn_tol=1e-6, sinkhorn_max_iterations=1000)
+    config = replace(config, relative_epsilon=relative_epsilon is not None)
+    if learn_weights:
+        config = replace(config, learn_weights=True)
+    if max_iterations is not None:
+        config = replace(config, max_iterations=int(max_iterations))
+    if tol is not None:
+        config = replace(config, tol=float(tol))
+
+    # Every (problem, restart) pair is one row of some bucket.
+    rows: dict[Bucket, list[tuple[int, int]]] = defaultdict(list)
+    for i, p in enumerate(problems):
+        b = bucket_of(p, sizes[i])
+        for r in range(restarts):
+            rows[b].append((i, r))
+
+    rows = _merge_small(rows)
+    best: list[Result | None] = [None] * P
+    done = 0
+    for bucket in sorted(rows):
+        items = rows[bucket]
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch = min(next_pow2(len(chunk)), next_pow2(batch_size))
+            keys = np.array(
+                [[seed & 0xFFFFFFFF, (i * restarts + r) & 0xFFFFFFFF] for i, r in chunk],
+                np.uint32,
+            )
+            arrays, norm = pad_problems(
+                [problems[i] for i, _ in chunk],
+                [sizes[i] for i, _ in chunk],
+                bucket,
+                batch,
+                epsilons=[eps_value] * len(chunk),
+                relative_epsilon=relative_epsilon is not None,
+                inits=[inits[i] if r == 0 else None for i, r in chunk],
+                keys=keys,
+                dtype=np.dtype(dtype),
+            )
+            out = _solve_arrays(arrays, config, dtype)
+            for row, (i, r) in enumerate(chunk):
+                res = _to_result(out, row, sizes[i], norm, r)
+                if best[i] is None or _better(res, best[i]):
+                    best[i] = res
+            finished = len({i for i, _ in chunk})
+            done += finished
+            if progress is not None:
+                progress(done)
+    return best  # type: ignore[return-value]
+
+
+MERGE_BELOW = 256  # a dimension with fewer rows than this compiles one bucket
+
+
+def _merge_small(rows: dict) -> dict:
+    """Merge the buckets of each dimension into one (their elementwise max) when
+    that dimension has few rows: for small calls compiling dominates, and the
+    padding costs little."""
+    by_d: dict[int, list[Bucket]] = defaultdict(list)
+    for b in rows:
+        by_d[b.d].append(b)
+    merged: dict[Bucket, list] = {}
+    for d, buckets in by_d.items():
+        total = sum(len(rows[b]) for b in buckets)
+        if len(buckets) > 1 and total < MERGE_BELOW:
+            big = Bucket(
+                d,
+                max(b.n for b in buckets),
+                max(b.J for b in buckets),
+                max(b.L for b in buckets),
+            )
+            merged[big] = [item for b in sorted(buckets) for item in rows[b]]
+        else:
+            for b in buckets:
+                merged[b] = rows[b]
+    return merged
+
+
+def _better(a: Result, b: Result) -> bool:
+    if a.status != b.status:
+        return a.status == "ok"
+    return bool(a.objective < b.objective)
+
+
+def _to_result(out: dict, row: int, n: int, norm, restart: int) -> Result:
+    c, s = norm.center[row], norm.scale[row]
+    weights = out["weights"][row, :n].astype(np.float64)
+    means = out["means"][row, :n].astype(np.float64) * s + c
+    covs = out["covs"][row, :n].astype(np.float64) * s**2
+    objective = float(out["objective"][row]) * s**2
+    finite = (
+        np.isfinite(objective)
+        and np.all(np.isfinite(weights))
+        and np.all(np.isfinite(means))
+        and np.all(np.isfinite(covs))
+    )
+    return Result(
+        weights=weights,
+        means=means,
+        covs=covs,
+        objective=objective,
+        converged=bool(out["converged"][row]),
+        iterations=int(out["iterations"][row]),
+        marginal_error=float(out["marginal_error"][row]),
+        restart=restart,
+        status="ok" if finite else "failed",
+        error=None if finite else "solver produced non-finite values",
+        extra={
+            "sinkhorn_iterations": int(out["sinkhorn_iterations"][row]),
+            "epsilon": float(out["epsilon"][row]) * s**2,
+        },
+    )

@@ -1,0 +1,146 @@
+"""Padding ragged problems into fixed-shape buckets (NumPy only, no JAX).
+
+A bucket is ``(d, n, J, L)``: dimension, atoms, GMMs and total components,
+each rounded up to ``2^k`` or ``3 * 2^k`` (:func:`bucket_size`), so that a batch of ragged problems compiles
+a handful of programs, not one per problem. Each problem is also centred and
+scaled (translation and scale equivariance of the barycenter) so that float32
+works on data far from the origin or of any scale: means ``(m - c) / s``,
+covariances ``C / s^2``; costs and objectives scale by ``s^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from raybary.types import Problem
+
+__all__ = ["Bucket", "Normalisation", "bucket_of", "bucket_size", "next_pow2", "pad_problems"]
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two at least ``x`` (and at least 1)."""
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def bucket_size(x: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at least ``x``.
+
+    At most a third of a padded axis is waste, with about twice as many
+    distinct sizes as powers of two alone.
+    """
+    p = next_pow2(x)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= x else p
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """Padded shape of a group of problems: dimension, atoms, GMMs, components."""
+
+    d: int
+    n: int
+    J: int
+    L: int
+
+
+def bucket_of(problem: Problem, n: int) -> Bucket:
+    return Bucket(
+        problem.dim,
+        bucket_size(n),
+        bucket_size(problem.n_gmms),
+        bucket_size(problem.n_components),
+    )
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-problem affine map into solver coordinates: ``x -> (x - center) / scale``."""
+
+    center: np.ndarray  # (B, d)
+    scale: np.ndarray  # (B,)
+
+
+def _flat(problem: Problem):
+    w = np.concatenate([g.weights for g in problem.gmms])
+    m = np.concatenate([g.means for g in problem.gmms])
+    c = np.concatenate([g.covs for g in problem.gmms])
+    idx = np.concatenate(
+        [np.full(g.n_components, j, dtype=np.int32) for j, g in enumerate(problem.gmms)]
+    )
+    return w, m, c, idx
+
+
+def _normalisation(w, m, c, lam_l) -> tuple[np.ndarray, float]:
+    mass = w * lam_l
+    tot = mass.sum()
+    mass = mass / tot if tot > 0 else np.full_like(w, 1.0 / len(w))
+    center = mass @ m
+    second = mass @ (np.sum((m - center) ** 2, axis=1) + np.trace(c, axis1=1, axis2=2))
+    scale = float(np.sqrt(second)) if second > 0 else 1.0
+    return center, scale
+
+
+def pad_problems(
+    problems: Sequence[Problem],
+    bar_sizes: Sequence[int],
+    bucket: Bucket,
+    batch: int,
+    *,
+    epsilons: Sequence[float],
+    relative_epsilon: bool,
+    inits: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    keys: np.ndarray,
+    dtype: np.dtype,
+) -> tuple[dict[str, np.ndarray], Normalisation]:
+    """Pad ``problems`` into arrays of the bucket's shape with ``batch`` rows.
+
+    Rows past ``len(problems)`` repeat the first problem (harmless filler whose
+    outputs are dropped). Returns the fields of
+    :class:`raybary.solvers.barycenter.PaddedProblem` as NumPy arrays and the
+    normalisation to undo on the outputs. ``keys`` is ``(len(problems), 2)``
+    uint32 key data. An absolute epsilon is divided by ``scale**2``.
+    """
+    d, n, J, L = bucket.d, bucket.n, bucket.J, bucket.L
+    B = batch
+    out = {
+        "weights": np.zeros((B, L)),
+        "means": np.zeros((B, L, d)),
+        "covs": np.broadcast_to(np.eye(d), (B, L, d, d)).copy(),
+        "gmm_index": np.zeros((B, L), np.int32),
+        "lambdas": np.zeros((B, J)),
+        "atom_mask": np.zeros((B, n), bool),
+        "init_means": np.zeros((B, n, d)),
+        "init_covs": np.broadcast_to(np.eye(d), (B, n, d, d)).copy(),
+        "has_init": np.zeros((B,), bool),
+        "epsilon": np.zeros((B,)),
+        "key": np.zeros((B, 2), np.uint32),
+    }
+    centers = np.zeros((B, d))
+    scales = np.ones((B,))
+    for b in range(B):
+        src = b if b < len(problems) else 0
+        p = problems[src]
+        w, m, c, idx = _flat(p)
+        k = len(w)
+        center, scale = _normalisation(w, m, c, p.lambdas[idx])
+        centers[b], scales[b] = center, scale
+        out["weights"][b, :k] = w
+        out["means"][b, :k] = (m - center) / scale
+        out["covs"][b, :k] = c / scale**2
+        out["gmm_index"][b, :k] = idx
+        out["lambdas"][b, : p.n_gmms] = p.lambdas
+        out["atom_mask"][b, : bar_sizes[src]] = True
+        init = inits[src]
+        if init is not None:
+            im, ic = init
+            out["init_means"][b, : bar_sizes[src]] = (np.asarray(im) - center) / scale
+            out["init_covs"][b, : bar_sizes[src]] = np.asarray(ic) / scale**2
+            out["has_init"][b] = True
+        eps = float(epsilons[src])
+        out["epsilon"][b] = eps if relative_epsilon else eps / scale**2
+        out["key"][b] = keys[src]
+    for name in ("weights", "means", "covs", "lambdas", "init_means", "init_covs", "epsilon"):
+        out[name] = out[name].astype(dtype)
+    return out, Normalisation(centers, scales)

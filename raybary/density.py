@@ -1,0 +1,140 @@
+r"""Log-densities of GMMs on points and on regular 2-D grids.
+
+.. math::
+   \log p(x) = \operatorname{LSE}_k \Big(\log w_k - \tfrac12 \|L_k^{-1}(x - m_k)\|^2
+               - \textstyle\sum_i \log (L_k)_{ii} - \tfrac d2 \log 2\pi\Big),
+   \qquad C_k = L_k L_k^T \text{ (Cholesky)}.
+
+For ``d > 2`` a grid shows the 2-D marginal on coordinates ``dims = (i, j)``:
+a GMM's marginal keeps its weights and takes the ``(i, j)`` entries of the
+means and the ``(i, j) x (i, j)`` block of the covariances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+from raybary.types import GMM
+
+__all__ = ["log_density", "log_density_grid", "grid_points", "default_bounds"]
+
+
+@jax.jit
+def _log_density(weights, means, covs, points):
+    d = means.shape[-1]
+    chol = jnp.linalg.cholesky(covs)  # (K, d, d)
+    diff = points[None, :, :] - means[:, None, :]  # (K, N, d)
+    sol = jax.vmap(lambda c, x: jsl.solve_triangular(c, x.T, lower=True).T)(chol, diff)
+    maha = jnp.sum(sol * sol, axis=-1)  # (K, N)
+    logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    comp = -0.5 * maha - logdet[:, None] - 0.5 * d * jnp.log(2 * jnp.pi)
+    pos = weights > 0
+    logw = jnp.where(pos, jnp.log(jnp.where(pos, weights, 1.0)), -jnp.inf)
+    return jax.nn.logsumexp(jnp.where(pos[:, None], comp + logw[:, None], -jnp.inf), axis=0)
+
+
+_log_density_batch = jax.jit(jax.vmap(_log_density, in_axes=(0, 0, 0, 0)))
+
+
+def _arrays(gmm):
+    if isinstance(gmm, GMM):
+        return gmm.weights, gmm.means, gmm.covs
+    w, m, c = gmm
+    return np.asarray(w), np.asarray(m), np.asarray(c)
+
+
+def _marginal(w, m, c, dims):
+    if dims is None:
+        return w, m, c
+    idx = np.asarray(dims)
+    return w, m[..., idx], c[..., idx[:, None], idx[None, :]]
+
+
+def log_density(gmm, points, *, dims: Sequence[int] | None = None, dtype: str = "float64"):
+    """Log-density of a GMM at ``points`` ``(N, d)`` (or ``(N, 2)`` with ``dims``).
+
+    ``gmm`` is a :class:`~raybary.GMM` or ``(weights, means, covs)``; with
+    leading batch axes on all three arrays and on ``points`` ``(B, N, d)`` it
+    evaluates a batch of GMMs at once. Components of weight 0 are ignored.
+    """
+    w, m, c = _marginal(*_arrays(gmm), dims)
+    pts = np.asarray(points)
+    with jax.enable_x64(dtype == "float64"):
+        args = [jnp.asarray(x, dtype) for x in (w, m, c, pts)]
+        fn = _log_density if args[0].ndim == 1 else _log_density_batch
+        return np.asarray(fn(*args))
+
+
+def default_bounds(means: np.ndarray, covs: np.ndarray, *, pad: float = 3.0) -> np.ndarray:
+    """Grid extents ``(xmin, xmax, ymin, ymax)`` covering every mean +- ``pad`` std devs."""
+    m = np.asarray(means).reshape(-1, 2)
+    sd = np.sqrt(np.diagonal(np.asarray(covs).reshape(-1, 2, 2), axis1=1, axis2=2))
+    lo, hi = (m - pad * sd).min(axis=0), (m + pad * sd).max(axis=0)
+    return np.array([lo[0], hi[0], lo[1], hi[1]])
+
+
+def grid_points(bounds, shape: tuple[int, int]) -> np.ndarray:
+    """Points ``(H * W, 2)`` of a regular grid: x along W, y along H (row-major)."""
+    xmin, xmax, ymin, ymax = (float(b) for b in bounds)
+    h, w = shape
+    xs, ys = np.linspace(xmin, xmax, w), np.linspace(ymin, ymax, h)
+    gx, gy = np.meshgrid(xs, ys)
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def _grid_batch(weights, means, covs, bounds, shape):
+    h, w = shape
+    t_x = jnp.linspace(0.0, 1.0, w)
+    t_y = jnp.linspace(0.0, 1.0, h)
+
+    def one(wt, m, c, b):
+        xs = b[0] + (b[1] - b[0]) * t_x
+        ys = b[2] + (b[3] - b[2]) * t_y
+        gx, gy = jnp.meshgrid(xs, ys)
+        pts = jnp.stack([gx.ravel(), gy.ravel()], axis=1)
+        return _log_density(wt, m, c, pts).reshape(h, w)
+
+    return jax.vmap(one)(weights, means, covs, bounds)
+
+
+def log_density_grid(
+    gmm,
+    shape: tuple[int, int] = (50, 50),
+    bounds=None,
+    *,
+    dims: Sequence[int] = (0, 1),
+    dtype: str = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-density on a regular ``H x W`` grid; returns ``(grid, bounds)``.
+
+    ``gmm`` is a :class:`~raybary.GMM`, ``(weights, means, covs)`` or a batch of
+    them as arrays with a leading axis ``B`` (then ``grid`` is ``(B, H, W)`` and
+    ``bounds`` ``(B, 4)``). ``bounds`` are ``(xmin, xmax, ymin, ymax)``, default
+    from the GMM (:func:`default_bounds`). For ``d = 1`` the grid is undefined:
+    use :func:`log_density`. For ``d > 2`` it is the marginal on ``dims``.
+    """
+    w, m, c = _arrays(gmm)
+    if m.shape[-1] < 2:
+        raise ValueError("log_density_grid needs d >= 2; use log_density for d = 1")
+    dims = tuple(int(x) for x in dims)
+    if len(dims) != 2 or len(set(dims)) != 2 or not all(0 <= x < m.shape[-1] for x in dims):
+        raise ValueError(f"dims must be two distinct coordinates in [0, {m.shape[-1]}), got {dims}")
+    w, m, c = _marginal(w, m, c, dims)
+    single = w.ndim == 1
+    if single:
+        w, m, c = w[None], m[None], c[None]
+    if bounds is None:
+        b = np.stack([default_bounds(mi, ci) for mi, ci in zip(m, c)])
+    else:
+        b = np.broadcast_to(np.asarray(bounds, np.float64), (w.shape[0], 4))
+    with jax.enable_x64(dtype == "float64"):
+        args = [jnp.asarray(x, dtype) for x in (w, m, c, b)]
+        grid = np.asarray(_grid_batch(*args, shape=tuple(int(s) for s in shape)))
+    return (grid[0], b[0]) if single else (grid, b)

@@ -1,0 +1,58 @@
+r"""Initialisation of the barycenter's atoms.
+
+k-means++ seeding (Arthur & Vassilvitskii 2007) over the input components,
+with the Bures–Wasserstein cost as the squared distance and the mass
+:math:`\lambda_{j(l)} w_l` of each component as its weight: the first atom is
+drawn with probability proportional to the mass, each next one proportional to
+mass times the cost to the nearest atom drawn so far. When every component
+with mass is already an atom (``n`` larger than the number of distinct
+components), draws fall back to the mass alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from raybary.geometry.bures import bures_cost
+
+__all__ = ["kmeanspp_init"]
+
+
+def kmeanspp_init(
+    key: jax.Array,
+    weights: jnp.ndarray,
+    means: jnp.ndarray,
+    covs: jnp.ndarray,
+    lambdas: jnp.ndarray,
+    gmm_index: jnp.ndarray,
+    n: int,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Draw ``n`` atoms ``(means (n, d), covs (n, d, d))`` from the flat components.
+
+    Args:
+      key: PRNG key.
+      weights, means, covs: the flat components ``(L,)``, ``(L, d)``, ``(L, d, d)``;
+        padded components have weight 0.
+      lambdas: barycentric weights ``(J,)``.
+      gmm_index: GMM of each component ``(L,)``.
+      n: number of atoms (static).
+    """
+    mass = jnp.where(weights > 0, weights * lambdas[gmm_index], 0.0)
+    mass = jnp.where(jnp.sum(mass) > 0, mass, jnp.where(weights > 0, weights, 0.0))
+
+    def logits_of(score):
+        return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
+
+    def step(carry, _):
+        dmin, key = carry
+        key, sub = jax.random.split(key)
+        score = jnp.where(jnp.isfinite(dmin), mass * dmin, mass)
+        score = jnp.where(jnp.sum(score) > 0, score, mass)
+        idx = jax.random.categorical(sub, logits_of(score))
+        d = bures_cost(means[idx][None], covs[idx][None], means, covs)
+        return (jnp.minimum(dmin, d), key), idx
+
+    dmin0 = jnp.full(weights.shape, jnp.inf, dtype=weights.dtype)
+    _, idx = jax.lax.scan(step, (dmin0, key), None, length=n)
+    return means[idx], covs[idx]

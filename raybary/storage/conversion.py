@@ -1,0 +1,128 @@
+"""Write problem stores from batches, and convert between formats.
+
+Both go through :func:`write_store`, which writes to a temporary sibling and
+moves it into place at the end: a refused or crashed conversion leaves
+nothing behind, and an existing output is only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from raybary.storage import _fs
+from raybary.storage.columns import ProblemColumns
+from raybary.storage.errors import StoreDataError
+from raybary.storage.store import ProblemStore, open_store
+from raybary.types import Problem
+from raybary.validation import join_messages
+
+__all__ = ["write_store", "write_problems", "convert", "output_format"]
+
+#: Problems per block when converting.
+BLOCK_PROBLEMS = 65536
+
+
+def output_format(url: str) -> str:
+    """``"parquet"`` or ``"zarr"`` from an output URL's suffix (raises otherwise)."""
+    name = _fs.strip_url(url).lower()
+    if name.endswith(".zarr"):
+        return "zarr"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise ValueError(f"cannot tell the output format of {url}: name it *.parquet or *.zarr")
+
+
+def write_store(
+    url: str,
+    batches: Iterable[ProblemColumns],
+    *,
+    overwrite: bool = False,
+    dim: int | None = None,
+    chunk_problems: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ProblemStore:
+    """Write batches (ids ascending across batches) to a new store and open it.
+
+    The format comes from the suffix: ``*.parquet`` writes one Parquet file
+    (row groups of 65,536 rows), ``*.zarr`` a Zarr store (``chunk_problems``
+    problems per chunk, default 8192). Batches with decoding or shape issues
+    are refused (:class:`StoreDataError`). ``progress(n)`` is called with the
+    number of problems of each batch written.
+    """
+    kind = output_format(url)
+    with _fs.atomic_output(url, overwrite=overwrite) as tmp:
+        writer = _writer(kind, tmp, dim, chunk_problems)
+        try:
+            for cols in batches:
+                _refuse_issues(cols, url)
+                writer.write(cols)
+                if progress is not None:
+                    progress(cols.n_problems)
+        finally:
+            writer.close()
+    return open_store(url)
+
+
+def _writer(kind: str, url: str, dim: int | None, chunk_problems: int | None):
+    if kind == "zarr":
+        from raybary.storage.zarr_store import CHUNK_PROBLEMS, ZarrProblemWriter
+
+        return ZarrProblemWriter(url, dim=dim, chunk_problems=chunk_problems or CHUNK_PROBLEMS)
+    from raybary.storage.parquet_store import ParquetProblemWriter
+
+    return ParquetProblemWriter(url)
+
+
+def _refuse_issues(cols: ProblemColumns, url: str) -> None:
+    issues = cols.structural_messages()
+    if issues:
+        messages = [m for k in sorted(issues) for m in issues[k]]
+        raise StoreDataError(
+            f"cannot write {url}: {len(issues)} problems cannot be stored as they are "
+            f"(fix them first): {join_messages(messages, 10)}"
+        )
+
+
+def write_problems(
+    url: str,
+    problems: Sequence[Problem],
+    problem_ids: Sequence[int] | None = None,
+    *,
+    overwrite: bool = False,
+) -> ProblemStore:
+    """Write :class:`Problem` objects (ids default to ``0..P-1``, ascending) to a store."""
+    cols = ProblemColumns.from_problems(problems, problem_ids)
+    order = np.argsort(cols.problem_id, kind="stable")
+    if not np.array_equal(order, np.arange(len(order))):
+        cols = cols.take(order)
+    return write_store(url, [cols], overwrite=overwrite)
+
+
+def convert(
+    src: str | ProblemStore,
+    dst: str,
+    *,
+    overwrite: bool = False,
+    block_problems: int = BLOCK_PROBLEMS,
+    chunk_problems: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ProblemStore:
+    """Convert a problem store to another format (or re-chunk / sort it).
+
+    ``src`` (a URL or an open store) is opened, and its schema checked,
+    before anything is written. The
+    data stream through in blocks of ``block_problems``: memory is bounded by
+    a block. Parquet to Zarr needs one dimension ``d`` in the whole store;
+    problems that the output cannot hold (nulls, means of the wrong length,
+    lambdas that differ within a GMM; for Parquet output, problems without
+    GMMs) are refused with their messages, and nothing is written.
+    """
+    store = src if isinstance(src, ProblemStore) else open_store(src)
+    if _fs.strip_url(store.url) == _fs.strip_url(dst):
+        raise ValueError("convert: the output must differ from the input")
+    output_format(dst)
+    batches = (cols for _, _, cols in store.iter_columns(block_problems))
+    return write_store(dst, batches, overwrite=overwrite, dim=store.dim,
+                       chunk_problems=chunk_problems, progress=progress)

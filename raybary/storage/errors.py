@@ -1,0 +1,26 @@
+"""Exceptions of the storage layer."""
+
+from __future__ import annotations
+
+__all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError"]
+
+
+class StoreFormatError(ValueError):
+    """A store is refused before any work starts: wrong schema, format name or version.
+
+    The message lists everything that is wrong and what was expected.
+    """
+
+
+class StoreDataError(ValueError):
+    """A store's data cannot be represented or is internally inconsistent.
+
+    Raised, for instance, when converting a Parquet store with mixed dimensions
+    to Zarr (one ``d`` per store), or when a Zarr store's offsets are corrupt.
+    Ordinary bad *values* (NaN, non positive definite covariances, ...) never
+    raise: they are reported per problem by :mod:`raybary.validation`.
+    """
+
+
+class ResultsConflictError(ValueError):
+    """An output directory exists and was written with different settings."""

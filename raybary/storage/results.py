@@ -1,0 +1,682 @@
+"""Results: an output directory written shard by shard, atomically (``raybary.results/1``).
+
+Layout of ``OUT/``::
+
+    _layout.json                   settings of the run (written by prepare)
+    problems/shard-000012.parquet   one row per problem of shard 12
+    barycenters/shard-000012.parquet  one row per barycenter component
+    grids.zarr/                     log-density grids, rows = store positions
+    _commits/shard-000012.json     commit marker of shard 12 (written last)
+    _manifest.json                 what was run, counts by status (written last of all)
+    _tmp/                          temporary files (removed by finalize)
+
+Usage (the runner)::
+
+    writer = ResultWriter(out, n_problems=store.n_problems, shard_size=1000,
+                          grid_shape=(100, 100), input_grid_gmms=3,
+                          options=solver_options, input_url=store.url)
+    done = writer.prepare()                    # driver, once; returns committed shards
+    for i in range(writer.n_shards):           # each in some actor
+        if i in done: continue
+        start, stop = writer.shard_range(i)
+        ...
+        writer.commit_shard(i, start, stop, ids, statuses, errors, results, seconds,
+                            grids=g, grid_extents=e, input_grids=gi)
+    writer.finalize({"wall_seconds": ...})     # driver, once, last
+
+A commit removes the shard's old marker, writes its grid rows (chunks are
+``shard_size`` problems, so writers never share a chunk), writes each table to
+``_tmp/`` and renames it onto its fixed name, then writes the marker. A
+reader that follows the markers (:func:`read_results`) never sees half a
+shard, and a rewritten shard replaces the old one (same file names, same grid
+rows): never a duplicate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import posixpath
+import re
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybary.storage import _fs
+from raybary.storage.errors import ResultsConflictError
+from raybary.types import Result
+
+__all__ = [
+    "RESULTS_FORMAT",
+    "RESULTS_VERSION",
+    "STATUSES",
+    "ResultWriter",
+    "Results",
+    "Grids",
+    "read_results",
+    "summarize",
+]
+
+RESULTS_FORMAT = "raybary.results"
+RESULTS_VERSION = 1
+GRIDS_FORMAT = "raybary.grids"
+STATUSES = ("ok", "invalid", "failed")
+LAYOUT_FILE = "_layout.json"
+MANIFEST_FILE = "_manifest.json"
+COMMITS_DIR = "_commits"
+TMP_DIR = "_tmp"
+COMMIT_KEY = b"raybary.commit"
+_SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (so settings compare equal after a round trip)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_fs._json_default))
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def _shard_of(path: str) -> int:
+    """The shard index in a file name ``.../shard-000012.<ext>``."""
+    return int(posixpath.basename(path).split(".")[0][len("shard-"):])
+
+
+# ------------------------------------------------------------------ schemas
+def _option_columns(options: dict) -> dict[str, tuple[pa.DataType, Any]]:
+    """``opt_<key>`` columns: scalar options typed, others as JSON text."""
+    out = {}
+    for key, value in sorted(options.items()):
+        name = "opt_" + re.sub(r"\W", "_", str(key))
+        if isinstance(value, bool):
+            out[name] = (pa.bool_(), value)
+        elif isinstance(value, int):
+            out[name] = (pa.int64(), value)
+        elif isinstance(value, float):
+            out[name] = (pa.float64(), value)
+        elif isinstance(value, str):
+            out[name] = (pa.string(), value)
+        else:
+            out[name] = (pa.string(), json.dumps(value, sort_keys=True))
+    return out
+
+
+def problems_schema(options: dict | None = None) -> pa.Schema:
+    """Schema of ``problems/``: one row per problem."""
+    fields = [
+        ("problem_id", pa.int64()),
+        ("position", pa.int64()),
+        ("shard", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("objective", pa.float64()),
+        ("iterations", pa.int32()),
+        ("converged", pa.bool_()),
+        ("marginal_error", pa.float64()),
+        ("restart", pa.int32()),
+        ("n_components", pa.int32()),
+        ("seconds", pa.float64()),
+    ]
+    fields += [(k, t) for k, (t, _) in _option_columns(options or {}).items()]
+    return pa.schema(fields)
+
+
+def barycenters_schema() -> pa.Schema:
+    """Schema of ``barycenters/``: one row per barycenter component."""
+    return pa.schema(
+        [
+            ("problem_id", pa.int64()),
+            ("component", pa.int32()),
+            ("weight", pa.float64()),
+            ("mean", pa.list_(pa.float64())),
+            ("cov", pa.list_(pa.float64())),
+        ]
+    )
+
+
+# ------------------------------------------------------------------ writer
+class ResultWriter:
+    """Writes one run's results; picklable (holds the URL and settings only).
+
+    Args:
+      url: the output directory (local path or fsspec URL).
+      n_problems: problems in the input store (grid rows = store positions).
+      shard_size: problems per shard; shard ``i`` is positions
+        ``i*shard_size : min((i+1)*shard_size, n_problems)``.
+      grid_shape: ``(H, W)`` of the log-density grids, or ``None`` for no grids.
+      input_grid_gmms: store the input GMMs' grids too, up to this many GMMs
+        per problem (``0``: none); ``inputs`` is ``[P, input_grid_gmms, H, W]``.
+      options: the solver options (JSON-able); recorded in the layout, the
+        manifest and as ``opt_<key>`` columns of ``problems/``.
+      input_url: the input store's URL, recorded.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        n_problems: int,
+        shard_size: int,
+        grid_shape: tuple[int, int] | None = None,
+        input_grid_gmms: int = 0,
+        options: dict | None = None,
+        input_url: str | None = None,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        if input_grid_gmms and grid_shape is None:
+            raise ValueError("input_grid_gmms needs a grid_shape")
+        self.url = _fs.strip_url(str(url))
+        self.n_problems = int(n_problems)
+        self.shard_size = int(shard_size)
+        self.grid_shape = None if grid_shape is None else (int(grid_shape[0]), int(grid_shape[1]))
+        self.input_grid_gmms = int(input_grid_gmms)
+        self.options = _jsonable(options or {})
+        self.input_url = input_url
+
+    # ------------------------------------------------------------- geometry
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_problems / self.shard_size)
+
+    def shard_range(self, shard_index: int) -> tuple[int, int]:
+        """Positions ``(start, stop)`` of shard ``shard_index``."""
+        if not 0 <= shard_index < self.n_shards:
+            raise IndexError(f"shard {shard_index} is outside 0..{self.n_shards - 1}")
+        start = shard_index * self.shard_size
+        return start, min(start + self.shard_size, self.n_problems)
+
+    def settings(self) -> dict:
+        return _jsonable({k: getattr(self, k) for k in _SETTINGS})
+
+    def _paths(self) -> tuple[Any, str]:
+        return _fs.url_to_fs(self.url)
+
+    # -------------------------------------------------------------- prepare
+    def prepare(self, *, overwrite: bool = False) -> set[int]:
+        """Create the layout (driver, once); return the shards already committed.
+
+        If ``url`` holds results written with the same settings, they are kept
+        (a re-run skips the committed shards) and the old manifest is removed.
+        Different settings, or a non-empty directory that is not raybary
+        results, raise :class:`ResultsConflictError` (listing the differences)
+        unless ``overwrite=True``, which deletes it and starts afresh.
+        """
+        fs, root = self._paths()
+        if fs.exists(root):
+            layout_path = posixpath.join(root, LAYOUT_FILE)
+            if fs.exists(layout_path):
+                old = _fs.read_json(fs, layout_path)
+                diffs = _differences({k: old.get(k) for k in _SETTINGS}, self.settings())
+                if not overwrite and diffs:
+                    raise ResultsConflictError(
+                        f"{self.url} holds results written with different settings:\n"
+                        + "\n".join(f"  - {d}" for d in diffs)
+                        + "\npass overwrite=True (--overwrite) to replace them"
+                    )
+                if not overwrite:
+                    if fs.exists(posixpath.join(root, MANIFEST_FILE)):
+                        fs.rm(posixpath.join(root, MANIFEST_FILE))
+                    return self.committed_shards()
+            elif fs.ls(root) and not overwrite:
+                raise ResultsConflictError(
+                    f"{self.url} exists and is not a raybary results directory; "
+                    "pass overwrite=True (--overwrite) to replace it"
+                )
+            fs.rm(root, recursive=True)
+        for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR):
+            fs.makedirs(posixpath.join(root, sub), exist_ok=True)
+        if self.grid_shape is not None:
+            self._create_grids()
+        layout = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
+                  "created": _now(), "n_shards": self.n_shards, **self.settings()}
+        _fs.write_json_atomic(fs, posixpath.join(root, LAYOUT_FILE), layout,
+                              posixpath.join(root, TMP_DIR))
+        return set()
+
+    def _create_grids(self) -> None:
+        import zarr
+
+        h, w = self.grid_shape
+        p, s = max(self.n_problems, 0), self.shard_size
+        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="w")
+        nan = float("nan")
+        group.create_array("problem_id", shape=(p,), chunks=(s,), dtype="int64", fill_value=-1)
+        group.create_array("extent", shape=(p, 4), chunks=(s, 4), dtype="float64", fill_value=nan,
+                           dimension_names=["problem", "xmin_xmax_ymin_ymax"])
+        group.create_array("barycenter", shape=(p, h, w), chunks=(s, h, w), dtype="float32",
+                           fill_value=nan, dimension_names=["problem", "y", "x"])
+        if self.input_grid_gmms:
+            j = self.input_grid_gmms
+            group.create_array("inputs", shape=(p, j, h, w), chunks=(s, j, h, w),
+                               dtype="float32", fill_value=nan,
+                               dimension_names=["problem", "gmm", "y", "x"])
+        group.attrs.update({
+            "format": GRIDS_FORMAT, "format_version": RESULTS_VERSION,
+            "values": "log-density",
+            "layout": "row i = store position i; grid[i, r, c] is the log-density at "
+                      "(x_c, y_r), x = linspace(xmin, xmax, W), y = linspace(ymin, ymax, H)",
+            "extent_columns": ["xmin", "xmax", "ymin", "ymax"],
+        })
+
+    # -------------------------------------------------------------- commits
+    def committed_shards(self) -> set[int]:
+        """Indices of the shards whose commit marker exists."""
+        fs, root = self._paths()
+        names = fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json"))
+        return {_shard_of(n) for n in names}
+
+    def commit_shard(
+        self,
+        shard_index: int,
+        start: int,
+        stop: int,
+        problem_ids: Sequence[int] | np.ndarray,
+        statuses: Sequence[str],
+        errors: Sequence[str | None],
+        results: Sequence[Result | None],
+        seconds: Sequence[float] | np.ndarray | float | None = None,
+        *,
+        grids: np.ndarray | None = None,
+        grid_extents: np.ndarray | None = None,
+        input_grids: np.ndarray | None = None,
+    ) -> dict:
+        """Write and atomically commit one shard (in an actor); return its marker.
+
+        Args:
+          shard_index, start, stop: the shard; ``(start, stop)`` must equal
+            :meth:`shard_range` ``(shard_index)``.
+          problem_ids: ``stop - start`` ids, in store order.
+          statuses: ``'ok'``, ``'invalid'`` or ``'failed'`` per problem.
+          errors: the message of each invalid/failed problem (``None`` for ok).
+          results: a :class:`Result` per ok problem (``None`` otherwise; a
+            result given for a failed problem is recorded in ``problems/``
+            but no barycenter rows are written).
+          seconds: solver time per problem (or one number for all).
+          grids: ``float32 [n, H, W]`` barycenter log-densities (NaN rows where
+            none); ``None`` writes NaN rows.
+          grid_extents: ``[n, 4]`` (xmin, xmax, ymin, ymax) per problem.
+          input_grids: ``[n, J, H, W]`` input GMMs' log-densities, ``J <=
+            input_grid_gmms`` (padded with NaN).
+
+        Rewriting a committed shard replaces it.
+        """
+        n = self._check_shard(shard_index, start, stop)
+        ids = np.asarray(problem_ids, dtype=np.int64)
+        statuses, errors, secs = _check_rows(n, ids, statuses, errors, results, seconds)
+        fs, root = self._paths()
+        tmp = posixpath.join(root, TMP_DIR)
+        name = _shard_name(shard_index)
+        marker = posixpath.join(root, COMMITS_DIR, name + ".json")
+        if fs.exists(marker):
+            fs.rm(marker)
+        if self.grid_shape is not None:
+            self._write_grids(start, stop, ids, grids, grid_extents, input_grids)
+        commit = uuid.uuid4().hex
+        problems = self._problems_table(shard_index, start, ids, statuses, errors, results, secs)
+        barycenters = _barycenters_table(ids, statuses, results)
+        for sub, table in (("problems", problems), ("barycenters", barycenters)):
+            table = table.replace_schema_metadata({COMMIT_KEY: commit.encode()})
+            _fs.write_bytes_atomic(fs, posixpath.join(root, sub, name + ".parquet"),
+                                   _parquet_bytes(table), tmp)
+        counts = {s: statuses.count(s) for s in STATUSES}
+        info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
+                "counts": counts, "seconds": float(np.nansum(secs)),
+                "barycenter_rows": barycenters.num_rows, "committed": _now()}
+        _fs.write_json_atomic(fs, marker, info, tmp)
+        return info
+
+    def _check_shard(self, shard_index: int, start: int, stop: int) -> int:
+        want = self.shard_range(shard_index)
+        if (int(start), int(stop)) != want:
+            raise ValueError(
+                f"shard {shard_index} covers positions {want[0]}:{want[1]} "
+                f"(shard_size {self.shard_size}), got {start}:{stop}"
+            )
+        return want[1] - want[0]
+
+    def _write_grids(self, start, stop, ids, grids, extents, input_grids) -> None:
+        import zarr
+
+        n, (h, w) = stop - start, self.grid_shape
+        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="r+")
+        group["problem_id"][start:stop] = ids
+        group["barycenter"][start:stop] = _grid_rows(grids, (n, h, w), "grids")
+        group["extent"][start:stop] = _grid_rows(extents, (n, 4), "grid_extents", np.float64)
+        if self.input_grid_gmms:
+            j = self.input_grid_gmms
+            block = np.full((n, j, h, w), np.nan, dtype=np.float32)
+            if input_grids is not None:
+                arr = np.asarray(input_grids, dtype=np.float32)
+                if arr.ndim != 4 or arr.shape[0] != n or arr.shape[2:] != (h, w) or arr.shape[1] > j:
+                    raise ValueError(
+                        f"input_grids must have shape ({n}, J <= {j}, {h}, {w}), got {arr.shape}"
+                    )
+                block[:, : arr.shape[1]] = arr
+            group["inputs"][start:stop] = block
+        elif input_grids is not None:
+            raise ValueError("input_grids given but the writer has input_grid_gmms=0")
+
+    def _problems_table(self, shard_index, start, ids, statuses, errors, results, secs) -> pa.Table:
+        n = len(ids)
+
+        def field(get, dtype):
+            return pa.array([None if r is None else get(r) for r in results], dtype)
+
+        columns = {
+            "problem_id": pa.array(ids, pa.int64()),
+            "position": pa.array(np.arange(start, start + n), pa.int64()),
+            "shard": pa.array(np.full(n, shard_index), pa.int32()),
+            "status": pa.array(statuses, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "objective": field(lambda r: float(r.objective), pa.float64()),
+            "iterations": field(lambda r: int(r.iterations), pa.int32()),
+            "converged": field(lambda r: bool(r.converged), pa.bool_()),
+            "marginal_error": field(lambda r: float(r.marginal_error), pa.float64()),
+            "restart": field(lambda r: int(r.restart), pa.int32()),
+            "n_components": field(lambda r: len(r.weights), pa.int32()),
+            "seconds": pa.array(secs, pa.float64()),
+        }
+        for key, (dtype, value) in _option_columns(self.options).items():
+            columns[key] = pa.array([value] * n, dtype)
+        return pa.table(columns, schema=problems_schema(self.options))
+
+    # ------------------------------------------------------------- finalize
+    def finalize(self, summary: dict | None = None) -> dict:
+        """Write the manifest, last (driver, once); return it.
+
+        The manifest records the settings, the counts by status (from the
+        commit markers), the committed and missing shards, ``complete``, and
+        the runner's ``summary``. Temporary files and files of shards without a
+        marker are removed.
+        """
+        fs, root = self._paths()
+        markers = _read_markers(fs, root)
+        committed = sorted(markers)
+        self._clean(fs, root, set(committed))
+        counts = {s: sum(m["counts"].get(s, 0) for m in markers.values()) for s in STATUSES}
+        missing = sorted(set(range(self.n_shards)) - set(committed))
+        manifest = {
+            "format": RESULTS_FORMAT,
+            "format_version": RESULTS_VERSION,
+            "finished": _now(),
+            **self.settings(),
+            "n_shards": self.n_shards,
+            "committed_shards": len(committed),
+            "missing_shards": missing,
+            "complete": not missing,
+            "counts": counts,
+            "solver_seconds": float(sum(m.get("seconds", 0.0) for m in markers.values())),
+            "summary": _jsonable(summary or {}),
+        }
+        _fs.write_json_atomic(fs, posixpath.join(root, MANIFEST_FILE), manifest,
+                              posixpath.join(root, TMP_DIR))
+        if fs.exists(posixpath.join(root, TMP_DIR)):
+            fs.rm(posixpath.join(root, TMP_DIR), recursive=True)
+        return manifest
+
+    @staticmethod
+    def _clean(fs, root: str, committed: set[int]) -> None:
+        for sub in ("problems", "barycenters"):
+            for path in fs.glob(posixpath.join(root, sub, "shard-*.parquet")):
+                if _shard_of(path) not in committed:
+                    fs.rm(path)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in _SETTINGS:
+        a, b = old.get(key), new.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                    diffs.append(f"options.{k}: {a.get(k, '<unset>')!r} (existing) "
+                                 f"vs {b.get(k, '<unset>')!r} (now)")
+        elif a != b:
+            diffs.append(f"{key}: {a!r} (existing) vs {b!r} (now)")
+    return diffs
+
+
+def _check_rows(n, ids, statuses, errors, results, seconds):
+    statuses = [str(s) for s in statuses]
+    errors = list(errors)
+    results = list(results)
+    for name, seq in (("problem_ids", ids), ("statuses", statuses), ("errors", errors),
+                      ("results", results)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries, expected {n} (the shard's size)")
+    bad = sorted({s for s in statuses if s not in STATUSES})
+    if bad:
+        raise ValueError(f"unknown statuses {bad}; expected one of {STATUSES}")
+    for i, (s, r) in enumerate(zip(statuses, results)):
+        if s == "ok" and r is None:
+            raise ValueError(f"problem {ids[i]} has status 'ok' but no result")
+        if s != "ok" and not errors[i]:
+            errors[i] = f"{s} (no message given)"
+        if s == "ok":
+            errors[i] = None
+    if seconds is None:
+        secs = np.full(n, np.nan)
+    else:
+        secs = np.broadcast_to(np.asarray(seconds, dtype=np.float64), (n,)).copy()
+    return statuses, errors, secs
+
+
+def _grid_rows(arr, shape, name, dtype=np.float32) -> np.ndarray:
+    if arr is None:
+        return np.full(shape, np.nan, dtype=dtype)
+    arr = np.asarray(arr, dtype=dtype)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _barycenters_table(ids, statuses, results) -> pa.Table:
+    rows = [(ids[i], r) for i, (s, r) in enumerate(zip(statuses, results)) if s == "ok"]
+    if not rows:
+        return barycenters_schema().empty_table()
+    sizes = np.array([len(r.weights) for _, r in rows], dtype=np.int64)
+    means = [np.asarray(r.means, dtype=np.float64) for _, r in rows]
+    covs = [np.asarray(r.covs, dtype=np.float64) for _, r in rows]
+    mean_values = np.concatenate([m.reshape(-1) for m in means])
+    cov_values = np.concatenate([c.reshape(-1) for c in covs])
+    mean_len = np.repeat([m.shape[1] if m.ndim == 2 else 0 for m in means], sizes)
+    cov_len = mean_len * mean_len
+    return pa.table(
+        {
+            "problem_id": pa.array(np.repeat([i for i, _ in rows], sizes), pa.int64()),
+            "component": pa.array(np.concatenate([np.arange(k) for k in sizes]), pa.int32()),
+            "weight": pa.array(np.concatenate([np.asarray(r.weights, np.float64) for _, r in rows])),
+            "mean": pa.ListArray.from_arrays(
+                pa.array(np.concatenate([[0], np.cumsum(mean_len)]).astype(np.int32)),
+                pa.array(mean_values, pa.float64())),
+            "cov": pa.ListArray.from_arrays(
+                pa.array(np.concatenate([[0], np.cumsum(cov_len)]).astype(np.int32)),
+                pa.array(cov_values, pa.float64())),
+        },
+        schema=barycenters_schema(),
+    )
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _read_markers(fs, root: str) -> dict[int, dict]:
+    out = {}
+    for path in fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json")):
+        try:
+            info = _fs.read_json(fs, path)
+        except FileNotFoundError:  # removed by a concurrent rewrite
+            continue
+        out[int(info["shard"])] = info
+    return out
+
+
+# ------------------------------------------------------------------ reading
+class Grids(NamedTuple):
+    """Grid rows of positions ``start:stop``; rows of uncommitted shards are NaN / -1."""
+
+    problem_id: np.ndarray
+    extent: np.ndarray
+    barycenter: np.ndarray
+    inputs: np.ndarray | None
+
+
+@dataclass
+class Results:
+    """What :func:`read_results` returns.
+
+    Attributes:
+      url: the output directory.
+      problems: one row per problem of the committed shards, in store order.
+      barycenters: one row per barycenter component (ok problems only).
+      layout: the run's settings (``_layout.json``).
+      manifest: ``_manifest.json``, or ``None`` while the run is not finished.
+      committed_shards: indices of the shards read.
+    """
+
+    url: str
+    problems: Any
+    barycenters: Any
+    layout: dict
+    manifest: dict | None
+    committed_shards: list[int]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished with every shard committed."""
+        return bool(self.manifest and self.manifest.get("complete"))
+
+    def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
+        """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``."""
+        import zarr
+
+        if self.layout.get("grid_shape") is None:
+            raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
+        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="r")
+        stop = self.layout["n_problems"] if stop is None else stop
+        ids = group["problem_id"][start:stop]
+        extent = group["extent"][start:stop]
+        bary = group["barycenter"][start:stop]
+        inp = group["inputs"][start:stop] if inputs and "inputs" in group else None
+        shard = np.arange(start, stop) // self.layout["shard_size"]
+        stale = ~np.isin(shard, self.committed_shards)
+        if stale.any():
+            ids[stale], extent[stale], bary[stale] = -1, np.nan, np.nan
+            if inp is not None:
+                inp[stale] = np.nan
+        return Grids(ids, extent, bary, inp)
+
+
+def read_results(path: str, *, as_: str = "pandas") -> Results:
+    """Read the committed shards of an output directory.
+
+    Args:
+      path: the output directory (local path or fsspec URL).
+      as_: ``"pandas"`` (DataFrames) or ``"pyarrow"`` (Tables).
+
+    Only shards with a commit marker are read, and only files whose commit id
+    matches the marker (a shard being rewritten meanwhile is left out), so a
+    reader never sees half a shard or a duplicate. The directories can also be
+    read directly, e.g. ``duckdb.sql("SELECT * FROM 'OUT/problems/*.parquet'")``,
+    once the manifest exists.
+    """
+    if as_ not in ("pandas", "pyarrow"):
+        raise ValueError("as_ must be 'pandas' or 'pyarrow'")
+    url = _fs.strip_url(str(path))
+    fs, root = _fs.url_to_fs(url)
+    layout_path = posixpath.join(root, LAYOUT_FILE)
+    if not fs.exists(layout_path):
+        raise FileNotFoundError(f"{url} is not a raybary results directory (no {LAYOUT_FILE})")
+    layout = _fs.read_json(fs, layout_path)
+    manifest_path = posixpath.join(root, MANIFEST_FILE)
+    manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
+    problems, barycenters, committed = [], [], []
+    for shard, info in sorted(_read_markers(fs, root).items()):
+        tables = _read_shard(fs, root, shard, info["commit"])
+        if tables is None:
+            continue
+        committed.append(shard)
+        problems.append(tables[0])
+        barycenters.append(tables[1])
+    p = _concat(problems, problems_schema(layout.get("options") or {}))
+    b = _concat(barycenters, barycenters_schema())
+    if as_ == "pandas":
+        p, b = p.to_pandas(), b.to_pandas()
+    return Results(url, p, b, layout, manifest, committed)
+
+
+def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
+    out = []
+    for sub in ("problems", "barycenters"):
+        path = posixpath.join(root, sub, _shard_name(shard) + ".parquet")
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except FileNotFoundError:
+            table = None
+        meta = (table.schema.metadata or {}) if table is not None else {}
+        if meta.get(COMMIT_KEY, b"").decode() != commit:
+            warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
+            return None
+        out.append(table.replace_schema_metadata(None))
+    return out[0], out[1]
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+# ------------------------------------------------------------------ summary
+def summarize(path: str, *, top: int = 5) -> str:
+    """A text summary of an output directory (what ``raybary show`` prints)."""
+    res = read_results(path)
+    p = res.problems
+    lines = [f"results {res.url} ({RESULTS_FORMAT}/{RESULTS_VERSION})"]
+    lay = res.layout
+    state = "finished" if res.manifest else "not finished (no manifest)"
+    lines.append(f"  input: {lay.get('input_url')}  problems: {lay['n_problems']}  "
+                 f"shards: {len(res.committed_shards)}/{lay.get('n_shards')} committed, {state}")
+    counts = p["status"].value_counts().to_dict() if len(p) else {}
+    lines.append("  status: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES))
+    if lay.get("options"):
+        lines.append("  options: " + json.dumps(lay["options"], sort_keys=True))
+    obj = p.loc[p["status"] == "ok", "objective"].dropna() if len(p) else p.get("objective")
+    if obj is not None and len(obj):
+        qs = obj.quantile([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+        lines.append("  objective quantiles: " + ", ".join(
+            f"{label} {v:.6g}" for label, v in zip(["min", "5%", "25%", "50%", "75%", "95%", "max"], qs)))
+        conv = p.loc[p["status"] == "ok", "converged"]
+        lines.append(f"  converged: {int(conv.sum())} of {len(conv)} ok")
+    if len(p) and p["seconds"].notna().any():
+        lines.append(f"  solver time: {p['seconds'].sum():.3f} s in all")
+        slow = p.nlargest(top, "seconds")
+        lines.append(f"  slowest {len(slow)}:")
+        for _, r in slow.iterrows():
+            lines.append(f"    problem {r.problem_id}: {r.seconds:.4f} s, status {r.status}, "
+                         f"iterations {r.iterations}")
+    for status in ("failed", "invalid"):
+        bad = p[p["status"] == status] if len(p) else p
+        if len(bad):
+            lines.append(f"  {status} ({len(bad)}; first {min(len(bad), 2 * top)}):")
+            for _, r in bad.head(2 * top).iterrows():
+                lines.append(f"    problem {r.problem_id}: {r.error}")
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""The Zarr v3 format, ``raybary.problems.zarr/1``: ragged CSR arrays, no padding.
+
+Layout (every array chunked along its first axis only)::
+
+    STORE.zarr/                     group attributes:
+                                      format = "raybary.problems.zarr", format_version = 1, dim = d
+      problems/id        int64   [P]      problem ids, strictly ascending
+      problems/offset    int64   [P+1]    problem p owns GMMs offset[p]:offset[p+1]
+      gmms/offset        int64   [G+1]    GMM g owns components offset[g]:offset[g+1]
+      gmms/lambda        float64 [G]
+      gmms/label         int32   [G]      (optional) the GMM numbers used in messages
+      components/weight  float64 [N]
+      components/mean    float64 [N, d]
+      components/cov     float64 [N, d, d]
+
+One dimension ``d`` per store (mixed-dimension batches stay in Parquet, or
+are split by ``d``). Chunks hold about ``chunk_problems`` problems (8192 by
+default) on every level, so a contiguous range of problems is a read of a few
+chunks of each array: memory and time are proportional to the range, never to
+the store. Any integer/floating dtypes are accepted on reading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from raybary.storage.columns import ProblemColumns
+from raybary.storage.errors import StoreDataError, StoreFormatError
+from raybary.storage.store import ProblemStore
+
+__all__ = [
+    "ZARR_FORMAT",
+    "ZARR_VERSION",
+    "ZARR_FORMAT_ID",
+    "ZarrProblemStore",
+    "ZarrProblemWriter",
+]
+
+ZARR_FORMAT = "raybary.problems.zarr"
+ZARR_VERSION = 1
+ZARR_FORMAT_ID = f"{ZARR_FORMAT}/{ZARR_VERSION}"
+#: Default number of problems per chunk.
+CHUNK_PROBLEMS = 8192
+EXPECTED = (
+    "expected a Zarr v3 group with attributes format='raybary.problems.zarr', "
+    "format_version=1, dim=d and arrays problems/id int64[P], problems/offset int64[P+1], "
+    "gmms/offset int64[G+1], gmms/lambda float64[G], components/weight float64[N], "
+    "components/mean float64[N,d], components/cov float64[N,d,d]"
+)
+
+# name: (dtype kind, shape as a function of (P, G, N, d), optional)
+_ARRAYS = {
+    "problems/id": ("i", lambda P, G, N, d: (P,), False),
+    "problems/offset": ("i", lambda P, G, N, d: (P + 1,), False),
+    "gmms/offset": ("i", lambda P, G, N, d: (G + 1,), False),
+    "gmms/lambda": ("f", lambda P, G, N, d: (G,), False),
+    "gmms/label": ("i", lambda P, G, N, d: (G,), True),
+    "components/weight": ("f", lambda P, G, N, d: (N,), False),
+    "components/mean": ("f", lambda P, G, N, d: (N, d), False),
+    "components/cov": ("f", lambda P, G, N, d: (N, d, d), False),
+}
+
+
+def _kind_ok(dtype: np.dtype, kind: str) -> bool:
+    if kind == "i":
+        return np.dtype(dtype).kind in "iu"
+    return np.dtype(dtype).kind in "fiu"
+
+
+class ZarrProblemStore(ProblemStore):
+    """A store in the ``raybary.problems.zarr/1`` layout (see the module docstring).
+
+    Opening reads the group's metadata and two elements of each offset array;
+    the arrays are opened lazily (and not pickled).
+    """
+
+    format = ZARR_FORMAT_ID
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._group = None
+        group = self._open()
+        self.dim, self.n_problems, self.n_gmms, self.n_components = _check_layout(url, group)
+        self._has_label = "label" in group["gmms"]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_group"] = None
+        return state
+
+    def _open(self):
+        if self._group is None:
+            try:
+                self._group = zarr.open_group(self.url, mode="r")
+            except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
+                raise StoreFormatError(f"{self.url} is not a Zarr group ({e}); {EXPECTED}") from e
+        return self._group
+
+    def _array(self, name: str):
+        return self._open()[name]
+
+    def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_problems if stop is None else stop
+        start, stop = self._check_range(start, stop)
+        return np.asarray(self._array("problems/id")[start:stop], dtype=np.int64)
+
+    def read_columns(self, start: int, stop: int) -> ProblemColumns:
+        start, stop = self._check_range(start, stop)
+        po = np.asarray(self._array("problems/offset")[start:stop + 1], dtype=np.int64)
+        g0, g1 = int(po[0]), int(po[-1])
+        _check_offsets(self.url, "problems/offset", po, self.n_gmms)
+        go = np.asarray(self._array("gmms/offset")[g0:g1 + 1], dtype=np.int64)
+        _check_offsets(self.url, "gmms/offset", go, self.n_components)
+        c0, c1 = int(go[0]), int(go[-1])
+        label = self._array("gmms/label")[g0:g1] if self._has_label else None
+        ids = np.asarray(self._array("problems/id")[start:stop], dtype=np.int64)
+        if np.any(np.diff(ids) <= 0):
+            raise StoreDataError(f"{self.url}: problems/id is not strictly ascending in {start}:{stop}")
+        return ProblemColumns.from_dense(
+            problem_id=ids,
+            gmm_offset=po - g0,
+            lambdas=self._array("gmms/lambda")[g0:g1],
+            comp_offset=go - c0,
+            weight=self._array("components/weight")[c0:c1],
+            mean=np.asarray(self._array("components/mean")[c0:c1], dtype=np.float64),
+            cov=np.asarray(self._array("components/cov")[c0:c1], dtype=np.float64),
+            gmm_label=label,
+        )
+
+    def max_gmms(self, block_problems: int = 1 << 20) -> int:
+        """The largest number of GMMs of a problem (reads ``problems/offset`` in blocks)."""
+        best, arr = 0, self._array("problems/offset")
+        for start in range(0, self.n_problems, block_problems):
+            po = arr[start:min(start + block_problems, self.n_problems) + 1]
+            best = max(best, int(np.diff(po).max()))
+        return best
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(n_gmms=self.n_gmms, n_components=self.n_components,
+                   chunk_problems=int(self._array("problems/id").chunks[0]))
+        return out
+
+
+def _check_offsets(url: str, name: str, offsets: np.ndarray, end: int) -> None:
+    if len(offsets) and (np.any(np.diff(offsets) < 0) or offsets[0] < 0 or offsets[-1] > end):
+        raise StoreDataError(f"{url}: {name} is corrupt (not ascending, or out of 0..{end})")
+
+
+def _check_layout(url: str, group) -> tuple[int, int, int, int]:
+    """Check format attributes and arrays; return ``(d, P, G, N)`` or raise."""
+    problems: list[str] = []
+    if group.metadata.zarr_format != 3:
+        problems.append(f"the group is Zarr v{group.metadata.zarr_format}, expected Zarr v3")
+    attrs = group.attrs.asdict()
+    name, version, dim = attrs.get("format"), attrs.get("format_version"), attrs.get("dim")
+    if name != ZARR_FORMAT or version != ZARR_VERSION:
+        problems.append(
+            f"attributes say format {name!r} version {version!r}, expected "
+            f"{ZARR_FORMAT!r} version {ZARR_VERSION}"
+        )
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        problems.append(f"attribute dim is {dim!r}, expected a positive integer")
+        dim = None
+    arrays = {}
+    for key, (kind, _, optional) in _ARRAYS.items():
+        try:
+            arr = group[key]
+        except KeyError:
+            if not optional:
+                problems.append(f"array {key} is missing")
+            continue
+        if not isinstance(arr, zarr.Array):
+            problems.append(f"{key} is a group, expected an array")
+        elif not _kind_ok(arr.dtype, kind):
+            want = "an integer" if kind == "i" else "a floating"
+            problems.append(f"array {key} has dtype {arr.dtype}, expected {want} dtype")
+        else:
+            arrays[key] = arr
+    if not problems:
+        problems += _shape_problems(arrays, dim)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise StoreFormatError(
+            f"{url} is not a valid raybary Zarr problem store ({ZARR_FORMAT_ID}):\n{lines}\n{EXPECTED}"
+        )
+    P = arrays["problems/id"].shape[0]
+    G = arrays["gmms/lambda"].shape[0]
+    N = arrays["components/weight"].shape[0]
+    return dim, P, G, N
+
+
+def _shape_problems(arrays: dict, d: int) -> list[str]:
+    P = arrays["problems/id"].shape[0]
+    G = arrays["gmms/lambda"].shape[0]
+    N = arrays["components/weight"].shape[0]
+    problems = []
+    for key, arr in arrays.items():
+        want = _ARRAYS[key][1](P, G, N, d)
+        if tuple(arr.shape) != want:
+            problems.append(f"array {key} has shape {tuple(arr.shape)}, expected {want}")
+    if problems:
+        return problems
+    for key, end in (("problems/offset", G), ("gmms/offset", N)):
+        arr = arrays[key]
+        first, last = int(arr[0]), int(arr[arr.shape[0] - 1])
+        if first != 0 or last != end:
+            problems.append(f"array {key} runs from {first} to {last}, expected 0 to {end}")
+    return problems
+
+
+class ZarrProblemWriter:
+    """Write batches to a new ``raybary.problems.zarr/1`` store, in order.
+
+    Arrays are created on the first batch (chunks sized from its problems per
+    GMM and components per problem ratios) and grown with ``append``; the
+    format attributes are written last, by :meth:`close`, so a half-written
+    store is refused by :func:`~raybary.storage.open_store`.
+
+    Args:
+      url: where to write (replaced if it exists).
+      dim: the dimension; taken from the first batch if ``None``.
+      chunk_problems: problems per chunk.
+    """
+
+    def __init__(self, url: str, *, dim: int | None = None,
+                 chunk_problems: int = CHUNK_PROBLEMS) -> None:
+        self.url = url
+        self.dim = dim
+        self.chunk_problems = int(chunk_problems)
+        self._group = zarr.open_group(url, mode="w")
+        self._arrays: dict[str, zarr.Array] | None = None
+        self._sizes = [0, 0, 0]  # P, G, N written
+        self._last_id: int | None = None
+
+    def _create(self, gpp: float, cpp: float) -> None:
+        d, cp = self.dim, self.chunk_problems
+        cg = max(1, round(cp * gpp))
+        cc = max(1, round(cp * cpp))
+        spec = {
+            "problems/id": ((0,), (cp,), "int64"),
+            "problems/offset": ((1,), (cp,), "int64"),
+            "gmms/offset": ((1,), (cg,), "int64"),
+            "gmms/lambda": ((0,), (cg,), "float64"),
+            "gmms/label": ((0,), (cg,), "int32"),
+            "components/weight": ((0,), (cc,), "float64"),
+            "components/mean": ((0, d), (cc, d), "float64"),
+            "components/cov": ((0, d, d), (cc, d, d), "float64"),
+        }
+        self._arrays = {}
+        for key, (shape, chunks, dtype) in spec.items():
+            arr = self._group.create_array(key, shape=shape, chunks=chunks, dtype=dtype,
+                                           fill_value=0)
+            self._arrays[key] = arr
+        self._arrays["problems/offset"][0:1] = 0
+        self._arrays["gmms/offset"][0:1] = 0
+
+    def write(self, cols: ProblemColumns) -> None:
+        """Append a batch (one dimension, ids ascending)."""
+        if cols.n_problems == 0:
+            return
+        d = cols.uniform_dim()
+        if d is None or (self.dim is not None and d != self.dim):
+            found = cols.dims() if d is None else [d]
+            raise StoreDataError(
+                f"a Zarr problem store holds one dimension d (format {ZARR_FORMAT_ID}); this batch "
+                f"has mean lengths {found}" + (f", the store has d={self.dim}" if self.dim else "")
+                + ". Keep mixed dimensions in Parquet, or write one store per d"
+            )
+        ids = cols.problem_id
+        if np.any(np.diff(ids) <= 0) or (self._last_id is not None and ids[0] <= self._last_id):
+            raise StoreDataError("problems must be written in strictly ascending problem_id order")
+        self.dim = d
+        if self._arrays is None:
+            self._create(cols.n_gmms / cols.n_problems, cols.n_components / cols.n_problems)
+        P, G, N = self._sizes
+        mean, cov = cols.dense()
+        a = self._arrays
+        a["problems/id"].append(ids)
+        a["problems/offset"].append(cols.gmm_offset[1:] + G)
+        a["gmms/offset"].append(cols.comp_offset[1:] + N)
+        a["gmms/lambda"].append(cols.lambdas)
+        a["gmms/label"].append(cols.gmm_label.astype(np.int32))
+        a["components/weight"].append(cols.weight)
+        a["components/mean"].append(mean)
+        a["components/cov"].append(cov)
+        self._sizes = [P + cols.n_problems, G + cols.n_gmms, N + cols.n_components]
+        self._last_id = int(ids[-1])
+
+    def close(self) -> None:
+        """Create the arrays if no batch came, then write the format attributes."""
+        if self._arrays is None:
+            self.dim = self.dim or 1
+            self._create(1.0, 1.0)
+        self._group.attrs.update(
+            {"format": ZARR_FORMAT, "format_version": ZARR_VERSION, "dim": int(self.dim)}
+        )
+
+    def __enter__(self) -> ZarrProblemWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
