@@ -94,10 +94,12 @@ def ott_solve_fn(dim: int, epsilon: float = 0.1):
     import jax
     from ott.geometry import costs
     from ott.problems.linear import barycenter_problem
-    from ott.solvers.linear import continuous_barycenter
+    from ott.solvers.linear import continuous_barycenter, sinkhorn
 
     b_cost = costs.Bures(dimension=dim)
-    solver = continuous_barycenter.FreeWassersteinBarycenter(lse_mode=True)
+    # The tutorial's FreeWassersteinBarycenter(lse_mode=True); newer OTT-JAX
+    # takes the (log-domain by default) Sinkhorn solver explicitly.
+    solver = continuous_barycenter.FreeWassersteinBarycenter(sinkhorn.Sinkhorn(lse_mode=True))
 
     def run(ys, bs, lambdas, x_init, num_per_segment):
         bar_p = barycenter_problem.FreeBarycenterProblem(

@@ -671,12 +671,14 @@ def summarize(path: str, *, top: int = 5) -> str:
         slow = p.nlargest(top, "seconds")
         lines.append(f"  slowest {len(slow)}:")
         for _, r in slow.iterrows():
+            its = "-" if r.iterations != r.iterations else int(r.iterations)
             lines.append(f"    problem {r.problem_id}: {r.seconds:.4f} s, status {r.status}, "
-                         f"iterations {r.iterations}")
+                         f"iterations {its}")
     for status in ("failed", "invalid"):
         bad = p[p["status"] == status] if len(p) else p
         if len(bad):
             lines.append(f"  {status} ({len(bad)}; first {min(len(bad), 2 * top)}):")
             for _, r in bad.head(2 * top).iterrows():
-                lines.append(f"    problem {r.problem_id}: {r.error}")
+                named = str(r.error).startswith(f"problem {r.problem_id}")
+                lines.append(f"    {r.error}" if named else f"    problem {r.problem_id}: {r.error}")
     return "\n".join(lines)

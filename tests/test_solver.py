@@ -1,0 +1,285 @@
+"""Solver tests: closed forms, independent implementations (POT, OTT-JAX),
+edge cases, invariances and learned weights. Shapes are kept few (compiles are
+slow on small machines) and every assertion can fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+from scipy.stats import ortho_group
+
+import raybary
+from raybary import GMM, Problem
+
+
+def psd_sqrt(c):
+    lam, v = np.linalg.eigh(c)
+    return (v * np.sqrt(lam)) @ v.T
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def commuting_problem(rng, d, J=3):
+    """One Gaussian per input, covariances sharing eigenvectors."""
+    u = ortho_group.rvs(d, random_state=rng) if d > 1 else np.ones((1, 1))
+    gmms, lams = [], rng.dirichlet(np.ones(J) * 2)
+    for _ in range(J):
+        c = (u * rng.uniform(0.2, 5.0, size=d)) @ u.T
+        gmms.append(GMM([1.0], rng.normal(size=(1, d)) * 3, c[None]))
+    return Problem(gmms, lams)
+
+
+def test_closed_form_commuting_gaussians():
+    rng = np.random.default_rng(0)
+    problems = [commuting_problem(rng, d) for d in (1, 2, 4) for _ in range(2)]
+    results = raybary.solve(problems, bar_size=1, dtype="float64")
+    for p, r in zip(problems, results):
+        mean = sum(lam * g.means[0] for lam, g in zip(p.lambdas, p.gmms))
+        root = sum(lam * psd_sqrt(g.covs[0]) for lam, g in zip(p.lambdas, p.gmms))
+        cov = root @ root
+        np.testing.assert_allclose(r.means[0], mean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(r.covs[0], cov, rtol=1e-6, atol=1e-9 * np.abs(cov).max())
+        assert r.converged and r.status == "ok"
+        assert r.weights.tolist() == [1.0]
+
+
+def test_closed_form_d1_objective():
+    """d = 1: W2^2 = (m1-m2)^2 + (s1-s2)^2, the barycenter has s = sum lambda_j s_j."""
+    p = Problem(
+        [GMM([1.0], [[0.0]], [[[1.0]]]), GMM([1.0], [[4.0]], [[[9.0]]])], np.array([0.25, 0.75])
+    )
+    r = raybary.solve(p, bar_size=1, dtype="float64")[0]
+    m, s = 0.25 * 0 + 0.75 * 4, 0.25 * 1 + 0.75 * 3
+    assert r.means[0, 0] == pytest.approx(m, rel=1e-9)
+    assert r.covs[0, 0, 0] == pytest.approx(s**2, rel=1e-9)
+    want = 0.25 * ((m - 0) ** 2 + (s - 1) ** 2) + 0.75 * ((m - 4) ** 2 + (s - 3) ** 2)
+    assert r.objective == pytest.approx(want, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- tutorial
+
+
+@pytest.fixture(scope="module")
+def tutorial():
+    return [ref.tutorial_problem(seed) for seed in range(3)]
+
+
+def test_tutorial_against_pot_and_ott(tutorial):
+    problems = [p for p, _ in tutorial]
+    inits = [i for _, i in tutorial]
+    ours = raybary.solve(problems, bar_size=6, init=inits, dtype="float64")
+    ours32 = raybary.solve(problems, bar_size=6, init=inits)
+    ott_fn = ref.ott_solve_fn(2, epsilon=0.1)
+    for (p, init), r, r32 in zip(tutorial, ours, ours32):
+        exact = ref.exact_objective(p, r.weights, r.means, r.covs)
+        exact32 = ref.exact_objective(p, r32.weights, r32.means, r32.covs)
+        pot = ref.exact_objective(p, *ref.pot_fixed_point(p, *init))
+        ott = ref.exact_objective(p, *ref.ott_solve(p, *init, fn=ott_fn))
+        assert exact <= ott * (1 + 1e-9), (exact, ott)
+        assert exact <= pot * (1 + 1e-4), (exact, pot)
+        assert exact32 <= pot * (1 + 1e-4), (exact32, pot)
+        # The transport objective of entropic plans is at least the exact one.
+        assert r.objective >= exact * (1 - 1e-6)
+        assert r.objective <= exact * (1 + 1e-3)
+
+
+# --------------------------------------------------------------------------- random ragged
+
+
+def random_problem(rng, d, ill=False):
+    J = int(rng.integers(1, 7))
+    gmms = []
+    for _ in range(J):
+        K = int(rng.integers(1, 9))
+        means = rng.normal(size=(K, d)) * 5 + rng.normal(size=d) * 10
+        covs = []
+        for _ in range(K):
+            u = ortho_group.rvs(d, random_state=rng) if d > 1 else np.ones((1, 1))
+            spread = 4.0 if ill else 1.0
+            lam = np.exp(rng.uniform(-spread, spread, size=d))
+            covs.append((u * lam) @ u.T)
+        gmms.append(GMM(rng.dirichlet(np.ones(K) * 3), means, np.array(covs)))
+    n = int(rng.integers(1, 11))
+    return Problem(gmms, rng.dirichlet(np.ones(J) * 3)), n
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    rng = np.random.default_rng(7)
+    items = []
+    for i in range(52):
+        d = (1, 2, 3, 5)[i % 4]
+        p, n = random_problem(rng, d, ill=(i % 3 == 0))
+        m0 = np.concatenate([g.means for g in p.gmms])
+        c0 = np.concatenate([g.covs for g in p.gmms])
+        pick = rng.choice(len(m0), size=n, replace=True)
+        items.append((p, n, (m0[pick] + rng.normal(size=(n, d)) * 0.5, c0[pick])))
+    return items
+
+
+def test_random_ragged_against_pot(ragged):
+    problems = [p for p, _, _ in ragged]
+    sizes = [n for _, n, _ in ragged]
+    inits = [i for _, _, i in ragged]
+    same_init = raybary.solve(problems, bar_size=sizes, init=inits, dtype="float64")
+    best = raybary.solve(problems, bar_size=sizes, dtype="float64", restarts=4)
+    gaps, gaps_default = [], []
+    for (p, n, init), r, rb in zip(ragged, same_init, best):
+        pot = ref.exact_objective(p, *ref.pot_fixed_point(p, *init, iterations=50))
+        ours = ref.exact_objective(p, r.weights, r.means, r.covs)
+        ours_default = ref.exact_objective(p, rb.weights, rb.means, rb.covs)
+        assert np.all(np.isfinite(r.means)) and np.all(np.isfinite(r.covs))
+        gaps.append((ours - pot) / max(pot, 1e-12))
+        gaps_default.append((ours_default - pot) / max(pot, 1e-12))
+    gaps, gaps_default = np.array(gaps), np.array(gaps_default)
+    assert np.median(gaps) <= 1e-4, np.sort(gaps)[-5:]
+    assert gaps_default.max() <= 1e-3, np.sort(gaps_default)[-5:]
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_edge_cases_no_nan():
+    rng = np.random.default_rng(3)
+    g2 = GMM([0.3, 0.7], [[0.0, 0.0], [3.0, 1.0]], [np.eye(2), np.diag([2.0, 0.5])])
+    ill = np.diag([1.0, 1e-6])
+    far = Problem([GMM([0.5, 0.5], [[1e4, 1e4], [1e4 + 3, 1e4]], [np.eye(2), np.eye(2)])] * 2, [0.5, 0.5])
+    cases = {
+        "J=1": (Problem([g2], [1.0]), 2),
+        "K=1": (Problem([GMM([1.0], [[1.0, 2.0]], [np.eye(2)]), g2], [0.5, 0.5]), 2),
+        "n>components": (Problem([g2, GMM([1.0], [[5.0, 5.0]], [np.eye(2)])], [0.4, 0.6]), 6),
+        "identical": (Problem([g2, g2, g2], [0.2, 0.3, 0.5]), 2),
+        "cond 1e6": (Problem([GMM([1.0], [[0.0, 0.0]], [ill]), g2], [0.5, 0.5]), 2),
+        "far": (far, 2),
+    }
+    results = raybary.solve(
+        [p for p, _ in cases.values()], bar_size=[n for _, n in cases.values()], dtype="float64"
+    )
+    for (name, (p, n)), r in zip(cases.items(), results):
+        assert r.status == "ok", name
+        for arr in (r.weights, r.means, r.covs):
+            assert np.all(np.isfinite(arr)), name
+        assert r.means.shape == (n, 2) and r.weights.sum() == pytest.approx(1.0)
+        assert np.all(np.linalg.eigvalsh(r.covs) > 0), name
+    ident = results[3]
+    order = np.argsort(ident.means[:, 0])
+    np.testing.assert_allclose(ident.means[order], g2.means, atol=1e-6)
+    np.testing.assert_allclose(ident.covs[order], g2.covs, atol=1e-6)
+    assert ident.objective == pytest.approx(0.0, abs=1e-8)
+    far_r = results[5]
+    np.testing.assert_allclose(np.sort(far_r.means[:, 0]), [1e4, 1e4 + 3], atol=1e-5)
+    # J=1: with n = K the barycenter is the input itself.
+    j1 = results[0]
+    np.testing.assert_allclose(j1.means[np.argsort(j1.means[:, 0])], g2.means, atol=1e-6)
+    del rng
+
+
+def test_float32_far_from_origin_matches_float64():
+    p = Problem(
+        [
+            GMM([0.5, 0.5], [[1e4, 0.0], [1e4 + 5, 1.0]], [np.eye(2), np.diag([2.0, 0.5])]),
+            GMM([1.0], [[1e4 + 2, 3.0]], [np.diag([1.0, 3.0])]),
+        ],
+        [0.5, 0.5],
+    )
+    r32 = raybary.solve(p, bar_size=2, dtype="float32")[0]
+    r64 = raybary.solve(p, bar_size=2, dtype="float64")[0]
+    assert r32.objective == pytest.approx(r64.objective, rel=1e-3)
+    o32, o64 = np.argsort(r32.means[:, 1]), np.argsort(r64.means[:, 1])
+    np.testing.assert_allclose(r32.means[o32], r64.means[o64], atol=1e-2)
+
+
+# --------------------------------------------------------------------------- invariances
+
+
+def test_invariances(tutorial):
+    p, init = tutorial[0]
+    perm_g = [2, 0, 1]
+    permuted_gmms = Problem([p.gmms[j] for j in perm_g], p.lambdas[perm_g])
+    rng = np.random.default_rng(0)
+    shuffled = []
+    for g in p.gmms:
+        o = rng.permutation(g.n_components)
+        shuffled.append(GMM(g.weights[o], g.means[o], g.covs[o]))
+    permuted_comps = Problem(shuffled, p.lambdas)
+    t = np.array([123.0, -45.0])
+    translated = Problem([GMM(g.weights, g.means + t, g.covs) for g in p.gmms], p.lambdas)
+    variants = [p, permuted_gmms, permuted_comps, translated]
+    inits = [init, init, init, (init[0] + t, init[1])]
+    base, pg, pc, tr = raybary.solve(variants, bar_size=6, init=inits, dtype="float64")
+    for other, shift in ((pg, 0.0), (pc, 0.0), (tr, t)):
+        assert other.objective == pytest.approx(base.objective, rel=1e-6)
+        np.testing.assert_allclose(other.means - shift, base.means, atol=1e-4)
+        np.testing.assert_allclose(other.covs, base.covs, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- learned weights
+
+
+def test_learned_weights(tutorial):
+    problems = [p for p, _ in tutorial]
+    inits = [i for _, i in tutorial]
+    uniform = raybary.solve(problems, bar_size=6, init=inits, dtype="float64")
+    learned = raybary.solve(problems, bar_size=6, init=inits, dtype="float64", learn_weights=True)
+    improved = 0
+    for p, u, lw in zip(problems, uniform, learned):
+        assert np.all(lw.weights >= 0) and lw.weights.sum() == pytest.approx(1.0, abs=1e-9)
+        assert lw.objective <= u.objective * (1 + 1e-6)
+        ex_u = ref.exact_objective(p, u.weights, u.means, u.covs)
+        ex_l = ref.exact_objective(p, lw.weights, lw.means, lw.covs)
+        assert ex_l <= ex_u * (1 + 1e-5)
+        improved += ex_l < ex_u * (1 - 1e-4)
+        assert not np.allclose(lw.weights, 1 / 6)
+    assert improved >= 1
+
+
+# --------------------------------------------------------------------------- API behaviour
+
+
+def test_restarts_keep_the_best(tutorial):
+    p, _ = tutorial[1]
+    one = raybary.solve(p, bar_size=6, restarts=1, seed=5)[0]
+    many = raybary.solve(p, bar_size=6, restarts=4, seed=5)[0]
+    assert many.objective <= one.objective * (1 + 1e-6)
+    again = raybary.solve(p, bar_size=6, restarts=4, seed=5)[0]
+    np.testing.assert_array_equal(again.means, many.means)
+
+
+def test_bad_arguments_are_named():
+    g = GMM([1.0], [[0.0, 0.0]], [np.eye(2)])
+    p = Problem([g], [1.0])
+    with pytest.raises(ValueError, match="not both"):
+        raybary.solve(p, bar_size=1, epsilon=0.1, relative_epsilon=1e-3)
+    with pytest.raises(ValueError, match="bar_size must be at least 1"):
+        raybary.solve(p, bar_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        raybary.solve(p, bar_size=1, dtype="float16")
+    with pytest.raises(ValueError, match=r"init of problem 0: expected means \(2, 2\)"):
+        raybary.solve(p, bar_size=2, init=[(np.zeros((1, 2)), np.eye(2)[None])])
+    bad = Problem([GMM([1.0], [[0.0, 0.0]], [[[1.0, 3.0], [3.0, 1.0]]])], [1.0])
+    with pytest.raises(ValueError, match="problem 1, gmm 0, component 0: covariance is not positive definite"):
+        raybary.solve([p, bad], bar_size=1)
+
+
+def test_log_density_matches_scipy():
+    from scipy.stats import multivariate_normal as mvn
+
+    rng = np.random.default_rng(2)
+    g = GMM([0.2, 0.8, 0.0], rng.normal(size=(3, 3)), np.stack([np.eye(3) * s for s in (1, 2, 3)]))
+    x = rng.normal(size=(7, 3))
+    want = np.log(sum(w * mvn(m, c).pdf(x) for w, m, c in zip(g.weights[:2], g.means, g.covs)))
+    np.testing.assert_allclose(raybary.log_density(g, x), want, rtol=1e-10)
+    grid, bounds = raybary.log_density_grid(g, (5, 4), dims=(0, 2), dtype="float64")
+    assert grid.shape == (5, 4)
+    xs, ys = np.linspace(bounds[0], bounds[1], 4), np.linspace(bounds[2], bounds[3], 5)
+    pts = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    idx = [0, 2]
+    marg = sum(
+        w * mvn(m[idx], c[np.ix_(idx, idx)]).pdf(pts)
+        for w, m, c in zip(g.weights[:2], g.means, g.covs)
+    )
+    np.testing.assert_allclose(grid.ravel(), np.log(marg), rtol=1e-8)
+    with pytest.raises(ValueError, match="dims"):
+        raybary.log_density_grid(g, (5, 4), dims=(0, 0))

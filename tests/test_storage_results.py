@@ -1,0 +1,242 @@
+"""ResultWriter / read_results: atomic shard commits, rewrites, read-back with three tools."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from click.testing import CliRunner
+
+import raybary
+from raybary.cli import main
+from raybary.storage import ResultsConflictError, ResultWriter, read_results
+from raybary.types import Result
+
+H, W = 6, 5
+OPTIONS = {"epsilon": 0.1, "n": 3, "scale_free": False, "init": "kmeans", "tol": [1e-6, 1e-9]}
+
+
+def fake_result(pid: int, n: int = 3, d: int = 2, shift: float = 0.0) -> Result:
+    return Result(
+        weights=np.full(n, 1.0 / n),
+        means=np.arange(n * d, dtype=float).reshape(n, d) + pid + shift,
+        covs=np.tile(np.eye(d), (n, 1, 1)) * (1 + pid),
+        objective=10.0 + pid + shift,
+        converged=pid % 2 == 0,
+        iterations=5 + pid,
+        marginal_error=1e-7,
+    )
+
+
+def make_writer(url: str, n_problems: int = 25, shard_size: int = 10, **kw) -> ResultWriter:
+    args = dict(n_problems=n_problems, shard_size=shard_size, grid_shape=(H, W),
+                input_grid_gmms=3, options=OPTIONS, input_url="memory://in.zarr")
+    args.update(kw)
+    return ResultWriter(url, **args)
+
+
+def commit(writer: ResultWriter, shard: int, *, shift: float = 0.0, with_grids: bool = True):
+    start, stop = writer.shard_range(shard)
+    ids = np.arange(start, stop) * 10
+    statuses, errors, results = [], [], []
+    for pid in ids:
+        if pid % 70 == 30:
+            statuses.append("invalid")
+            errors.append(f"problem {pid}, gmm 0, component 0: weight is negative (-1.0)")
+            results.append(None)
+        elif pid % 70 == 60:
+            statuses.append("failed")
+            errors.append("solver produced NaN")
+            results.append(None)
+        else:
+            statuses.append("ok")
+            errors.append(None)
+            results.append(fake_result(int(pid), shift=shift))
+    n = stop - start
+    grids = (np.arange(n * H * W, dtype=np.float32).reshape(n, H, W) + start + shift
+             if with_grids else None)
+    extents = np.tile([-30.0, 90.0, -30.0, 90.0], (n, 1))
+    inputs = np.ones((n, 2, H, W), dtype=np.float32) * (start + shift)
+    return writer.commit_shard(shard, start, stop, ids, statuses, errors, results,
+                               np.linspace(0.1, 1.0, n), grids=grids, grid_extents=extents,
+                               input_grids=inputs)
+
+
+def test_full_run_and_read_back_with_pyarrow_pandas_duckdb(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    assert writer.prepare() == set()
+    for shard in range(writer.n_shards):
+        info = commit(writer, shard)
+        assert info["shard"] == shard
+    manifest = writer.finalize({"wall_seconds": 1.5})
+    assert manifest["complete"] and manifest["counts"] == {"ok": 18, "invalid": 4, "failed": 3}
+    assert manifest["options"] == json.loads(json.dumps(OPTIONS))
+
+    res = read_results(out, as_="pyarrow")
+    assert res.problems.num_rows == 25 and res.complete
+    assert res.problems.column("problem_id").to_pylist() == list(range(0, 250, 10))
+    assert res.barycenters.num_rows == 18 * 3
+    assert res.problems.schema.field("opt_epsilon").type == "double"
+
+    df = raybary.read_results(out).problems  # the public, lazily wired entry point
+    row = df.set_index("problem_id").loc[30]
+    assert row.status == "invalid" and row.error.startswith("problem 30, gmm 0")
+    assert np.isnan(row.objective)
+    ok = df[df.status == "ok"].set_index("problem_id")
+    assert ok.loc[40, "objective"] == 50.0 and ok.loc[40, "iterations"] == 45
+    assert set(df.opt_init) == {"kmeans"} and set(df.opt_tol) == {"[1e-06, 1e-09]"}
+
+    duckdb = pytest.importorskip("duckdb")
+    con = duckdb.connect()
+    counts = dict(con.sql(f"SELECT status, count(*) FROM '{out}/problems/*.parquet' "
+                          "GROUP BY status").fetchall())
+    assert counts == {"ok": 18, "invalid": 4, "failed": 3}
+    n, = con.sql(f"SELECT count(*) FROM '{out}/barycenters/*.parquet' WHERE len(cov) = 4").fetchall()[0]
+    assert n == 54
+    mean, = con.sql(f"SELECT mean FROM '{out}/barycenters/*.parquet' "
+                    "WHERE problem_id = 20 AND component = 1").fetchall()[0]
+    assert mean == [22.0, 23.0]
+
+    bary = pq.read_table(f"{out}/barycenters").to_pandas()
+    assert len(bary) == 54
+
+
+def test_grids_rows_are_store_positions_and_chunks_align(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    commit(writer, 1)
+    group = zarr.open_group(f"{out}/grids.zarr", mode="r")
+    assert group["barycenter"].chunks == (10, H, W)
+    assert group["inputs"].shape == (25, 3, H, W)
+    assert group["barycenter"].dtype == np.float32
+    res = read_results(out)
+    g = res.grids(5, 25, inputs=True)
+    assert g.problem_id.tolist() == [-1] * 5 + list(range(100, 200, 10)) + [-1] * 5
+    assert np.isnan(g.barycenter[:5]).all() and np.isnan(g.barycenter[15:]).all()
+    assert g.barycenter[5, 0, 0] == 10.0
+    assert g.extent[5].tolist() == [-30.0, 90.0, -30.0, 90.0]
+    assert (g.inputs[5:15, :2] == 10.0).all() and np.isnan(g.inputs[5:15, 2]).all()
+
+
+def test_shard_rewritten_twice_leaves_no_duplicates(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        commit(writer, shard)
+    commit(writer, 1, shift=100.0)
+    commit(writer, 1, shift=200.0)
+    writer.finalize()
+    res = read_results(out)
+    assert len(res.problems) == 25 and res.problems.problem_id.is_unique
+    assert len(res.barycenters) == 54
+    assert not res.barycenters.duplicated(["problem_id", "component"]).any()
+    assert res.problems.set_index("problem_id").loc[110, "objective"] == 320.0
+    assert res.grids(10, 11).barycenter[0, 0, 0] == 210.0
+    assert len(list((tmp_path / "out" / "problems").iterdir())) == 3
+    assert not (tmp_path / "out" / "_tmp").exists()
+
+
+def test_uncommitted_shard_is_invisible(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    commit(writer, 0)
+    commit(writer, 2)
+    (tmp_path / "out" / "_commits" / "shard-000002.json").unlink()  # as if it died before
+    res = read_results(out)
+    assert res.committed_shards == [0] and len(res.problems) == 10
+    assert res.manifest is None and not res.complete
+    assert writer.committed_shards() == {0}
+    manifest = writer.finalize()
+    assert manifest["missing_shards"] == [1, 2] and not manifest["complete"]
+    assert not (tmp_path / "out" / "problems" / "shard-000002.parquet").exists()
+
+
+def test_prepare_resumes_or_refuses(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    commit(writer, 0)
+    commit(writer, 2)
+    writer.finalize()
+    again = make_writer(out)
+    assert again.prepare() == {0, 2}
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+    changed = make_writer(out, options={**OPTIONS, "epsilon": 0.05})
+    with pytest.raises(ResultsConflictError) as e:
+        changed.prepare()
+    assert "options.epsilon: 0.1 (existing) vs 0.05 (now)" in str(e.value)
+    with pytest.raises(ResultsConflictError, match=r"shard_size: 10 \(existing\) vs 5 \(now\)"):
+        make_writer(out, shard_size=5).prepare()
+    assert changed.prepare(overwrite=True) == set()
+    assert read_results(out).problems.empty
+
+
+def test_prepare_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ResultsConflictError, match="not a raybary results directory"):
+        make_writer(str(tmp_path / "out")).prepare()
+    assert (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_commit_checks_its_inputs(tmp_path):
+    writer = make_writer(str(tmp_path / "out"))
+    writer.prepare()
+    ids = np.arange(10)
+    ok = ["ok"] * 10
+    res = [fake_result(i) for i in range(10)]
+    with pytest.raises(ValueError, match="shard 1 covers positions 10:20"):
+        writer.commit_shard(1, 0, 10, ids, ok, [None] * 10, res)
+    with pytest.raises(ValueError, match="statuses has 9 entries, expected 10"):
+        writer.commit_shard(0, 0, 10, ids, ok[:9], [None] * 10, res)
+    with pytest.raises(ValueError, match="unknown statuses"):
+        writer.commit_shard(0, 0, 10, ids, ["done"] * 10, [None] * 10, res)
+    with pytest.raises(ValueError, match="status 'ok' but no result"):
+        writer.commit_shard(0, 0, 10, ids, ok, [None] * 10, [None] * 10)
+    with pytest.raises(ValueError, match=r"grids must have shape \(10, 6, 5\)"):
+        writer.commit_shard(0, 0, 10, ids, ok, [None] * 10, res, grids=np.zeros((10, 5, 5)))
+    assert writer.committed_shards() == set()
+
+
+def test_memory_url_without_grids_and_pickled_writer(mem_url):
+    out = f"{mem_url}/out"
+    writer = ResultWriter(out, n_problems=12, shard_size=5, options={"eps": 1})
+    writer.prepare()
+    clone = pickle.loads(pickle.dumps(writer))  # as sent to a Ray actor
+    for shard in range(3):
+        start, stop = clone.shard_range(shard)
+        ids = np.arange(start, stop)
+        clone.commit_shard(shard, start, stop, ids, ["ok"] * len(ids), [None] * len(ids),
+                           [fake_result(int(i), n=2, d=1) for i in ids], 0.01)
+    writer.finalize()
+    res = read_results(out, as_="pyarrow")
+    assert res.problems.num_rows == 12 and res.barycenters.num_rows == 24
+    assert res.barycenters.column("cov").to_pylist()[0] == [1.0]
+    with pytest.raises(ValueError, match="has no grids"):
+        res.grids()
+
+
+def test_show_prints_a_summary(tmp_path):
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        commit(writer, shard)
+    writer.finalize()
+    result = CliRunner().invoke(main, ["show", out, "--top", "2"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "status: ok 18, invalid 4, failed 3" in text
+    assert "objective quantiles: min 10.0" in text or "objective quantiles: min 10," in text
+    assert "slowest 2:" in text and "problem 90: 1.0000 s, status ok, iterations 95" in text
+    assert "failed (3; first 3):" in text and "problem 60: solver produced NaN" in text
+    assert "invalid (4" in text
+    assert "\n    problem 30, gmm 0, component 0: weight is negative (-1.0)\n" in text
