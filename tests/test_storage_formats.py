@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from raybary.storage import ProblemColumns, convert, open_store, write_problems
+from raybary.storage import ProblemColumns, convert, open_store, write_problems, write_store
 from raybary.storage.generate import tutorial_columns
 from raybary.storage.parquet_store import ParquetProblemWriter, table_to_columns
 from raybary.storage.zarr_store import ZarrProblemWriter
@@ -182,12 +182,22 @@ def test_accepted_column_types(tmp_path):
         "weight": pa.array([0.5, 0.5], pa.float32()),
         "mean": pa.array([[0.0, 1.0], [1.0, 0.0]], pa.list_(pa.float32(), 2)),
         "cov": pa.array([[1.0, 0.0, 0.0, 1.0]] * 2, pa.large_list(pa.float64())),
-        "extra": pa.array(["ignored", "too"]),
     })
     pq.write_table(table, tmp_path / "t.parquet")
     shard = open_store(str(tmp_path / "t.parquet")).read(0, 1)
     assert shard.errors == [None]
     assert shard.problems[0].dim == 2
+
+
+def test_pandas_index_is_ignored(tmp_path):
+    df = _pandas_rows(6).set_index("problem_id", drop=False)
+    df.index.name = None
+    df.to_parquet(tmp_path / "indexed.parquet")  # writes __index_level_0__
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "indexed.parquet").names
+    df.set_index(pd.Index(np.arange(len(df)), name="row")).to_parquet(tmp_path / "named.parquet")
+    for name in ("indexed.parquet", "named.parquet"):
+        shard = open_store(str(tmp_path / name)).read(0, 6)
+        assert shard.n_invalid == 0 and shard.problem_ids.tolist() == [0, 10, 20, 30, 40, 50]
 
 
 def test_rows_of_a_problem_straddle_row_groups_and_files(tmp_path):
@@ -234,3 +244,41 @@ def test_iter_and_shards():
     assert_same(got, cols)
     with pytest.raises(IndexError, match="outside the store's positions 0:25"):
         store.read(20, 26)
+
+
+def test_memory_urls_never_touch_the_local_disk(tmp_path, monkeypatch, mem_url):
+    """memory:// stores (top level and nested, via temporary siblings) stay in memory."""
+    from raybary.storage import ResultWriter, read_results
+    from raybary.types import Result
+
+    monkeypatch.chdir(tmp_path)
+    cols = tutorial_columns(30, seed=4)
+    top = mem(".zarr")  # memory://roundtrip-<hex>.zarr: its temporary is memory:///.roundtrip-...
+    for url in (top, f"{mem_url}/a.zarr", f"{mem_url}/a.parquet"):
+        store = write_store(url, [cols])
+        assert_same(store.read_columns(0, 30), cols)
+    z = convert(f"{mem_url}/a.parquet", mem(".zarr"))
+    back = convert(z, mem(".parquet"))
+    assert_same(back.read_columns(5, 25), cols.slice(5, 25))
+    writer = ResultWriter(f"{mem_url}/out", n_problems=30, shard_size=10, grid_shape=(4, 3))
+    writer.prepare()
+    res = Result(np.ones(1), np.zeros((1, 2)), np.eye(2)[None], 1.0, True, 3, 0.0)
+    for shard in range(3):
+        start, stop = writer.shard_range(shard)
+        writer.commit_shard(shard, start, stop, np.arange(start, stop), ["ok"] * 10,
+                            [None] * 10, [res] * 10, grids=np.zeros((10, 4, 3)))
+    writer.finalize()
+    assert read_results(f"{mem_url}/out").grids(0, 30).barycenter.shape == (30, 4, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert not (tmp_path / "memory:").exists()
+
+
+@pytest.mark.parametrize("url", ["memory:/lost.zarr", "memory:/lost.parquet", "s3:/bucket/x.zarr"])
+def test_url_that_lost_a_slash_is_refused(tmp_path, monkeypatch, url):
+    """``pathlib.Path('memory://x')`` gives ``memory:/x``: refused, not written locally."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="looks like a URL that lost a slash"):
+        write_store(url, [tutorial_columns(3)])
+    with pytest.raises(ValueError, match="lost a slash"):
+        open_store(url)
+    assert list(tmp_path.iterdir()) == []

@@ -52,6 +52,18 @@ def test_parquet_list_of_strings_and_duplicate_column(tmp_path):
     assert "column 'gmm' appears 2 times" in str(e.value)
 
 
+def test_parquet_unknown_columns_are_refused(tmp_path):
+    t = good_table().append_column("weights", pa.array([1.0] * 30))
+    t = t.append_column("note", pa.array(["x"] * 30))
+    pq.write_table(t, tmp_path / "extra.parquet")
+    with pytest.raises(StoreFormatError) as e:
+        open_store(str(tmp_path / "extra.parquet"))
+    msg = str(e.value)
+    assert "unknown columns 'weights', 'note' (only the six columns below are allowed" in msg
+    assert "'__index_level_0__' is ignored" in msg
+    assert "expected columns: problem_id int64, gmm int32" in msg
+
+
 def test_parquet_wrong_format_metadata(tmp_path):
     t = good_table().replace_schema_metadata(
         {b"raybary.format": b"raybary.problems.parquet", b"raybary.format_version": b"2"})

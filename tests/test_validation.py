@@ -177,7 +177,7 @@ def test_fmt_number():
 def test_validate_arrays_agrees_with_problem_errors():
     rng = np.random.default_rng(1)
     problems = []
-    for i in range(30):
+    for _ in range(30):
         gs = []
         for _ in range(rng.integers(1, 4)):
             k = int(rng.integers(1, 4))

@@ -27,10 +27,26 @@ def _user_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr; yields ``update(n)``."""
-    with click.progressbar(length=length, label=label, file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
-        yield bar.update
+    """A progress bar on stderr; yields ``update(n)``.
+
+    The bar appears with the first update, so an input refused before any
+    work (wrong schema, existing output, ...) prints its error alone.
+    """
+    bar = None
+
+    def update(n: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=length, label=label, file=sys.stderr,
+                                    show_pos=True, show_eta=True)
+            bar.__enter__()
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 @click.command("generate")
@@ -82,9 +98,14 @@ def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool)
 @click.command("show")
 @click.argument("path", metavar="OUT")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
-              help="How many slowest / failed problems to list.")
-def show_cmd(path: str, top: int) -> None:
-    """Summarise a results directory (or describe a problem store)."""
+              help="How many slowest / failed / invalid problems to list.")
+@click.option("--all", "scan_all", is_flag=True,
+              help="Problem store: validate every problem (default: the first 1000).")
+@click.option("--renormalize", is_flag=True,
+              help="Problem store: rescale component weights that do not sum to 1 "
+                   "instead of reporting them (as the runner's --renormalize does).")
+def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool) -> None:
+    """Summarise a results directory OUT, or describe and validate a problem store."""
     from raybary.storage import _fs
     from raybary.storage.results import LAYOUT_FILE, summarize
 
@@ -95,16 +116,34 @@ def show_cmd(path: str, top: int) -> None:
             return
         from raybary.storage.store import open_store
 
+        if not fs.exists(root):
+            raise click.ClickException(
+                f"nothing at {path} (expected a results directory or a problem store)")
         store = open_store(path)
         click.echo(f"problem store {path}")
         for key, value in store.describe().items():
+            if key == "dim" and value is None:
+                value = "per problem (Parquet; mixed dimensions allowed)"
             if key != "url":
                 click.echo(f"  {key}: {value}")
         if store.n_problems:
-            shard = store.read(0, min(store.n_problems, 1000))
-            click.echo(f"  first {len(shard)} problems: {shard.n_invalid} invalid")
-            for err in [e for e in shard.errors if e][:top]:
-                click.echo(f"    {err}")
+            _validate_store(store, top, scan_all, renormalize)
+
+
+def _validate_store(store, top: int, scan_all: bool, renormalize: bool) -> None:
+    n = store.n_problems if scan_all else min(store.n_problems, 1000)
+    n_invalid, shown = 0, []
+    with _progress(n, "validating") as update:
+        for start in range(0, n, 10_000):
+            shard = store.read(start, min(start + 10_000, n), renormalize=renormalize)
+            n_invalid += shard.n_invalid
+            shown += [e for e in shard.errors if e][: top - len(shown)]
+            update(len(shard))
+    what = "all" if n == store.n_problems else "first"
+    click.echo(f"  {what} {n} problems: {n_invalid} invalid"
+               + (" (weights renormalised)" if renormalize else ""))
+    for err in shown:
+        click.echo(f"    {err}")
 
 
 def register(group: click.Group) -> None:

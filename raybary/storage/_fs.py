@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,8 @@ from fsspec import AbstractFileSystem
 __all__ = [
     "url_to_fs",
     "is_local",
+    "zarr_store",
+    "open_zarr_group",
     "join_url",
     "strip_url",
     "atomic_output",
@@ -28,9 +31,57 @@ __all__ = [
 ]
 
 
+#: ``scheme:/path``: a URL that lost a slash (``pathlib.Path("memory://x")`` gives
+#: ``memory:/x``). fsspec and zarr would both take it for a *local* path and create a
+#: directory named ``memory:`` in the working directory, so it is refused.
+_LOST_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
+
+
 def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
-    """Return the fsspec filesystem and the filesystem path of ``url``."""
-    return fsspec.core.url_to_fs(str(url))
+    """Return the fsspec filesystem and the filesystem path of ``url``.
+
+    Raises ``ValueError`` for ``scheme:/path`` (one slash), which would
+    silently become a local directory named ``scheme:``.
+    """
+    url = str(url)
+    m = _LOST_SLASH.match(url)
+    if m:
+        fixed = f"{m.group(1)}://{url[len(m.group(0)):]}"
+        raise ValueError(
+            f"{url!r} looks like a URL that lost a slash (it would be a local directory "
+            f"named {m.group(1) + ':'!r}); write {fixed!r}, or ./{url} for a local path"
+        )
+    return fsspec.core.url_to_fs(url)
+
+
+def zarr_store(url: str, *, read_only: bool):
+    """A zarr ``Store`` for ``url``, resolved the same way as every other path here.
+
+    zarr must never be handed a URL *string*: it has its own rules for telling
+    URLs from local paths, and wherever they differ from fsspec's, a store
+    meant for ``memory://`` or ``s3://`` lands on the local disk. Here the
+    filesystem comes from :func:`url_to_fs`: a local path gives a
+    ``LocalStore``, anything else an ``FsspecStore`` on the same filesystem.
+    """
+    from zarr.storage import FsspecStore, LocalStore
+
+    fs, path = url_to_fs(url)
+    if is_local(fs):
+        return LocalStore(path, read_only=read_only)
+    if fs.async_impl:
+        afs, path = fsspec.core.url_to_fs(str(url), asynchronous=True)
+    else:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        afs = AsyncFileSystemWrapper(fs, asynchronous=True)
+    return FsspecStore(afs, path=path, read_only=read_only)
+
+
+def open_zarr_group(url: str, mode: str):
+    """``zarr.open_group`` on :func:`zarr_store` (``mode`` ``"r"`` opens it read-only)."""
+    import zarr
+
+    return zarr.open_group(zarr_store(url, read_only=mode == "r"), mode=mode)
 
 
 def is_local(fs: AbstractFileSystem) -> bool:
@@ -56,11 +107,23 @@ def join_url(url: str, *parts: str) -> str:
 
 
 def _sibling_tmp(url: str) -> str:
-    """A hidden temporary URL next to ``url`` (same directory, same filesystem)."""
+    """A hidden temporary URL next to ``url`` (same directory, same filesystem).
+
+    Built on the filesystem path and turned back into a URL of the same
+    filesystem; :func:`url_to_fs` of the result is checked to give the same
+    filesystem, so a temporary output can never end up somewhere else (such as
+    a local directory named ``memory:``).
+    """
     fs, path = url_to_fs(strip_url(url))
     head, tail = posixpath.split(path)
     tmp = posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
-    return tmp if is_local(fs) else fs.unstrip_protocol(tmp)
+    if is_local(fs):
+        return tmp
+    tmp_url = fs.unstrip_protocol(tmp)
+    tmp_fs, tmp_path = url_to_fs(tmp_url)
+    if type(tmp_fs) is not type(fs) or tmp_path != tmp:
+        raise RuntimeError(f"temporary URL {tmp_url} for {url} does not resolve to the same filesystem")
+    return tmp_url
 
 
 @contextlib.contextmanager

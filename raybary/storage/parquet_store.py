@@ -7,8 +7,11 @@ Columns (names fixed, since outside tools write them)::
 
 Any integer type is accepted for ``problem_id`` and ``gmm``, any integer or
 floating type for ``lambda`` and ``weight``, and any list type (list,
-large_list, fixed_size_list) of numbers for ``mean`` and ``cov``; other
-columns are ignored. The ``lambda`` of a GMM is repeated on each of its rows.
+large_list, fixed_size_list) of numbers for ``mean`` and ``cov``. Any other
+column is refused (a typo such as ``weights`` must not pass silently), except
+a pandas index (``__index_level_0__``, or the columns that pandas' metadata
+names as its index), which is ignored. The ``lambda`` of a GMM is repeated on
+each of its rows.
 A GMM's components are its rows in file order; GMMs are ordered by ``gmm``.
 
 Store order is ascending ``problem_id``. Ranges are read without loading the
@@ -23,6 +26,7 @@ row groups whose min/max overlap it.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -100,6 +104,26 @@ _TYPE_RULES = {
 }
 
 
+_PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")
+
+
+def pandas_index_columns(schema: pa.Schema) -> set[str]:
+    """Columns that hold a pandas index (written by ``DataFrame.to_parquet``): ignored."""
+    names = {n for n in schema.names if _PANDAS_INDEX.match(n)}
+    try:
+        meta = schema.pandas_metadata or {}
+    except (ValueError, TypeError):  # malformed pandas metadata: not our business
+        meta = {}
+    names |= {c for c in meta.get("index_columns", []) if isinstance(c, str)}
+    return names
+
+
+def unknown_columns(schema: pa.Schema) -> list[str]:
+    """Columns that are neither the six of the long format nor a pandas index."""
+    index = pandas_index_columns(schema)
+    return [n for n in schema.names if n not in COLUMNS and n not in index]
+
+
 def schema_problems(schema: pa.Schema) -> list[str]:
     """What is wrong with ``schema`` for the long format (empty if nothing)."""
     problems = []
@@ -122,6 +146,15 @@ def schema_problems(schema: pa.Schema) -> list[str]:
             problems.append(
                 f"column {name!r} has type {schema.field(idx[0]).type}, expected {expected}"
             )
+    unknown = unknown_columns(schema)
+    if unknown:
+        problems.append(
+            f"unknown column{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(repr(n) for n in unknown)
+            + " (only the six columns below are allowed; a pandas index such as "
+            "'__index_level_0__' is ignored: drop other columns, or rename them if they are "
+            "misspelt)"
+        )
     return problems
 
 

@@ -248,11 +248,9 @@ class ResultWriter:
         return set()
 
     def _create_grids(self) -> None:
-        import zarr
-
         h, w = self.grid_shape
         p, s = max(self.n_problems, 0), self.shard_size
-        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="w")
+        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "w")
         nan = float("nan")
         group.create_array("problem_id", shape=(p,), chunks=(s,), dtype="int64", fill_value=-1)
         group.create_array("extent", shape=(p, 4), chunks=(s, 4), dtype="float64", fill_value=nan,
@@ -349,10 +347,9 @@ class ResultWriter:
         return want[1] - want[0]
 
     def _write_grids(self, start, stop, ids, grids, extents, input_grids) -> None:
-        import zarr
 
         n, (h, w) = stop - start, self.grid_shape
-        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="r+")
+        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "r+")
         group["problem_id"][start:stop] = ids
         group["barycenter"][start:stop] = _grid_rows(grids, (n, h, w), "grids")
         group["extent"][start:stop] = _grid_rows(extents, (n, 4), "grid_extents", np.float64)
@@ -565,11 +562,10 @@ class Results:
 
     def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
         """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``."""
-        import zarr
 
         if self.layout.get("grid_shape") is None:
             raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
-        group = zarr.open_group(_fs.join_url(self.url, "grids.zarr"), mode="r")
+        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "r")
         stop = self.layout["n_problems"] if stop is None else stop
         ids = group["problem_id"][start:stop]
         extent = group["extent"][start:stop]

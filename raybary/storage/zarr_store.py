@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from raybary.storage import _fs
 from raybary.storage.columns import ProblemColumns
 from raybary.storage.errors import StoreDataError, StoreFormatError
 from raybary.storage.store import ProblemStore
@@ -92,7 +93,7 @@ class ZarrProblemStore(ProblemStore):
     def _open(self):
         if self._group is None:
             try:
-                self._group = zarr.open_group(self.url, mode="r")
+                self._group = _fs.open_zarr_group(self.url, "r")
             except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
                 raise StoreFormatError(f"{self.url} is not a Zarr group ({e}); {EXPECTED}") from e
         return self._group
@@ -229,7 +230,7 @@ class ZarrProblemWriter:
         self.url = url
         self.dim = dim
         self.chunk_problems = int(chunk_problems)
-        self._group = zarr.open_group(url, mode="w")
+        self._group = _fs.open_zarr_group(url, "w")
         self._arrays: dict[str, zarr.Array] | None = None
         self._sizes = [0, 0, 0]  # P, G, N written
         self._last_id: int | None = None
