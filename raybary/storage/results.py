@@ -662,9 +662,10 @@ def summarize(path: str, *, top: int = 5) -> str:
             f"{label} {v:.6g}" for label, v in zip(["min", "5%", "25%", "50%", "75%", "95%", "max"], qs)))
         conv = p.loc[p["status"] == "ok", "converged"]
         lines.append(f"  converged: {int(conv.sum())} of {len(conv)} ok")
-    if len(p) and p["seconds"].notna().any():
+    solved = p[p["status"] != "invalid"] if len(p) else p
+    if len(solved) and solved["seconds"].notna().any():
         lines.append(f"  solver time: {p['seconds'].sum():.3f} s in all")
-        slow = p.nlargest(top, "seconds")
+        slow = solved.nlargest(top, "seconds")
         lines.append(f"  slowest {len(slow)}:")
         for _, r in slow.iterrows():
             its = "-" if r.iterations != r.iterations else int(r.iterations)
