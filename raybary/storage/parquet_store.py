@@ -25,6 +25,7 @@ row groups whose min/max overlap it.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 from collections.abc import Iterator
@@ -414,7 +415,8 @@ class ParquetProblemStore(ProblemStore):
         fs, self._files = _list_files(url)
         problems = []
         for f in self._files:
-            schema = pq.read_schema(self._source(fs, f))
+            with self._open(fs, f) as pf:
+                schema = pf.schema_arrow
             label = f"{f}: " if len(self._files) > 1 else ""
             problems += [label + p for p in schema_problems(schema)]
         if problems:
@@ -431,24 +433,31 @@ class ParquetProblemStore(ProblemStore):
         return state
 
     @staticmethod
-    def _source(fs, path: str):
-        return path if _fs.is_local(fs) else fs.open(path, "rb")
-
-    def _parquet_file(self, fs, i: int) -> pq.ParquetFile:
-        return pq.ParquetFile(self._source(fs, self._files[i]))
+    @contextlib.contextmanager
+    def _open(fs, path: str) -> Iterator[pq.ParquetFile]:
+        """A ``ParquetFile``; a remote file's handle is closed afterwards."""
+        if _fs.is_local(fs):
+            pf = pq.ParquetFile(path)
+            try:
+                yield pf
+            finally:
+                pf.close()
+        else:
+            with fs.open(path, "rb") as f:
+                yield pq.ParquetFile(f)
 
     def _row_groups(self, fs) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(file, row_group, problem_ids)`` for every row group, one at a time."""
         for fi in range(len(self._files)):
-            pf = self._parquet_file(fs, fi)
-            for gi in range(pf.num_row_groups):
-                col = pf.read_row_group(gi, columns=["problem_id"]).column(0)
-                if col.null_count:
-                    raise StoreDataError(
-                        f"{self._files[fi]}, row group {gi}: column 'problem_id' has "
-                        f"{col.null_count} null values; every row needs a problem id"
-                    )
-                yield fi, gi, col.to_numpy().astype(np.int64, copy=False)
+            with self._open(fs, self._files[fi]) as pf:
+                for gi in range(pf.num_row_groups):
+                    col = pf.read_row_group(gi, columns=["problem_id"]).column(0)
+                    if col.null_count:
+                        raise StoreDataError(
+                            f"{self._files[fi]}, row group {gi}: column 'problem_id' has "
+                            f"{col.null_count} null values; every row needs a problem id"
+                        )
+                    yield fi, gi, col.to_numpy().astype(np.int64, copy=False)
 
     def _collect_unique(self, fs) -> np.ndarray:
         """The sorted distinct ids (unsorted stores only: 8 bytes per problem)."""
@@ -490,8 +499,8 @@ class ParquetProblemStore(ProblemStore):
 
     def _new_ids(self, fs, g: int) -> np.ndarray:
         """Distinct ids whose first row is in row group ``g`` (sorted stores)."""
-        pf = self._parquet_file(fs, int(self._index.file[g]))
-        ids = pf.read_row_group(int(self._index.group[g]), columns=["problem_id"]).column(0)
+        with self._open(fs, self._files[int(self._index.file[g])]) as pf:
+            ids = pf.read_row_group(int(self._index.group[g]), columns=["problem_id"]).column(0)
         ids = np.unique(ids.to_numpy())
         if g > 0 and len(ids) and ids[0] == self._index.last[g - 1]:
             ids = ids[1:]
@@ -518,24 +527,27 @@ class ParquetProblemStore(ProblemStore):
         fs, _ = _fs.url_to_fs(self.url)
         lo, hi, groups = self._id_range(fs, start, stop)
         pieces = []
-        files: dict[int, pq.ParquetFile] = {}
-        for g in groups:
-            fi = int(self._index.file[g])
-            if fi not in files:
-                files[fi] = self._parquet_file(fs, fi)
-            batches = files[fi].iter_batches(
-                BATCH_ROWS, row_groups=[int(self._index.group[g])], columns=columns
-            )
-            for batch in batches:
-                ids = batch.column(0)
-                if self._index.sorted and pc.min(ids).as_py() > hi:
-                    break
-                kept = batch.filter(pc.and_(pc.greater_equal(ids, lo), pc.less_equal(ids, hi)))
-                if kept.num_rows:
-                    pieces.append(_normalise(kept) if len(columns) > 1 else pa.Table.from_batches([kept]))
+        with contextlib.ExitStack() as stack:
+            files: dict[int, pq.ParquetFile] = {}
+            for g in groups:
+                fi = int(self._index.file[g])
+                if fi not in files:
+                    files[fi] = stack.enter_context(self._open(fs, self._files[fi]))
+                self._read_group(files[fi], int(self._index.group[g]), columns, lo, hi, pieces)
         if not pieces:
             return None
         return pa.concat_tables(pieces)
+
+    def _read_group(self, pf: pq.ParquetFile, group: int, columns: list[str], lo: int, hi: int,
+                    pieces: list) -> None:
+        """Append the rows of row group ``group`` with ids in ``lo..hi`` to ``pieces``."""
+        for batch in pf.iter_batches(BATCH_ROWS, row_groups=[group], columns=columns):
+            ids = batch.column(0)
+            if self._index.sorted and pc.min(ids).as_py() > hi:
+                break
+            kept = batch.filter(pc.and_(pc.greater_equal(ids, lo), pc.less_equal(ids, hi)))
+            if kept.num_rows:
+                pieces.append(_normalise(kept) if len(columns) > 1 else pa.Table.from_batches([kept]))
 
     # ------------------------------------------------------------- interface
     def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
