@@ -187,3 +187,14 @@ def test_convert_refuses_what_zarr_cannot_hold(tmp_path):
     with pytest.raises(StoreDataError, match=r"holds one dimension d .* mean lengths \[2, 3\]"):
         convert(str(tmp_path / "mixed.parquet"), str(tmp_path / "o.zarr"))
     assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".parquet"])
+def test_failed_write_leaves_nothing_not_even_a_temporary(tmp_path, suffix):
+    def batches():
+        yield tutorial_columns(3)
+        raise RuntimeError("crash in the middle")
+
+    with pytest.raises(RuntimeError, match="crash in the middle"):
+        write_store(str(tmp_path / f"o{suffix}"), batches())
+    assert list(tmp_path.iterdir()) == []

@@ -60,8 +60,10 @@ def write_store(
                 writer.write(cols)
                 if progress is not None:
                     progress(cols.n_problems)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()  # no format attributes / footer: never a valid-looking store
+            raise
+        writer.close()
     return open_store(url)
 
 

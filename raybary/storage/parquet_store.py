@@ -363,6 +363,11 @@ class ParquetProblemWriter:
         if self._file is not None:
             self._file.close()
 
+    def abort(self) -> None:
+        """Release the file after a failure (the caller removes it)."""
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __enter__(self) -> ParquetProblemWriter:
         return self
 

@@ -298,6 +298,10 @@ class ZarrProblemWriter:
             {"format": ZARR_FORMAT, "format_version": ZARR_VERSION, "dim": int(self.dim)}
         )
 
+    def abort(self) -> None:
+        """Give up after a failure: the format attributes are not written, so
+        what was written is refused by :func:`~raybary.storage.open_store`."""
+
     def __enter__(self) -> ZarrProblemWriter:
         return self
 
