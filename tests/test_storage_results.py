@@ -159,6 +159,29 @@ def test_uncommitted_shard_is_invisible(tmp_path):
     assert not (tmp_path / "out" / "problems" / "shard-000002.parquet").exists()
 
 
+def test_racing_writers_of_one_shard_count_as_missing_not_as_committed(tmp_path):
+    """Writer A's marker lands after writer B's tables: the shard is redone, never half read."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        commit(writer, shard)
+    marker_a = (out / "_commits" / "shard-000001.json").read_bytes()
+    commit(writer, 1, shift=100.0)                              # writer B
+    (out / "_commits" / "shard-000001.json").write_bytes(marker_a)  # A's late marker
+    with pytest.warns(UserWarning, match="shard 1 is being rewritten"):
+        assert read_results(str(out)).committed_shards == [0, 2]
+    assert make_writer(str(out)).prepare() == {0, 2}            # a resumed run redoes shard 1
+    commit(writer, 1, shift=100.0)
+    manifest = writer.finalize()
+    assert manifest["complete"] and read_results(str(out)).committed_shards == [0, 1, 2]
+    # and a finalize that meets the race reports the shard missing
+    commit(writer, 1, shift=200.0)
+    (out / "_commits" / "shard-000001.json").write_bytes(marker_a)
+    manifest = writer.finalize()
+    assert manifest["missing_shards"] == [1] and not manifest["complete"]
+
+
 def test_prepare_resumes_or_refuses(tmp_path):
     out = str(tmp_path / "out")
     writer = make_writer(out)

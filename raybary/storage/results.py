@@ -230,7 +230,7 @@ class ResultWriter:
                 if not overwrite:
                     if fs.exists(posixpath.join(root, MANIFEST_FILE)):
                         fs.rm(posixpath.join(root, MANIFEST_FILE))
-                    return self.committed_shards()
+                    return set(_verified_markers(fs, root, repair=True))
             elif fs.ls(root) and not overwrite:
                 raise ResultsConflictError(
                     f"{self.url} exists and is not a raybary results directory; "
@@ -398,10 +398,13 @@ class ResultWriter:
         The manifest records the settings, the counts by status (from the
         commit markers), the committed and missing shards, ``complete``, and
         the runner's ``summary``. Temporary files and files of shards without a
-        marker are removed.
+        marker are removed. A marker whose tables carry another commit id (two
+        writers of one shard raced, e.g. a presumed-dead actor finishing late)
+        is removed too, so the shard counts as missing rather than as
+        committed-but-unreadable.
         """
         fs, root = self._paths()
-        markers = _read_markers(fs, root)
+        markers = _verified_markers(fs, root, repair=True)
         committed = sorted(markers)
         self._clean(fs, root, set(committed))
         counts = {s: sum(m["counts"].get(s, 0) for m in markers.values()) for s in STATUSES}
@@ -522,6 +525,32 @@ def _read_markers(fs, root: str) -> dict[int, dict]:
         except FileNotFoundError:  # removed by a concurrent rewrite
             continue
         out[int(info["shard"])] = info
+    return out
+
+
+def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
+    """The markers whose two tables carry the marker's commit id (footers only are read).
+
+    With ``repair``, the other markers are removed: their shards are redone by
+    a resumed run and count as missing in the manifest.
+    """
+    out = {}
+    for shard, info in _read_markers(fs, root).items():
+        name = _shard_name(shard) + ".parquet"
+        ok = True
+        for sub in ("problems", "barycenters"):
+            try:
+                with fs.open(posixpath.join(root, sub, name), "rb") as f:
+                    meta = pq.read_schema(f).metadata or {}
+            except FileNotFoundError:
+                meta = {}
+            ok = ok and meta.get(COMMIT_KEY, b"").decode() == info.get("commit")
+        if ok:
+            out[shard] = info
+        elif repair:
+            marker = posixpath.join(root, COMMITS_DIR, _shard_name(shard) + ".json")
+            if fs.exists(marker):
+                fs.rm(marker)
     return out
 
 
