@@ -1,0 +1,297 @@
+"""``raybary submit | status | logs | stop``: raybary runs as Ray jobs.
+
+Thin click commands over :mod:`raybary.jobs`. ``submit`` takes the same
+INPUT OUTPUT and options as ``raybary run`` (checked here against ``run``
+itself, then passed through unchanged) plus its own options for the
+connection, the runtime environment and ``--wait``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from urllib.parse import urlparse
+
+import click
+
+_ADDRESS_HELP = ("The head node's dashboard, http://HEAD:8265 [env RAY_API_SERVER_ADDRESS; "
+                 "default http://127.0.0.1:8265].")
+
+
+def _connection_options(fn):
+    @click.option("--address", "address", default=None, metavar="URL", help=_ADDRESS_HELP)
+    @click.option("--token", "token", default=None, envvar="RAY_AUTH_TOKEN", show_envvar=True,
+                  help="Ray authentication token (clusters started with RAY_AUTH_MODE=token). "
+                       "Default: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, or "
+                       "~/.ray/auth_token.")
+    @click.option("--token-file", "token_file", default=None, metavar="PATH",
+                  help="Read the token from this file [env RAY_AUTH_TOKEN_PATH].")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _client(address, token, token_file):
+    from raybary.jobs.client import JobsError, connect
+
+    try:
+        return connect(address, token=token, token_file=token_file)
+    except JobsError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _jobs_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from raybary.jobs.client import JobsError
+
+        try:
+            return fn(*args, **kwargs)
+        except JobsError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------ run arguments
+def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
+    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options)``."""
+    from raybary.cli.run_cmds import run_cmd
+
+    takes_value: dict[str, bool] = {}
+    for p in run_cmd.params:
+        if isinstance(p, click.Option):
+            for name in (*p.opts, *p.secondary_opts):
+                takes_value[name] = not (p.is_flag or p.count)
+    if "--address" in takes_value and any(a == "--address" or a.startswith("--address=")
+                                          for a in args):
+        raise click.UsageError("--address is the dashboard of the cluster to submit to; the job's "
+                               "run always joins that cluster")
+    try:
+        ctx = run_cmd.make_context("raybary run", list(args), resilient_parsing=False)
+    except click.exceptions.Exit:  # --help
+        raise
+    except click.UsageError as e:
+        raise click.UsageError(f"{e.format_message()} (options of `raybary run`, see "
+                               "`raybary run --help`)") from None
+    positional, i, rest = [], 0, []
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            positional += args[i + 1:]
+            break
+        if a.startswith("-") and a != "-":
+            name = a.split("=", 1)[0]
+            rest.append(a)
+            if "=" not in a and takes_value.get(name, False) and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
+        else:
+            positional.append(a)
+        i += 1
+    if len(positional) != 2:  # make_context accepted it, so this is a scanner bug
+        raise click.UsageError(f"expected INPUT and OUTPUT, got {positional}")
+    assert positional == [ctx.params["input_url"], ctx.params["output_url"]]
+    return positional[0], positional[1], rest
+
+
+def _is_local_path(url: str) -> bool:
+    return "://" not in url
+
+
+def _cluster_path(url: str, address: str) -> str:
+    """A local path as the cluster will see it (absolute), with a note if the cluster is remote."""
+    if not _is_local_path(url):
+        return url
+    path = os.path.abspath(os.path.expanduser(url))
+    host = urlparse(address).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"note: {url} is a local path; the cluster's nodes must see it at {path} "
+                   "(a shared file system), else use s3://, gs://, ...", err=True)
+    return path
+
+
+def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint="--env")
+        k, val = v.split("=", 1)
+        out[k] = val
+    return out
+
+
+# ------------------------------------------------------------------ submit
+@click.command("submit", context_settings={"ignore_unknown_options": True,
+                                           "help_option_names": ["-h", "--help"]})
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="INPUT OUTPUT [RUN OPTIONS]")
+@_connection_options
+@click.option("--wait", is_flag=True,
+              help="Follow the job's logs (with the run's progress) until it ends; exit 0 if "
+                   "it succeeded, 1 if it failed or was stopped.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="With --wait: stop waiting after this long (the job keeps running; exit 3).")
+@click.option("--job-id", default=None, help="Submission id [default: raybary-DATE-TIME-xxxxxx].")
+@click.option("--runtime-env", "runtime_env_file", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Start from this runtime environment (YAML/JSON, e.g. jobs/runtime_env.yaml).")
+@click.option("--ship-source", is_flag=True,
+              help="Ship this machine's raybary package with the job (py_modules), for "
+                   "clusters without raybary or with an older one. Its dependencies must be "
+                   "on the cluster or given with --pip.")
+@click.option("--pip", "pip", multiple=True, metavar="REQUIREMENT",
+              help="pip requirement installed for the job (repeatable), e.g. "
+                   "--pip 'raybary[gpu] @ git+https://...' or --pip s3fs.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the job and its actors (repeatable).")
+@click.option("--working-dir", default=None, metavar="DIR",
+              help="Ship this directory as the job's working directory.")
+@click.option("--entrypoint-cpus", type=click.FloatRange(min=0), default=None,
+              help="CPUs reserved for the job's driver [default: 0, it only hands out shards].")
+@click.option("--python", "python", default="python", show_default=True,
+              help="The Python on the cluster that runs the entrypoint.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the entrypoint and runtime environment; submit nothing.")
+@_jobs_errors
+def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runtime_env_file,
+               ship_source, pip, env, working_dir, entrypoint_cpus, python, dry_run):
+    """Submit `raybary run INPUT OUTPUT [RUN OPTIONS]` to a Ray cluster as a job.
+
+    INPUT and OUTPUT are read and written by the cluster: use URLs (s3://,
+    gs://) or paths on a file system the nodes share. Prints the job id.
+
+    \b
+      raybary submit s3://b/batch.zarr s3://b/out --address http://localhost:8265 \\
+          --gpus-per-actor 1 --bar-size 6 --wait
+      raybary status JOB_ID   |   raybary logs JOB_ID --follow   |   raybary stop JOB_ID
+
+    RUN OPTIONS are those of `raybary run` (--bar-size, --epsilon,
+    --relative-epsilon, --restarts, --learn-weights, --dtype, --grid,
+    --grid-bounds, --grid-dims, --actors, --gpus-per-actor, --shard-size,
+    --overwrite, ...); the job's run joins the cluster it runs on.
+    """
+    import json
+
+    from raybary.jobs.client import TERMINAL, describe, failure_reason, normalize_address
+    from raybary.jobs.runtime import build_runtime_env, entrypoint_command, load_runtime_env
+
+    input_url, output_url, rest = _split_run_args(run_args)
+    addr = normalize_address(address)
+    input_url, output_url = _cluster_path(input_url, addr), _cluster_path(output_url, addr)
+    try:
+        base = load_runtime_env(runtime_env_file) if runtime_env_file else None
+        runtime_env = build_runtime_env(env_vars=_env_pairs(env), base=base,
+                                        ship_source=ship_source, pip=pip,
+                                        working_dir=working_dir)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"runtime environment: {e}") from None
+    if dry_run:
+        click.echo(json.dumps({"address": addr,
+                               "entrypoint": entrypoint_command(input_url, output_url, rest,
+                                                                python=python),
+                               "runtime_env": runtime_env}, indent=2))
+        return
+    client = _client(address, token, token_file)
+    jid = client.submit(input_url, output_url, rest, runtime_env=runtime_env, job_id=job_id,
+                        entrypoint_num_cpus=entrypoint_cpus, python=python)
+    click.echo(jid)
+    where = f" --address {client.address}" if address else ""
+    if not wait:
+        click.echo(f"submitted to {client.address}; follow it with: raybary logs {jid} --follow"
+                   f"{where}", err=True)
+        return
+    click.echo(f"submitted to {client.address}; following its logs (Ctrl-C stops following, "
+               "not the job)", err=True)
+    try:
+        info = client.follow(jid, _write, timeout_s=timeout)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job goes on: raybary status {jid}{where}  "
+                   f"(raybary stop {jid}{where} to stop it)", err=True)
+        sys.exit(130)
+    status = getattr(info.status, "value", str(info.status))
+    logs = client.logs(jid) if status in ("FAILED", "STOPPED") else None
+    click.echo(describe(info, logs), err=True)
+    if status == "SUCCEEDED":
+        return
+    if status not in TERMINAL:
+        click.echo(f"still {status} after {timeout:g} s", err=True)
+        sys.exit(3)
+    raise click.ClickException(f"job {jid} {status.lower()}: {failure_reason(info, logs)}")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ status / logs / stop
+@click.command("status")
+@click.argument("job_id", required=False)
+@_connection_options
+@_jobs_errors
+def status_cmd(job_id, address, token, token_file):
+    """Show a job's status (and why it failed); without JOB_ID, list the cluster's jobs."""
+    client = _client(address, token, token_file)
+    if job_id is None:
+        jobs = client.list()
+        if not jobs:
+            click.echo(f"no jobs on {client.address}")
+            return
+        from raybary.jobs.client import _when
+
+        for j in jobs:
+            status = getattr(j.status, "value", str(j.status))
+            entry = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
+            click.echo(f"{j.submission_id or j.job_id:36}  {status:9}  {_when(j.start_time)}  "
+                       f"{entry}")
+        return
+    from raybary.jobs.client import describe
+
+    info = client.info(job_id)
+    status = getattr(info.status, "value", str(info.status))
+    logs = client.logs(job_id) if status in ("FAILED", "STOPPED") else None
+    click.echo(describe(info, logs))
+
+
+@click.command("logs")
+@click.argument("job_id")
+@_connection_options
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+@_jobs_errors
+def logs_cmd(job_id, address, token, token_file, follow):
+    """Print a job's logs (the driver's output, with the run's progress and errors)."""
+    client = _client(address, token, token_file)
+    if follow:
+        try:
+            client.follow(job_id, _write)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        return
+    _write(client.logs(job_id))
+
+
+@click.command("stop")
+@click.argument("job_id")
+@_connection_options
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              metavar="SECONDS", help="Wait this long for the job to stop.")
+@_jobs_errors
+def stop_cmd(job_id, address, token, token_file, wait_s):
+    """Stop a running job (committed shards stay; re-submitting resumes)."""
+    client = _client(address, token, token_file)
+    before = client.status(job_id)
+    if before in ("SUCCEEDED", "FAILED", "STOPPED"):
+        click.echo(f"job {job_id} already ended: {before}")
+        return
+    status = client.stop(job_id, wait_s=wait_s)
+    click.echo(f"job {job_id}: {status}" + ("" if status == "STOPPED" else
+                                             " (stop requested; check with raybary status)"))
+
+
+def register(group: click.Group) -> None:
+    for cmd in (submit_cmd, status_cmd, logs_cmd, stop_cmd):
+        group.add_command(cmd)

@@ -1,0 +1,151 @@
+"""A raybary job's runtime environment and entrypoint command.
+
+The defaults suit a cluster where raybary is installed on every node (as
+``cluster.yaml`` does): only environment variables are set. For a cluster
+without raybary, :func:`build_runtime_env` can ship this machine's raybary
+package (``py_modules``) and add pip requirements, or take a whole runtime
+environment from a YAML/JSON file (``jobs/runtime_env*.yaml``).
+
+The environment variables (:data:`DEFAULT_ENV_VARS`) apply to the job's driver
+and, by Ray's runtime-env inheritance, to its actors (the runner adds its own
+per-actor settings on top, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION`` for
+fractional GPUs):
+
+* ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` — JAX would otherwise take 75 % of
+  a GPU's memory in every process that touches it;
+* ``RAYBARY_JAX_CACHE`` — JAX's persistent compilation cache, node-local, so a
+  new actor (or the next job) on a node does not recompile the solver;
+* ``PYTHONUNBUFFERED=1`` — logs (and the runner's progress) reach
+  ``raybary logs`` / ``--wait`` as they are written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_ENV_VARS",
+    "SOURCE_EXCLUDES",
+    "ENTRYPOINT_MODULE",
+    "build_runtime_env",
+    "load_runtime_env",
+    "entrypoint_command",
+    "raybary_package_dir",
+]
+
+DEFAULT_ENV_VARS: dict[str, str] = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "RAYBARY_JAX_CACHE": "/tmp/raybary-jax-cache",
+    "PYTHONUNBUFFERED": "1",
+}
+
+#: Never shipped with ``py_modules`` / ``working_dir`` (gitignore syntax, as Ray uses).
+SOURCE_EXCLUDES = [
+    "__pycache__", "*.pyc", ".git", ".venv", ".pytest_cache", ".ruff_cache", ".hypothesis",
+    ".jax_cache", "*.egg-info", "/build", "/dist", "/data", "/out*", "*.parquet", "*.zarr",
+]
+
+ENTRYPOINT_MODULE = "raybary.jobs.entrypoint"
+
+
+def raybary_package_dir() -> Path:
+    """The directory of the ``raybary`` package this process imports."""
+    import raybary
+
+    return Path(raybary.__file__).resolve().parent
+
+
+def load_runtime_env(path: str | Path) -> dict:
+    """A runtime environment from a YAML (``.yaml``/``.yml``) or JSON file.
+
+    As with ``ray job submit --runtime-env``, relative local paths in it
+    (``working_dir``, ``py_modules``) are relative to the current directory.
+    """
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a runtime environment must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, extra: Mapping[str, Any]) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if key == "env_vars":
+            out.setdefault("env_vars", {}).update({str(k): str(v) for k, v in value.items()})
+        elif key in ("pip", "py_modules") and isinstance(value, list) and \
+                isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+        elif key == "excludes" and isinstance(value, list):
+            out[key] = sorted(set(out.get(key, [])) | set(value))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_runtime_env(
+    *,
+    env_vars: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
+    ship_source: bool = False,
+    pip: Sequence[str] = (),
+    working_dir: str | None = None,
+) -> dict:
+    """The job's runtime environment.
+
+    Args:
+      env_vars: added to (and overriding) :data:`DEFAULT_ENV_VARS`.
+      base: a runtime environment to start from (e.g. :func:`load_runtime_env`);
+        its ``env_vars`` override the defaults, ``env_vars`` override both.
+      ship_source: ship this machine's ``raybary`` package (``py_modules``); it
+        shadows any raybary installed on the cluster. Its dependencies must
+        be there already, or be listed in ``pip``.
+      pip: pip requirements installed for the job (in a virtualenv Ray caches
+        per requirement set on each node; needs the nodes to reach PyPI).
+      working_dir: a local directory (or remote URI) to ship as the job's
+        working directory, without :data:`SOURCE_EXCLUDES`.
+    """
+    env: dict[str, Any] = {"env_vars": dict(DEFAULT_ENV_VARS)}
+    if base:
+        env = _merge(env, base)
+    if ship_source:
+        env = _merge(env, {"py_modules": [str(raybary_package_dir())]})
+        env = _merge(env, {"excludes": SOURCE_EXCLUDES})
+    if pip:
+        if "conda" in env:
+            raise ValueError("the runtime environment has 'conda'; Ray does not allow 'pip' with it")
+        current = env.get("pip")
+        if isinstance(current, dict):
+            packages = list(current.get("packages", []))
+            env["pip"] = {**current, "packages": packages + [p for p in pip if p not in packages]}
+        else:
+            env = _merge(env, {"pip": list(current or [])})
+            env["pip"] = env["pip"] + [p for p in pip if p not in env["pip"]]
+    if working_dir:
+        env["working_dir"] = working_dir
+        env = _merge(env, {"excludes": SOURCE_EXCLUDES})
+    if env_vars:
+        env = _merge(env, {"env_vars": dict(env_vars)})
+    return env
+
+
+def entrypoint_command(input_url: str, output_url: str, run_args: Iterable[str] = (),
+                       *, python: str = "python") -> str:
+    """The shell command the job runs: ``python -m raybary.jobs.entrypoint INPUT OUTPUT ARGS``.
+
+    ``run_args`` are options of ``raybary run`` (passed through unchanged; the
+    entrypoint adds ``--address auto`` so the run joins the job's cluster).
+    """
+    parts = [python, "-m", ENTRYPOINT_MODULE, input_url, output_url, *run_args]
+    return " ".join(shlex.quote(str(p)) for p in parts)

@@ -1,0 +1,373 @@
+"""Jobs: `raybary submit | status | logs | stop` against a real Ray head on loopback.
+
+The head is started once for the module with ``ray start --head --block`` in a
+process group we own (own ports, own --temp-dir, token authentication on:
+``RAY_AUTH_MODE=token`` with a random ``RAY_AUTH_TOKEN``), and terminated at
+the end; no other Ray on the machine is touched. It runs this venv's Python,
+so jobs import raybary without any pip install.
+
+The first part needs no Ray: token resolution, runtime environments, the
+jobs/ files, argument handling and error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+from click.testing import CliRunner
+
+from raybary.cli import main
+from raybary.jobs import auth, runtime
+from raybary.jobs.client import JobsError, failure_reason, normalize_address
+from raybary.jobs.entrypoint import with_address
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ray's log-streaming client (not ours) uses a deprecated aiohttp argument.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
+
+
+# ------------------------------------------------------------------ no Ray needed
+def test_token_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env: dict[str, str] = {}
+    assert auth.resolve_token(env=env) is None  # nothing anywhere: no header
+    assert auth.auth_headers(None) == {}
+    default = tmp_path / ".ray" / "auth_token"
+    default.parent.mkdir()
+    default.write_text("from-default\n")
+    assert auth.resolve_token(env=env).value == "from-default"
+    f = tmp_path / "tok"
+    f.write_text("  from-path \n")
+    env["RAY_AUTH_TOKEN_PATH"] = str(f)
+    assert auth.resolve_token(env=env).value == "from-path"
+    assert auth.resolve_token(token_file=str(default), env=env).value == "from-default"
+    env["RAY_AUTH_TOKEN"] = "from-env"
+    assert auth.resolve_token(env=env).value == "from-env"
+    tok = auth.resolve_token("explicit", env=env)
+    assert (tok.value, tok.source) == ("explicit", "--token")
+    assert auth.auth_headers(tok) == {"Authorization": "Bearer explicit"}
+    # a named token file that cannot be used is an error, as in Ray
+    with pytest.raises(auth.TokenError, match="cannot read"):
+        auth.resolve_token(token_file=str(tmp_path / "missing"), env={})
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(auth.TokenError, match="empty"):
+        auth.resolve_token(env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
+
+
+def test_runtime_env_defaults_and_merging():
+    env = runtime.build_runtime_env()
+    assert env == {"env_vars": runtime.DEFAULT_ENV_VARS}
+    assert env["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    env = runtime.build_runtime_env(
+        base={"env_vars": {"A": "base", "PYTHONUNBUFFERED": "0"}, "pip": ["zarr"]},
+        env_vars={"A": "cli"}, pip=["s3fs", "zarr"], ship_source=True)
+    assert env["env_vars"]["A"] == "cli" and env["env_vars"]["PYTHONUNBUFFERED"] == "0"
+    assert env["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["pip"] == ["zarr", "s3fs"]
+    assert env["py_modules"] == [str(runtime.raybary_package_dir())]
+    assert "__pycache__" in env["excludes"]
+    with pytest.raises(ValueError, match="conda"):
+        runtime.build_runtime_env(base={"conda": {"dependencies": []}}, pip=["x"])
+
+
+def test_jobs_dir_matches_code_and_pyproject():
+    """jobs/*.yaml must not drift from the code's defaults or from pyproject's dependencies."""
+    plain = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    assert plain == {"env_vars": runtime.DEFAULT_ENV_VARS}
+    source = yaml.safe_load((ROOT / "jobs" / "runtime_env.source.yaml").read_text())
+    assert source["env_vars"] == runtime.DEFAULT_ENV_VARS
+    assert source["py_modules"] == ["./raybary"] and (ROOT / "raybary" / "__init__.py").exists()
+
+    def name(req: str) -> str:
+        return re.split(r"[\[<>=!~ ;@]", req, maxsplit=1)[0].strip().lower()
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    shipped = {name(r) for r in source["pip"]}
+    missing = {name(d) for d in deps} - shipped - {"ray"}  # Ray comes from the cluster
+    assert not missing, f"jobs/runtime_env.source.yaml lacks {missing}"
+    assert any(r.startswith("jax[cuda12]") for r in source["pip"])
+    assert "main()" in (ROOT / "jobs" / "barycenters.py").read_text()
+
+
+def test_entrypoint_joins_the_jobs_cluster():
+    assert with_address(["in", "out", "-n", "3"]) == ["in", "out", "-n", "3", "--address", "auto"]
+    assert with_address(["in", "out", "--address=h:1"]) == ["in", "out", "--address=h:1"]
+    cmd = runtime.entrypoint_command("s3://b/in x.zarr", "out", ["--bar-size", "3"])
+    assert cmd == "python -m raybary.jobs.entrypoint 's3://b/in x.zarr' out --bar-size 3"
+
+
+def test_address_normalisation(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert normalize_address(None) == "http://127.0.0.1:8265"
+    assert normalize_address("head:8265/") == "http://head:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://ray.example.com")
+    assert normalize_address(None) == "https://ray.example.com"
+    with pytest.raises(JobsError, match="dashboard"):
+        normalize_address("ray://head:10001")
+
+
+def _dry_run(*args: str) -> dict:
+    r = CliRunner().invoke(main, ["submit", *args, "--dry-run"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output[r.output.index("{"):])
+
+
+def test_submit_passes_run_options_through(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _dry_run("--bar-size", "3", "in.parquet", "--grid", "20x30", "s3://b/out",
+                   "--learn-weights", "--gpus-per-actor", "0.5", "--env", "K=V",
+                   "--address", "headnode:8265")
+    want = (f"python -m raybary.jobs.entrypoint {tmp_path}/in.parquet s3://b/out "
+            "--bar-size 3 --grid 20x30 --learn-weights --gpus-per-actor 0.5")
+    assert out["entrypoint"] == want
+    assert out["address"] == "http://headnode:8265"
+    assert out["runtime_env"]["env_vars"]["K"] == "V"
+    assert "py_modules" not in out["runtime_env"]  # nothing shipped unless asked
+
+
+@pytest.mark.parametrize("args,message", [
+    (["in"], "Missing argument 'OUTPUT'"),
+    (["in", "out", "--bar-sise", "3"], "No such option '--bar-sise'"),
+    (["in", "out", "--bar-size", "zero"], "'zero' is not a valid integer"),
+    (["in", "out", "--env", "NOVALUE"], "KEY=VALUE"),
+])
+def test_submit_usage_errors(args, message):
+    r = CliRunner().invoke(main, ["submit", *args, "--dry-run"])
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_unreachable_address_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    for cmd in (["submit", "in", "out"], ["status", "x"], ["logs", "x"], ["stop", "x"]):
+        r = CliRunner().invoke(main, [*cmd, "--address", f"127.0.0.1:{port}"])
+        assert r.exit_code == 1, r.output
+        assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in r.output
+        assert "Traceback" not in r.output
+
+
+def test_failure_reason_from_logs():
+    class Info:
+        status = "FAILED"
+        message = "Job entrypoint command failed with exit code 1, last available logs:"
+
+    clean = "raybary job: ...\nError: no problem store at /x.parquet\n"
+    assert failure_reason(Info, clean) == "no problem store at /x.parquet"
+    trace = ("Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n"
+             "    f()\n    ^^^\npyarrow.lib.ArrowInvalid: Parquet magic bytes not found\n")
+    assert failure_reason(Info, trace) == "pyarrow.lib.ArrowInvalid: Parquet magic bytes not found"
+    assert failure_reason(Info, "") == Info.message
+    Info.status = "SUCCEEDED"
+    assert failure_reason(Info, clean) is None
+
+
+# ------------------------------------------------------------------ a real head node
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops its processes
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of this head's group still alive
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head with dashboard and token auth; yields (address, token, tmp dir)."""
+    ports = _free_ports(9)
+    token = secrets.token_hex(16)
+    temp_dir = tempfile.mkdtemp(prefix="rbjobs", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") or k in ("RAY_USAGE_STATS_ENABLED",)}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = [
+        "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={ports[0]}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}",
+        "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={ports[2]}", f"--dashboard-agent-listen-port={ports[3]}",
+        f"--dashboard-agent-grpc-port={ports[4]}", f"--metrics-export-port={ports[5]}",
+        f"--runtime-env-agent-port={ports[6]}", f"--node-manager-port={ports[7]}",
+        f"--object-manager-port={ports[8]}", "--disable-usage-stats",
+    ]
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    with open(log, "w") as out:
+        # cwd: not the checkout, which would shadow a shipped raybary (`python -m` puts
+        # the cwd first on sys.path, and jobs inherit the head's cwd)
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), *cmd[1:]], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=temp_dir)
+    address = f"http://127.0.0.1:{ports[1]}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            req = urllib.request.Request(address + "/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
+            try:
+                urllib.request.urlopen(req, timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the Ray head did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        data = tmp_path_factory.mktemp("jobs-data")
+        from raybary.storage.generate import generate
+
+        generate(str(data / "in.parquet"), 6, family="tutorial", seed=2)
+        generate(str(data / "big.parquet"), 4000, family="tutorial", seed=2)
+        (data / "corrupt.parquet").write_bytes(b"this is not parquet")
+        yield address, token, data
+    finally:
+        _stop_head(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(args, *, token=None, home=None, env=None):
+    """Run the CLI in-process with a clean token environment (HOME without a token file)."""
+    e = {"RAY_AUTH_TOKEN": token, "RAY_AUTH_TOKEN_PATH": None, "RAY_AUTH_MODE": None,
+         "RAY_API_SERVER_ADDRESS": None, "HOME": str(home) if home else None}
+    e.update(env or {})
+    return CliRunner().invoke(main, args, env=e)
+
+
+@pytest.fixture()
+def home(tmp_path):
+    return tmp_path  # a HOME without ~/.ray/auth_token
+
+
+def test_token_is_required(head, home):
+    address, token, data = head
+    args = ["submit", str(data / "in.parquet"), str(data / "x"), "--address", address]
+    r = _cli(args, home=home)
+    assert r.exit_code == 1
+    assert "requires an authentication token and none was sent" in r.output
+    assert "--token" in r.output and "Traceback" not in r.output
+    r = _cli([*args, "--token", "not-the-token"], home=home)
+    assert r.exit_code == 1 and "refused the token from --token" in r.output
+    r = _cli(["status", "--address", address], home=home)
+    assert r.exit_code == 1 and "authentication token" in r.output
+
+
+def test_submit_wait_and_read_results(head, home):
+    import pandas as pd
+
+    import raybary
+
+    address, token, data = head
+    out = data / "out"
+    r = _cli(["submit", str(data / "in.parquet"), str(out), "--address", address,
+              "--bar-size", "3", "--grid", "24x24", "--actors", "1", "--shard-size", "4",
+              "--wait"], token=token, home=home)
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.splitlines()[0]
+    assert job_id.startswith("raybary-")
+    assert "6/6 problems" in r.stdout  # the run's progress, streamed from the job's logs
+    assert f"job {job_id}: SUCCEEDED" in r.output
+
+    res = raybary.read_results(str(out))
+    assert res.complete and len(res.problems) == 6
+    assert (res.problems["status"] == "ok").all()
+    assert len(res.barycenters) == 6 * 3
+    direct = pd.read_parquet(out / "problems")  # plain Parquet readers work too
+    assert sorted(direct["problem_id"]) == list(range(6))
+    assert res.grids().barycenter.shape == (6, 24, 24)
+
+    r = _cli(["status", job_id, "--address", address], token=token, home=home)
+    assert r.exit_code == 0 and f"job {job_id}: SUCCEEDED" in r.output
+    assert f"output:     {out}" in r.output and "error:" not in r.output
+    r = _cli(["status", "--address", address], token=token, home=home)  # the job list
+    assert re.search(rf"^{job_id}\s+SUCCEEDED", r.output, re.MULTILINE)
+    r = _cli(["logs", job_id, "--address", address], token=token, home=home)
+    assert r.exit_code == 0 and "raybary run: 6 problems" in r.output
+
+    # the figure from the job's stored results
+    fig = data / "fig.png"
+    r = _cli(["plot", str(out), "--problem", "2", "-o", str(fig)])
+    assert r.exit_code == 0, r.output
+    assert fig.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("which,reason", [
+    ("missing.parquet", "no problem store at"),
+    ("corrupt.parquet", "parquet"),
+])
+def test_unreadable_input_fails_clearly(head, home, which, reason):
+    address, token, data = head
+    job_id = f"bad-{which.split('.')[0]}-{secrets.token_hex(3)}"
+    r = _cli(["submit", str(data / which), str(data / f"out-{job_id}"), "--address", address,
+              "--job-id", job_id, "--wait"], token=token, home=home)
+    assert r.exit_code == 1, r.output
+    assert f"job {job_id} failed:" in r.output and reason in r.output.lower()
+    r = _cli(["status", job_id, "--address", address], token=token, home=home)
+    assert r.exit_code == 0 and f"job {job_id}: FAILED" in r.output
+    error = next(line for line in r.output.splitlines() if line.strip().startswith("error:"))
+    assert reason in error.lower() and str(data / which) in r.output
+    r = _cli(["logs", job_id, "--address", address], token=token, home=home)
+    assert reason in r.output.lower()
+    r = _cli(["stop", job_id, "--address", address], token=token, home=home)
+    assert r.exit_code == 0 and "already ended: FAILED" in r.output
+
+
+def test_unknown_job_id(head, home):
+    address, token, _ = head
+    for cmd in ("status", "logs", "stop"):
+        r = _cli([cmd, "no-such-job", "--address", address], token=token, home=home)
+        assert r.exit_code == 1 and "no job 'no-such-job'" in r.output, r.output
+
+
+def test_ship_source_and_stop(head, home, tmp_path):
+    """--ship-source uploads this raybary (the job imports it from py_modules); a
+    running job stops on request. The token comes from a file this time."""
+    address, token, data = head
+    tok = tmp_path / "token"
+    tok.write_text(token)
+    job_id = f"ship-{secrets.token_hex(3)}"
+    r = _cli(["submit", str(data / "big.parquet"), str(data / f"out-{job_id}"), "--address",
+              address, "--token-file", str(tok), "--job-id", job_id, "--ship-source",
+              "--actors", "1", "--shard-size", "50", "--grid", "none"], home=home)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == job_id
+    args = ["--address", address, "--token-file", str(tok)]
+    deadline = time.monotonic() + 90
+    while "problems (" not in (logs := _cli(["logs", job_id, *args], home=home).output):
+        status = _cli(["status", job_id, *args], home=home).output
+        assert "RUNNING" in status or "PENDING" in status, status + logs
+        assert time.monotonic() < deadline, logs
+        time.sleep(1)
+    assert re.search(r"raybary job: raybary \S+ \(\S*py_modules\S*\)", logs), logs
+    r = _cli(["stop", job_id, *args, "--wait", "30"], home=home)
+    assert r.exit_code == 0 and f"job {job_id}: STOPPED" in r.output, r.output
+    r = _cli(["status", job_id, *args], home=home)
+    assert f"job {job_id}: STOPPED" in r.output
