@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 
 import click
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IndexError)
+#: Errors that are the user's to fix (bad input, existing output, permissions, ...):
+#: printed as ``Error: ...`` without a traceback.
+_USER_ERRORS = (ValueError, OSError, IndexError)
 
 
 @contextlib.contextmanager

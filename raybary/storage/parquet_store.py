@@ -420,8 +420,12 @@ class ParquetProblemStore(ProblemStore):
         fs, self._files = _list_files(url)
         problems = []
         for f in self._files:
-            with self._open(fs, f) as pf:
-                schema = pf.schema_arrow
+            try:
+                with self._open(fs, f) as pf:
+                    schema = pf.schema_arrow
+            except (pa.ArrowInvalid, OSError) as e:
+                problems.append(f"{f}: not a readable Parquet file ({e})")
+                continue
             label = f"{f}: " if len(self._files) > 1 else ""
             problems += [label + p for p in schema_problems(schema)]
         if problems:
