@@ -198,3 +198,12 @@ def test_failed_write_leaves_nothing_not_even_a_temporary(tmp_path, suffix):
     with pytest.raises(RuntimeError, match="crash in the middle"):
         write_store(str(tmp_path / f"o{suffix}"), batches())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_parquet_file_is_named(tmp_path):
+    d = tmp_path / "ds.parquet"
+    d.mkdir()
+    pq.write_table(good_table(), d / "a.parquet")
+    (d / "b.parquet").write_text("not parquet")
+    with pytest.raises(StoreFormatError, match=r"b\.parquet: not a readable Parquet file"):
+        open_store(str(d))
