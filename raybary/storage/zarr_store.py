@@ -81,6 +81,7 @@ class ZarrProblemStore(ProblemStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._group = None
+        self._arrays: dict = {}
         group = self._open()
         self.dim, self.n_problems, self.n_gmms, self.n_components = _check_layout(url, group)
         self._has_label = "label" in group["gmms"]
@@ -88,6 +89,7 @@ class ZarrProblemStore(ProblemStore):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_group"] = None
+        state["_arrays"] = {}
         return state
 
     def _open(self):
@@ -99,7 +101,10 @@ class ZarrProblemStore(ProblemStore):
         return self._group
 
     def _array(self, name: str):
-        return self._open()[name]
+        """The array ``name``, opened once per process (one metadata read, not one per shard)."""
+        if name not in self._arrays:
+            self._arrays[name] = self._open()[name]
+        return self._arrays[name]
 
     def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.n_problems if stop is None else stop
