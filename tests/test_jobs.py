@@ -28,7 +28,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from click.testing import CliRunner
 
@@ -97,6 +96,7 @@ def test_jobs_dir_matches_code_and_pyproject():
     def name(req: str) -> str:
         return re.split(r"[\[<>=!~ ;@]", req, maxsplit=1)[0].strip().lower()
 
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     shipped = {name(r) for r in source["pip"]}
     missing = {name(d) for d in deps} - shipped - {"ray"}  # Ray comes from the cluster
@@ -356,9 +356,11 @@ def test_ship_source_and_stop(head, home, tmp_path):
     job_id = f"ship-{secrets.token_hex(3)}"
     r = _cli(["submit", str(data / "big.parquet"), str(data / f"out-{job_id}"), "--address",
               address, "--token-file", str(tok), "--job-id", job_id, "--ship-source",
-              "--actors", "1", "--shard-size", "50", "--grid", "none"], home=home)
-    assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == job_id
+              "--actors", "1", "--shard-size", "50", "--grid", "none", "--wait", "--timeout", "2"],
+             home=home)
+    assert r.exit_code == 3, r.output  # --timeout: stopped waiting, the job goes on
+    assert r.stdout.splitlines()[0] == job_id
+    assert re.search(r"still (PENDING|RUNNING) after 2 s", r.output), r.output
     args = ["--address", address, "--token-file", str(tok)]
     deadline = time.monotonic() + 90
     while "problems (" not in (logs := _cli(["logs", job_id, *args], home=home).output):
