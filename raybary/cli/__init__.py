@@ -14,10 +14,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from raybary.cli import solve_cmds, storage_cmds
+    from raybary.cli import run_cmds, solve_cmds, storage_cmds
 
     solve_cmds.register(main)
     storage_cmds.register(main)
+    run_cmds.register(main)
 
 
 _register()

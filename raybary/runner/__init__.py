@@ -1,0 +1,21 @@
+"""The Ray runner: shards a problem store across actors, writes results back.
+
+Layers: :mod:`options` (what to compute, how to spread it; no Ray),
+:mod:`shard` (one shard end to end: read, solve, grids, commit; no Ray),
+:mod:`actor` (the Ray actor around it), :mod:`driver` (scheduling, retries,
+resume, progress). See ``docs/runner.md``.
+"""
+
+from __future__ import annotations
+
+from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
+
+__all__ = ["run", "RunReport", "JobIncomplete", "SolverOptions", "GridOptions", "ExecOptions"]
+
+
+def __getattr__(name: str):
+    if name in ("run", "RunReport", "JobIncomplete"):
+        from raybary.runner import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'raybary.runner' has no attribute {name!r}")

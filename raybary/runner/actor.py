@@ -1,0 +1,99 @@
+"""The Ray actor: holds an open store, the result writer and a warm (jitted) solver.
+
+Each actor is one worker process; JAX compiles on the first shard of each
+bucket shape and keeps the compiled programs for the life of the process (and
+in the persistent compilation cache, so a replacement actor loads instead of
+recompiling). The driver sends shard indices and gets small summaries back.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import ray
+
+from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
+from raybary.runner.shard import fail_shard, process_shard
+
+__all__ = ["ShardWorker", "actor_env", "make_actor"]
+
+
+class ShardWorker:
+    """Solves shards of one run; methods return small JSON-able dicts."""
+
+    def __init__(self, store_url: str, writer, solver: SolverOptions, grid: GridOptions) -> None:
+        from raybary.batch.api import configure_jax
+        from raybary.storage import open_store
+
+        configure_jax()
+        self.store = open_store(store_url)
+        self.writer = writer
+        self.solver = solver
+        self.grid = grid
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def info(self) -> dict:
+        """Process id, node id and peak memory of this actor's process."""
+        return {"pid": os.getpid(), "node": self.node_id, "peak_rss_mb": _peak_rss_mb()}
+
+    def run_shard(self, shard_index: int) -> dict:
+        out = process_shard(self.store, self.writer, shard_index, self.solver, self.grid)
+        out.update(node=self.node_id, peak_rss_mb=_peak_rss_mb())
+        return out
+
+    def fail_shard(self, shard_index: int, message: str) -> dict:
+        out = fail_shard(self.store, self.writer, shard_index, message)
+        out.update(node=self.node_id, peak_rss_mb=_peak_rss_mb())
+        return out
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+def actor_env(exe: ExecOptions) -> dict[str, str]:
+    """Environment variables of the actors' runtime_env.
+
+    GPU actors: no preallocation (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) and,
+    for a fraction of a GPU, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 x that
+    fraction, so several actors share one GPU. CPU actors: ``JAX_PLATFORMS=cpu``
+    and, with at most one CPU each, XLA's CPU thread pool off (one thread per
+    actor; the actors themselves are the parallelism). ``exe.actor_env``
+    overrides any of these.
+    """
+    env: dict[str, str] = {}
+    if exe.gpus_per_actor > 0:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        if exe.gpus_per_actor < 1:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * exe.gpus_per_actor:.3f}"
+    else:
+        env["JAX_PLATFORMS"] = "cpu"
+        if exe.cpus_per_actor <= 1:
+            flags = os.environ.get("XLA_FLAGS", "")
+            if "xla_cpu_multi_thread_eigen" not in flags:
+                flags = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+            env["XLA_FLAGS"] = flags
+            env.setdefault("OMP_NUM_THREADS", "1")
+    if "RAYBARY_JAX_CACHE" in os.environ:
+        env["RAYBARY_JAX_CACHE"] = os.environ["RAYBARY_JAX_CACHE"]
+    env.update({str(k): str(v) for k, v in exe.actor_env.items()})
+    return env
+
+
+def make_actor(exe: ExecOptions, store_url: str, writer, solver: SolverOptions,
+               grid: GridOptions):
+    """Start one :class:`ShardWorker` actor with the resources and environment of ``exe``.
+
+    ``max_restarts=0``: the driver replaces a dead actor itself (and re-queues
+    every shard that was on it), so there is one place that decides.
+    """
+    cls = ray.remote(ShardWorker)
+    opts = dict(num_cpus=exe.cpus_per_actor, num_gpus=exe.gpus_per_actor, max_restarts=0,
+                max_task_retries=0, runtime_env={"env_vars": actor_env(exe)},
+                scheduling_strategy="SPREAD")
+    if exe.resources:
+        opts["resources"] = dict(exe.resources)
+    return cls.options(**opts).remote(store_url, writer, solver, grid)

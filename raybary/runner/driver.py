@@ -1,0 +1,338 @@
+"""The driver: hands shard indices to actors, re-queues lost work, reports progress.
+
+What flows through the driver is small: shard indices out, summary dicts
+back (counts, timings, node and pid). Problem data are read and results
+written by the actors themselves, so the driver's memory does not grow with
+the number of problems (it holds a deque of shard indices and a few counters).
+
+Exactly once: every shard's outputs are committed atomically and a commit is
+idempotent (a rewrite replaces the same files). The driver re-queues a shard
+whenever its outcome is unknown (the actor died, its node died, the task
+raised), so each shard ends committed exactly once, or, after
+``max_attempts`` lost attempts, committed with its valid problems ``failed``
+(never silently dropped). A re-run of the same command skips committed
+shards (:meth:`ResultWriter.prepare`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
+
+from raybary.runner.options import ExecOptions, GridOptions, SolverOptions, recorded_options
+
+__all__ = ["run", "RunReport", "JobIncomplete"]
+
+log = logging.getLogger(__name__)
+
+
+class JobIncomplete(RuntimeError):
+    """The job stopped with shards that could not be committed."""
+
+
+@dataclass
+class RunReport:
+    """What :func:`run` did (also stored as the manifest's ``summary``)."""
+
+    input: str
+    output: str
+    n_problems: int
+    n_shards: int
+    shard_size: int
+    shards_skipped: int = 0  # committed by an earlier run
+    shards_run: int = 0  # committed by this run
+    shards_given_up: int = 0  # committed as failed after max_attempts lost attempts
+    shards_lost: list[int] = field(default_factory=list)  # not committed
+    retries: int = 0  # lost attempts that were re-queued
+    actor_replacements: int = 0
+    actors: int = 0
+    counts_run: dict = field(default_factory=lambda: {"ok": 0, "invalid": 0, "failed": 0})
+    counts: dict = field(default_factory=dict)  # whole output (from the manifest)
+    problems_run: int = 0
+    wall_s: float = 0.0
+    problems_per_s: float = 0.0
+    time_to_first_shard_s: float | None = None
+    step_seconds: dict = field(default_factory=lambda: {"read_s": 0.0, "solve_s": 0.0,
+                                                        "grid_s": 0.0, "commit_s": 0.0})
+    driver_peak_rss_mb: float = 0.0
+    actor_peak_rss_mb: float = 0.0
+    shards_by_node: dict = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # messages of lost attempts (first 20)
+    complete: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ progress
+class _Progress:
+    """One status line on stderr: problems done, problems/s, ETA, failures."""
+
+    def __init__(self, total: int, done: int, stream: TextIO | None, interval: float = 1.0):
+        self.total, self.done0, self.done = total, done, done
+        self.stream = stream
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.interval = interval if self.tty else 10.0
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.shown = -1
+        self.failed = self.invalid = self.retries = 0
+
+    def update(self, n: int = 0, *, failed: int = 0, invalid: int = 0, retries: int = 0,
+               force: bool = False) -> None:
+        self.done += n
+        self.failed += failed
+        self.invalid += invalid
+        self.retries += retries
+        now = time.perf_counter()
+        if self.stream is None or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        self.shown = self.done
+        self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def line(self) -> str:
+        el = time.perf_counter() - self.t0
+        rate = (self.done - self.done0) / el if el > 0 else 0.0
+        left = self.total - self.done
+        eta = _hms(left / rate) if rate > 0 else "--:--"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        extra = f", {self.retries} retried" if self.retries else ""
+        return (f"[raybary] {self.done}/{self.total} problems ({pct:5.1f}%) | "
+                f"{rate:7.1f} problems/s | ETA {eta} | failed {self.failed}, "
+                f"invalid {self.invalid}{extra}   ")
+
+    def close(self) -> None:
+        if self.stream is not None and self.shown != self.done:
+            self.update(force=True)
+            if self.tty:
+                self.stream.write("\n")
+                self.stream.flush()
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+# ------------------------------------------------------------------ Ray
+def _connect(exe: ExecOptions) -> bool:
+    """Start or join Ray; return whether this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if exe.address:
+        ray.init(address=exe.address, logging_level=logging.WARNING)
+    else:
+        # address="local": always a fresh, private Ray, never one found via
+        # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
+        ray.init(address="local", num_cpus=exe.local_cpus(), include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def _default_actors(exe: ExecOptions) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    if exe.gpus_per_actor > 0:
+        n = math.floor(res.get("GPU", 0) / exe.gpus_per_actor + 1e-9)
+    elif exe.cpus_per_actor > 0:
+        n = math.floor(res.get("CPU", 1) / exe.cpus_per_actor + 1e-9)
+    else:
+        n = int(res.get("CPU", 1))
+    return max(n, 1)
+
+
+# ------------------------------------------------------------------ run
+def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
+        grid: GridOptions | None = None, exe: ExecOptions | None = None, *,
+        stream: TextIO | None = sys.stderr,
+        on_shard: Callable[[dict], None] | None = None) -> RunReport:
+    """Solve every problem of ``input_url`` into ``output_url``; return a :class:`RunReport`.
+
+    Starts an embedded local Ray unless Ray is already initialised in this
+    process or ``exe.address`` is set. Raises
+    :class:`~raybary.storage.ResultsConflictError` if ``output_url`` holds
+    results of other options (unless ``exe.overwrite``) and
+    :class:`JobIncomplete` if some shards could not be committed (the
+    manifest is written either way; a re-run finishes the job).
+    ``on_shard(summary)`` is called on the driver after each committed shard
+    (the summary has the shard, counts, timings, ``pid`` and ``node``).
+    """
+    import ray
+
+    from raybary.runner.actor import make_actor
+    from raybary.storage import ResultWriter, open_store
+
+    solver = solver or SolverOptions()
+    grid = grid or GridOptions()
+    exe = exe or ExecOptions()
+    t0 = time.perf_counter()
+    store = open_store(input_url)  # metadata only
+    writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
+                          grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
+                          options=recorded_options(solver, grid), input_url=store.url)
+    committed = writer.prepare(overwrite=exe.overwrite)
+    report = RunReport(input=store.url, output=writer.url, n_problems=store.n_problems,
+                       n_shards=writer.n_shards, shard_size=writer.shard_size,
+                       shards_skipped=len(committed))
+    todo: collections.deque[tuple[int, str]] = collections.deque(
+        (i, "solve") for i in range(writer.n_shards) if i not in committed)
+    done_before = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in committed)
+    progress = _Progress(store.n_problems, done_before, stream)
+    if stream is not None and committed:
+        stream.write(f"[raybary] resuming: {len(committed)} of {writer.n_shards} shards "
+                     f"({done_before} problems) already committed in {writer.url}\n")
+
+    started = False
+    slots: list[dict] = []
+    try:
+        if todo:
+            started = _connect(exe)
+            n_actors = min(exe.actors or _default_actors(exe), len(todo))
+            report.actors = n_actors
+
+            def new_actor():
+                return make_actor(exe, store.url, writer, solver, grid)
+
+            slots = [{"actor": new_actor(), "gen": 0} for _ in range(n_actors)]
+            _schedule(slots, todo, new_actor, exe, report, progress, t0, on_shard)
+    finally:
+        for s in slots:
+            try:
+                ray.kill(s["actor"], no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        progress.close()
+        if started:
+            ray.shutdown()
+
+    report.wall_s = time.perf_counter() - t0
+    report.problems_per_s = report.problems_run / report.wall_s if report.wall_s > 0 else 0.0
+    report.driver_peak_rss_mb = _peak_rss_mb()
+    report.errors = report.errors[:20]
+    manifest = writer.finalize(report.to_dict())
+    report.counts = manifest["counts"]
+    report.complete = bool(manifest["complete"])
+    report.shards_lost = list(manifest["missing_shards"])
+    if not report.complete:
+        raise JobIncomplete(
+            f"{len(report.shards_lost)} of {report.n_shards} shards could not be committed "
+            f"(shards {report.shards_lost[:10]}{'...' if len(report.shards_lost) > 10 else ''}); "
+            f"last errors: {report.errors[-3:]}; run the same command again to finish the job",
+        ) from None
+    return report
+
+
+def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
+              progress: _Progress, t0: float, on_shard) -> None:
+    """Keep ``exe.in_flight`` shards queued on each actor until ``todo`` is empty."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    inflight: dict = {}  # ref -> (slot index, generation, shard, kind)
+    attempts: collections.Counter = collections.Counter()
+    stuck = 0  # failures since the last success
+    max_stuck = max(10, 3 * len(slots) + exe.max_attempts)
+
+    def submit(k: int) -> None:
+        shard, kind = todo.popleft()
+        actor = slots[k]["actor"]
+        if kind == "solve":
+            ref = actor.run_shard.remote(shard)
+        else:
+            ref = actor.fail_shard.remote(shard, kind[len("fail:"):])
+        inflight[ref] = (k, slots[k]["gen"], shard, kind)
+
+    def lost(shard: int, kind: str, why: str) -> None:
+        attempts[shard] += 1
+        report.errors.append(f"shard {shard}: {why}")
+        if attempts[shard] < exe.max_attempts:
+            todo.append((shard, "solve"))
+            report.retries += 1
+            progress.update(retries=1)
+        elif kind == "solve":
+            msg = (f"not solved: {attempts[shard]} attempts at this shard were lost "
+                   f"(last: {why[:300]})")
+            todo.append((shard, "fail:" + msg))
+        else:
+            log.error("shard %d could not be committed: %s", shard, why)
+
+    while todo or inflight:
+        for k in range(len(slots)):
+            while todo and sum(1 for v in inflight.values() if v[0] == k) < exe.in_flight:
+                submit(k)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        progress.update()
+        for ref in ready:
+            if ref not in inflight:  # dropped when its actor was replaced
+                continue
+            k, gen, shard, kind = inflight.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayActorError as e:
+                stuck += 1
+                why = f"actor died ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                lost(shard, kind, why)
+                if slots[k]["gen"] == gen:  # replace it, re-queue what else was on it
+                    for r2, (k2, g2, s2, kind2) in list(inflight.items()):
+                        if k2 == k and g2 == gen:
+                            del inflight[r2]
+                            lost(s2, kind2, why)
+                    try:
+                        ray.kill(slots[k]["actor"], no_restart=True)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    slots[k] = {"actor": new_actor(), "gen": gen + 1}
+                    report.actor_replacements += 1
+            except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
+                stuck += 1
+                lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+            else:
+                stuck = 0
+                _record(out, report, progress, t0)
+                if on_shard is not None:
+                    on_shard(out)
+            if stuck > max_stuck:
+                raise JobIncomplete(
+                    f"{stuck} shard attempts in a row failed; giving up. Last errors:\n  "
+                    + "\n  ".join(report.errors[-5:]))
+
+
+def _record(out: dict, report: RunReport, progress: _Progress, t0: float) -> None:
+    n = out["stop"] - out["start"]
+    c = out["counts"]
+    report.shards_run += 1
+    report.shards_given_up += int(bool(out.get("gave_up")))
+    report.problems_run += n
+    for s in ("ok", "invalid", "failed"):
+        report.counts_run[s] += int(c.get(s, 0))
+    for key in report.step_seconds:
+        report.step_seconds[key] += float(out.get(key, 0.0))
+    if report.time_to_first_shard_s is None:
+        report.time_to_first_shard_s = time.perf_counter() - t0
+    report.actor_peak_rss_mb = max(report.actor_peak_rss_mb, float(out.get("peak_rss_mb", 0.0)))
+    node = out.get("node", "?")
+    report.shards_by_node[node] = report.shards_by_node.get(node, 0) + 1
+    if out.get("pid") not in report.pids:
+        report.pids.append(out.get("pid"))
+    progress.update(n, failed=int(c.get("failed", 0)), invalid=int(c.get("invalid", 0)),
+                    force=True)

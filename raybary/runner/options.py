@@ -1,0 +1,158 @@
+"""Options of a run: what the solver computes (recorded with the results, and
+compared on a re-run) and how the work is spread (free to change between runs).
+
+NumPy/stdlib only, so the CLI can build and check options without Ray or JAX.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["SolverOptions", "GridOptions", "ExecOptions", "parse_grid", "parse_bounds",
+           "parse_dims", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID"]
+
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_GRID = (50, 50)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Arguments of :func:`raybary.solve`; together with :class:`GridOptions` they
+    define the results, so a re-run must use the same ones (or ``--overwrite``)."""
+
+    bar_size: int = 6
+    epsilon: float | None = None
+    relative_epsilon: float | None = None
+    restarts: int = 1
+    learn_weights: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bar_size < 1:
+            raise ValueError(f"bar_size must be at least 1, got {self.bar_size}")
+        if self.epsilon is not None and self.relative_epsilon is not None:
+            raise ValueError("give --epsilon or --relative-epsilon, not both")
+        for name in ("epsilon", "relative_epsilon"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and v < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    def solve_kwargs(self) -> dict:
+        """Keyword arguments for :func:`raybary.solve`."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """Log-density grids: ``shape`` ``(H, W)`` or ``None`` (no grids); ``bounds``
+    ``(xmin, xmax, ymin, ymax)`` for every problem, or ``None`` for extents
+    from each problem's input components (shared by the barycenter and the
+    input grids of that problem); ``dims`` the two coordinates shown when
+    ``d > 2``; ``input_gmms`` how many input GMMs' grids to store too."""
+
+    shape: tuple[int, int] | None = DEFAULT_GRID
+    bounds: tuple[float, float, float, float] | None = None
+    dims: tuple[int, int] = (0, 1)
+    input_gmms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shape is not None and (len(self.shape) != 2 or min(self.shape) < 1):
+            raise ValueError(f"grid shape must be two positive sizes, got {self.shape}")
+        if self.bounds is not None:
+            b = self.bounds
+            if len(b) != 4 or not (b[0] < b[1] and b[2] < b[3]):
+                raise ValueError(f"grid bounds must be xmin<xmax, ymin<ymax, got {b}")
+        if len(self.dims) != 2 or self.dims[0] == self.dims[1] or min(self.dims) < 0:
+            raise ValueError(f"grid dims must be two distinct coordinates, got {self.dims}")
+        if self.input_gmms < 0:
+            raise ValueError("input_gmms must be >= 0")
+        if self.input_gmms and self.shape is None:
+            raise ValueError("input grids need a grid shape")
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    """How the run is spread over Ray; not part of the results' identity."""
+
+    address: str | None = None  # None: embedded local Ray
+    actors: int | None = None  # None: one per CPU (local) / per GPU
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    shard_size: int = DEFAULT_SHARD_SIZE
+    in_flight: int = 2  # shards queued per actor
+    max_attempts: int = 3  # an actor death per attempt; then the shard is committed as failed
+    overwrite: bool = False
+    progress: bool = True
+    num_cpus: int | None = None  # embedded Ray's CPUs (default: os.cpu_count())
+    actor_env: dict = field(default_factory=dict)  # extra env vars for the actors
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("actors must be at least 1")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ValueError("resources per actor must be >= 0")
+        if self.in_flight < 1 or self.max_attempts < 1:
+            raise ValueError("in_flight and max_attempts must be at least 1")
+
+    def local_cpus(self) -> int:
+        return int(self.num_cpus or os.cpu_count() or 1)
+
+
+def recorded_options(solver: SolverOptions, grid: GridOptions) -> dict:
+    """What is written to the results' layout and compared on a re-run (options
+    left at ``None`` are left out, so they read back as unset)."""
+    out = {k: v for k, v in asdict(solver).items() if v is not None}
+    if grid.bounds is not None:
+        out["grid_bounds"] = [float(x) for x in grid.bounds]
+    out["grid_dims"] = [int(x) for x in grid.dims]
+    return out
+
+
+def parse_grid(text: str) -> tuple[int, int] | None:
+    """``"50"`` -> (50, 50); ``"40x60"`` -> H=40, W=60; ``"none"``/``"0"`` -> no grids."""
+    t = text.strip().lower()
+    if t in ("none", "0", "off", ""):
+        return None
+    parts = t.split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"grid must be H or HxW (e.g. 50x50), got {text!r}") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"grid must be H or HxW with positive sizes, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def parse_bounds(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"xmin,xmax,ymin,ymax"`` -> a tuple; ``None``/``"auto"`` -> per-problem extents."""
+    if text is None or text.strip().lower() in ("auto", ""):
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"grid bounds must be xmin,xmax,ymin,ymax, got {text!r}") from None
+    if len(vals) != 4:
+        raise ValueError(f"grid bounds must be 4 numbers xmin,xmax,ymin,ymax, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def parse_dims(text: str) -> tuple[int, int]:
+    """``"0,2"`` -> (0, 2)."""
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"grid dims must be i,j (e.g. 0,1), got {text!r}") from None
+    if len(vals) != 2:
+        raise ValueError(f"grid dims must be two coordinates i,j, got {text!r}")
+    return vals  # type: ignore[return-value]

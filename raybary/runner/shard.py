@@ -1,0 +1,203 @@
+"""One shard, start to finish: read, solve, evaluate grids, commit (no Ray here).
+
+:func:`process_shard` is what a Ray actor runs for each shard descriptor; it
+is plain Python so it can be tested and profiled without Ray. The problem
+data stay in this process: the caller gets back a small summary dict.
+
+Failure isolation: invalid problems come back from the store as ``None``
+with a message (status ``invalid``). The valid ones are solved together; if
+the solver raises, the batch is split in halves and each half is retried, so
+one poison problem costs ``O(log n)`` extra solver calls and ends up alone
+with status ``failed`` and the exception's message, while the rest of the
+shard is solved normally. Results the solver itself marks ``failed``
+(non-finite values) keep that status and message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from raybary.runner.options import GridOptions, SolverOptions
+from raybary.types import Problem, Result
+
+__all__ = ["process_shard", "fail_shard", "solve_isolated", "shard_grids", "problem_extents"]
+
+SolveFn = Callable[..., list]
+
+
+def _default_solve(problems, **kw):
+    import raybary
+
+    return raybary.solve(problems, **kw)
+
+
+def _failed(message: str) -> Result:
+    nan = float("nan")
+    return Result(weights=np.zeros(0), means=np.zeros((0, 0)), covs=np.zeros((0, 0, 0)),
+                  objective=nan, converged=False, iterations=0, marginal_error=nan,
+                  status="failed", error=message)
+
+
+def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
+                   solve_fn: SolveFn | None = None) -> list[Result]:
+    """Solve ``problems`` (already validated); an exception fails only the
+    problem(s) that raise it (found by bisection), with its message."""
+    solve_fn = solve_fn or _default_solve
+    problems = list(problems)
+    if not problems:
+        return []
+    try:
+        out = list(solve_fn(problems, validate=False, **solver.solve_kwargs()))
+        if len(out) != len(problems):
+            raise RuntimeError(f"solver returned {len(out)} results for {len(problems)} problems")
+        return out
+    except Exception as e:  # noqa: BLE001 - anything the solver raises is isolated
+        if len(problems) == 1:
+            return [_failed(f"solver error: {type(e).__name__}: {e}".strip())]
+    half = len(problems) // 2
+    return (solve_isolated(problems[:half], solver, solve_fn)
+            + solve_isolated(problems[half:], solver, solve_fn))
+
+
+# ------------------------------------------------------------------ grids
+def _marginal_components(problem: Problem, dims: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.asarray(dims)
+    means = np.concatenate([g.means for g in problem.gmms])[:, idx]
+    covs = np.concatenate([g.covs for g in problem.gmms])[:, idx[:, None], idx[None, :]]
+    return means, covs
+
+
+def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Grid extent ``(xmin, xmax, ymin, ymax)`` of a problem: every input
+    component's mean +- 3 standard deviations on coordinates ``dims`` (used for
+    the barycenter's grid and the inputs' grids alike, so they line up)."""
+    from raybary.density import default_bounds
+
+    return default_bounds(*_marginal_components(problem, dims))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
+    """Stack GMMs ``(w, m, c)`` into padded arrays ``(B', K', ...)``: batch and
+    components rounded up to powers of two (few compiles); padding components
+    have weight 0 and identity covariance; padding rows copy row 0."""
+    b = len(gmms)
+    k = _next_pow2(max(len(w) for w, _, _ in gmms))
+    bp = _next_pow2(b)
+    W = np.zeros((bp, k))
+    M = np.zeros((bp, k, d))
+    C = np.broadcast_to(np.eye(d), (bp, k, d, d)).copy()
+    for i in range(bp):
+        w, m, c = gmms[i if i < b else 0]
+        W[i, : len(w)], M[i, : len(w)], C[i, : len(w)] = w, m, c
+    return W, M, C
+
+
+def _eval_grids(gmms, extents: np.ndarray, grid: GridOptions, d: int) -> np.ndarray:
+    from raybary.density import log_density_grid
+
+    W, M, C = _pad_gmms(gmms, d)
+    ext = np.zeros((W.shape[0], 4))
+    ext[: len(gmms)] = extents
+    ext[len(gmms):] = extents[0]
+    values, _ = log_density_grid((W, M, C), shape=grid.shape, bounds=ext, dims=grid.dims,
+                                 dtype="float32")
+    return np.asarray(values[: len(gmms)], dtype=np.float32)
+
+
+def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | None],
+                statuses: Sequence[str], grid: GridOptions):
+    """Grids of one shard: ``(barycenter [n,H,W], extents [n,4], inputs [n,J,H,W] | None)``.
+
+    Rows stay NaN where there is no grid: invalid problems, ``d < 2`` or
+    ``grid.dims`` outside ``d``; the barycenter grid is NaN where the problem
+    is not ``ok``. Extents are ``grid.bounds`` or :func:`problem_extents`.
+    """
+    n = len(problems)
+    h, w = grid.shape
+    bary = np.full((n, h, w), np.nan, np.float32)
+    extents = np.full((n, 4), np.nan)
+    j = grid.input_gmms
+    inputs = np.full((n, j, h, w), np.nan, np.float32) if j else None
+    by_dim: dict[int, list[int]] = {}
+    for i, p in enumerate(problems):
+        if p is not None and p.dim >= 2 and max(grid.dims) < p.dim:
+            by_dim.setdefault(p.dim, []).append(i)
+    for d, rows in sorted(by_dim.items()):
+        for i in rows:
+            extents[i] = grid.bounds if grid.bounds is not None else problem_extents(problems[i], grid.dims)
+        ok = [i for i in rows if statuses[i] == "ok"]
+        if ok:
+            gm = [(results[i].weights, results[i].means, results[i].covs) for i in ok]
+            bary[ok] = _eval_grids(gm, extents[ok], grid, d)
+        if j:
+            pairs = [(i, g) for i in rows for g in range(min(j, problems[i].n_gmms))]
+            gm = [(problems[i].gmms[g].weights, problems[i].gmms[g].means, problems[i].gmms[g].covs)
+                  for i, g in pairs]
+            vals = _eval_grids(gm, np.stack([extents[i] for i, _ in pairs]), grid, d)
+            for (i, g), v in zip(pairs, vals):
+                inputs[i, g] = v
+    return bary, extents, inputs
+
+
+# ------------------------------------------------------------------ shards
+def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: GridOptions,
+                  *, solve_fn: SolveFn | None = None) -> dict:
+    """Read, validate, solve, grid and commit shard ``shard_index``; return a summary.
+
+    ``store`` is a :class:`~raybary.storage.ProblemStore`, ``writer`` the run's
+    :class:`~raybary.storage.ResultWriter`. The summary holds the shard index,
+    its range, counts by status and timings (seconds) of each step.
+    """
+    t0 = time.perf_counter()
+    start, stop = writer.shard_range(shard_index)
+    shard = store.read(start, stop)
+    t_read = time.perf_counter()
+    n = len(shard)
+    statuses = ["invalid" if e is not None else "ok" for e in shard.errors]
+    errors: list[str | None] = list(shard.errors)
+    results: list[Result | None] = [None] * n
+    valid = shard.valid()
+    solved = solve_isolated([shard.problems[i] for i in valid], solver, solve_fn)
+    t_solve = time.perf_counter()
+    for i, r in zip(valid, solved):
+        results[i] = r
+        if r.status != "ok":
+            statuses[i], errors[i] = "failed", r.error or "solver failed (no message)"
+    per_problem = (t_solve - t_read) / max(len(valid), 1)
+    seconds = np.where(np.array([s != "invalid" for s in statuses], bool), per_problem, np.nan)
+    grids = extents = inputs = None
+    if writer.grid_shape is not None:
+        grids, extents, inputs = shard_grids(shard.problems, results, statuses, grid)
+    t_grid = time.perf_counter()
+    info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
+                               [r if s != "invalid" else None for r, s in zip(results, statuses)],
+                               seconds, grids=grids, grid_extents=extents, input_grids=inputs)
+    t_end = time.perf_counter()
+    return {
+        "shard": shard_index, "start": start, "stop": stop, "counts": info["counts"],
+        "read_s": t_read - t0, "solve_s": t_solve - t_read, "grid_s": t_grid - t_solve,
+        "commit_s": t_end - t_grid, "total_s": t_end - t0, "pid": os.getpid(),
+    }
+
+
+def fail_shard(store, writer, shard_index: int, message: str) -> dict:
+    """Commit shard ``shard_index`` without solving: valid problems get status
+    ``failed`` with ``message`` (used when solving it kept killing processes),
+    invalid ones keep their validation message."""
+    start, stop = writer.shard_range(shard_index)
+    shard = store.read(start, stop)
+    statuses = ["invalid" if e is not None else "failed" for e in shard.errors]
+    errors = [e if e is not None else message for e in shard.errors]
+    info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
+                               [None] * len(shard), None)
+    return {"shard": shard_index, "start": start, "stop": stop, "counts": info["counts"],
+            "read_s": 0.0, "solve_s": 0.0, "grid_s": 0.0, "commit_s": 0.0, "total_s": 0.0,
+            "pid": os.getpid(), "gave_up": True}

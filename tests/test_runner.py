@@ -1,0 +1,266 @@
+"""The Ray runner end to end on one local Ray (the session fixture ``ray_local``).
+
+Stores are tiny (80 tutorial problems, shards of 10, 8x8 grids) so the whole
+module runs in a few minutes on two cores; JAX compiles once per actor
+process (the persistent compilation cache makes later actors load instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import raybary
+from raybary.runner import ExecOptions, GridOptions, SolverOptions, run
+from raybary.runner.shard import problem_extents
+from raybary.storage import open_store, read_results
+from raybary.storage.generate import generate
+
+N, SHARD, GRID = 80, 10, (8, 8)
+SOLVER = SolverOptions(bar_size=3)
+BAD_POSITIONS = {11: "weight", 14: "cov", 17: "mean", 18: "lambda"}  # all in shard 1
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def exe(**kw) -> ExecOptions:
+    kw.setdefault("actors", 2)
+    return ExecOptions(shard_size=SHARD, **kw)
+
+
+def check_exactly_once(res, n=N):
+    ids = res.problems.problem_id.tolist()
+    assert len(ids) == n and len(set(ids)) == n
+    assert res.problems.position.tolist() == list(range(n))
+    assert res.complete
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    pq_store = generate(str(root / "tut.parquet"), N, family="tutorial", seed=7)
+    zr_store = generate(str(root / "tut.zarr"), N, family="tutorial", seed=7)
+    # a copy with four invalid problems, all in shard 1
+    rows = pq.read_table(pq_store.url).to_pylist()
+    ids = pq_store.problem_ids()
+    for pos, column in BAD_POSITIONS.items():
+        r = next(r for r in rows if r["problem_id"] == ids[pos])
+        r.update({"weight": -0.5} if column == "weight" else
+                 {"cov": [1.0, 3.0, 3.0, 1.0]} if column == "cov" else
+                 {"mean": [float("nan"), 0.0]} if column == "mean" else {"lambda": None})
+    table = pa.Table.from_pylist(rows, schema=pq.read_schema(pq_store.url))
+    pq.write_table(table, root / "bad.parquet")
+    return {"root": root, "parquet": pq_store.url, "zarr": zr_store.url,
+            "bad": str(root / "bad.parquet")}
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """A clean run of the Parquet store: the reference every other run is compared to."""
+    out = str(data["root"] / "ref")
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
+                 stream=None)
+    return out, report
+
+
+def test_parquet_end_to_end(data, reference):
+    out, report = reference
+    assert report.complete and report.counts == {"ok": N, "invalid": 0, "failed": 0}
+    assert report.shards_run == N // SHARD and report.actors == 2
+    assert len(report.pids) == 2  # both actors worked
+    res = read_results(out)
+    check_exactly_once(res)
+    assert (res.problems.status == "ok").all()
+    assert res.barycenters.groupby("problem_id").size().eq(3).all()
+    manifest = json.loads(Path(out, "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["options"]["bar_size"] == 3
+
+    # grids: the barycenter and input log-densities on the problem's extent
+    store = open_store(data["parquet"])
+    shard = store.read(20, 30)
+    g = res.grids(20, 30, inputs=True)
+    assert g.problem_id.tolist() == shard.problem_ids.tolist()
+    bary = res.barycenters.set_index("problem_id")
+    for row in (0, 7):
+        p, pid = shard.problems[row], int(shard.problem_ids[row])
+        ext = problem_extents(p)
+        np.testing.assert_allclose(g.extent[row], ext)
+        b = bary.loc[pid].sort_values("component")
+        gmm = (b.weight.to_numpy(), np.stack(b["mean"].to_numpy()),
+               np.stack(b["cov"].to_numpy()).reshape(-1, 2, 2))
+        want, _ = raybary.log_density_grid(gmm, shape=GRID, bounds=ext)
+        np.testing.assert_allclose(g.barycenter[row], want, rtol=1e-4, atol=1e-3)
+        want, _ = raybary.log_density_grid(p.gmms[2], shape=GRID, bounds=ext)
+        np.testing.assert_allclose(g.inputs[row, 2], want, rtol=1e-4, atol=1e-3)
+
+
+def test_zarr_gives_the_same_results_as_parquet(data, reference):
+    out = str(data["root"] / "zarr-out")
+    report = run(data["zarr"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
+                 stream=None)
+    assert report.complete
+    a, b = read_results(reference[0]), read_results(out)
+    check_exactly_once(b)
+    np.testing.assert_array_equal(a.problems.problem_id, b.problems.problem_id)
+    np.testing.assert_allclose(a.problems.objective, b.problems.objective, rtol=1e-9)
+    np.testing.assert_allclose(a.grids().barycenter, b.grids().barycenter, rtol=1e-6)
+
+
+def test_invalid_problems_are_reported_and_the_rest_solved(data, reference):
+    out = str(data["root"] / "bad-out")
+    report = run(data["bad"], out, SOLVER, GridOptions(shape=GRID), exe(), stream=None)
+    assert report.complete  # invalid inputs do not make the job fail
+    assert report.counts == {"ok": N - 4, "invalid": 4, "failed": 0}
+    res = read_results(out)
+    check_exactly_once(res)
+    df = res.problems.set_index("position")
+    assert sorted(df.index[df.status == "invalid"]) == sorted(BAD_POSITIONS)
+    expect = {"weight": "weight is negative", "cov": "not positive definite",
+              "mean": "mean is not finite", "lambda": "lambda is missing"}
+    for pos, column in BAD_POSITIONS.items():
+        assert f"problem {df.loc[pos, 'problem_id']}, gmm" in df.loc[pos, "error"]
+        assert expect[column] in df.loc[pos, "error"], df.loc[pos, "error"]
+        assert np.isnan(df.loc[pos, "objective"])
+    assert not set(res.barycenters.problem_id) & set(df.loc[list(BAD_POSITIONS), "problem_id"])
+    assert np.isnan(res.grids(11, 12).barycenter).all()
+    # shards without invalid problems: identical to the clean run
+    ref = read_results(reference[0]).problems.set_index("position")
+    other = [p for p in range(N) if not 10 <= p < 20]
+    np.testing.assert_allclose(df.loc[other, "objective"], ref.loc[other, "objective"], rtol=1e-9)
+    # shard 1: what raybary.solve gives on its valid problems
+    shard = open_store(data["bad"]).read(10, 20)
+    valid = shard.valid()
+    assert len(valid) == 6
+    want = raybary.solve([shard.problems[i] for i in valid], bar_size=3, validate=False)
+    np.testing.assert_allclose(df.loc[[10 + i for i in valid], "objective"],
+                               [r.objective for r in want], rtol=1e-6)
+
+
+def test_d3_with_marginal_grids(data):
+    store = generate(str(data["root"] / "d3.zarr"), 20, family="tutorial", dim=3, seed=1)
+    out = str(data["root"] / "d3-out")
+    grid = GridOptions(shape=GRID, dims=(0, 2), input_gmms=1)
+    report = run(store.url, out, SolverOptions(bar_size=2), grid, exe(actors=1), stream=None)
+    assert report.complete and report.counts["ok"] == 20
+    res = read_results(out)
+    check_exactly_once(res, 20)
+    b = res.barycenters[res.barycenters.problem_id == res.problems.problem_id[13]]
+    assert len(b) == 2 and all(len(m) == 3 and len(c) == 9 for m, c in zip(b["mean"], b["cov"]))
+    g = res.grids(13, 14, inputs=True)
+    p = store.read(13, 14).problems[0]
+    ext = problem_extents(p, (0, 2))
+    np.testing.assert_allclose(g.extent[0], ext)
+    gmm = (b.weight.to_numpy(), np.stack(b["mean"].to_numpy()),
+           np.stack(b["cov"].to_numpy()).reshape(-1, 3, 3))
+    want, _ = raybary.log_density_grid(gmm, shape=GRID, bounds=ext, dims=(0, 2))
+    np.testing.assert_allclose(g.barycenter[0], want, rtol=1e-4, atol=1e-3)
+    want, _ = raybary.log_density_grid(p.gmms[0], shape=GRID, bounds=ext, dims=(0, 2))
+    np.testing.assert_allclose(g.inputs[0, 0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_resume_runs_only_missing_shards(data, reference):
+    out = str(data["root"] / "resume")
+    shutil.copytree(reference[0], out)
+    markers = {p.name: json.loads(p.read_text()) for p in Path(out, "_commits").iterdir()}
+    Path(out, "_commits", "shard-000005.json").unlink()
+    Path(out, "_manifest.json").unlink()
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
+                 stream=None)
+    assert report.complete and report.shards_skipped == 7 and report.shards_run == 1
+    after = {p.name: json.loads(p.read_text()) for p in Path(out, "_commits").iterdir()}
+    assert after.keys() == markers.keys()
+    for name in after:  # the other shards were not rewritten
+        assert (after[name]["commit"] == markers[name]["commit"]) == (name != "shard-000005.json")
+    a, b = read_results(reference[0]), read_results(out)
+    check_exactly_once(b)
+    np.testing.assert_allclose(a.problems.objective, b.problems.objective, rtol=1e-9)
+    # nothing left to do: no actor is started
+    again = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
+                stream=None)
+    assert again.shards_run == 0 and again.actors == 0 and again.complete
+
+
+def test_killed_actor_is_replaced_and_its_shards_rerun(data, reference):
+    out = str(data["root"] / "actor-kill")
+    killed = []
+
+    def on_shard(summary):
+        if not killed:  # the actor has its next shard in flight: kill it mid-run
+            killed.append(summary["pid"])
+            os.kill(summary["pid"], signal.SIGKILL)
+
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3),
+                 exe(actors=1), stream=None, on_shard=on_shard)
+    assert killed and report.complete
+    assert report.actor_replacements == 1 and report.retries >= 1
+    assert killed[0] in report.pids and len(report.pids) == 2  # a new process took over
+    res = read_results(out)
+    check_exactly_once(res)
+    ref = read_results(reference[0])
+    np.testing.assert_allclose(res.problems.objective, ref.problems.objective, rtol=1e-9)
+    np.testing.assert_allclose(res.grids().barycenter, ref.grids().barycenter, rtol=1e-6)
+
+
+def _worker_pids() -> set[int]:
+    """Process ids of live ShardWorker actor processes on this machine."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"ShardWorker" in (d / "cmdline").read_bytes():
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_driver_leaves_commits_and_the_rerun_finishes(data, reference, ray_local):
+    out = str(data["root"] / "driver-kill")
+    before = _worker_pids()
+    cmd = [sys.executable, "-m", "raybary", "run", data["parquet"], out, "--bar-size", "3",
+           "--grid", "8x8", "--input-grids", "3", "--shard-size", str(SHARD), "--actors", "1",
+           "--address", ray_local, "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    commits = Path(out, "_commits")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if commits.exists() and len(list(commits.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the driver's actor dies with it (Ray kills actors whose owner died)
+    mine = _worker_pids() - before
+    deadline = time.time() + 60
+    while mine & _worker_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not mine & _worker_pids()
+    snapshot = {p.name: json.loads(p.read_text())["commit"] for p in commits.glob("*.json")}
+    assert 2 <= len(snapshot) < N // SHARD
+    partial = read_results(out)
+    assert not partial.complete and len(partial.problems) == SHARD * len(snapshot)
+
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
+                 stream=None)
+    assert report.complete and report.shards_skipped == len(snapshot)
+    res = read_results(out)
+    check_exactly_once(res)
+    for name, commit in snapshot.items():  # committed shards were kept as they were
+        assert json.loads((commits / name).read_text())["commit"] == commit
+    keep = res.problems.problem_id.isin(partial.problems.problem_id)
+    np.testing.assert_array_equal(res.problems[keep].objective.to_numpy(),
+                                  partial.problems.objective.to_numpy())
+    ref = read_results(reference[0])
+    np.testing.assert_allclose(res.problems.objective, ref.problems.objective, rtol=1e-9)

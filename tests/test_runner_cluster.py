@@ -1,0 +1,84 @@
+"""Several Ray nodes (``ray.cluster_utils.Cluster``): shards spread over two
+worker nodes, one node is removed mid-run, the job still completes.
+
+The cluster runs in a subprocess (its own Ray, temp dir and GCS port), so it
+neither disturbs the session's local Ray nor other Ray clusters on this
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from raybary.storage import read_results
+from raybary.storage.generate import generate
+
+SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from raybary.runner import ExecOptions, GridOptions, SolverOptions, run
+
+    inp, out, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "gcs_server_port": port,
+                                      "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+    seen, removed = {}, []
+
+    def on_shard(summary):
+        seen[summary["node"]] = seen.get(summary["node"], 0) + 1
+        if not removed and len(seen) == 2:
+            # this node's actor has its next shards in flight (3 queued per actor): take the node away
+            node = next(w for w in workers if w.node_id == summary["node"])
+            cluster.remove_node(node, allow_graceful=False)
+            removed.append(node.node_id)
+
+    try:
+        report = run(inp, out, SolverOptions(bar_size=3), GridOptions(shape=(8, 8)),
+                     ExecOptions(actors=2, shard_size=10, in_flight=3), stream=None, on_shard=on_shard)
+        print("REPORT " + json.dumps({
+            "report": report.to_dict(), "removed": removed, "seen_before_removal": list(seen),
+            "workers": [w.node_id for w in workers],
+        }))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+def test_two_worker_nodes_and_a_node_lost_mid_run(tmp_path):
+    n = 160
+    store = generate(str(tmp_path / "tut.parquet"), n, family="tutorial", seed=11)
+    out = str(tmp_path / "out")
+    script = tmp_path / "cluster_run.py"
+    script.write_text(SCRIPT)
+    tmpdir = f"/tmp/rbc{os.getpid()}"
+    os.makedirs(tmpdir, exist_ok=True)
+    env = {**os.environ, "RAY_TMPDIR": tmpdir}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(script), store.url, out, "6391"], env=env,
+                          capture_output=True, text=True, timeout=420)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    info = json.loads(lines[-1][len("REPORT "):])
+    report = info["report"]
+    # shards ran on both worker nodes before one was removed
+    assert sorted(info["seen_before_removal"]) == sorted(info["workers"])
+    assert len(info["removed"]) == 1
+    assert set(report["shards_by_node"]) <= set(info["workers"])
+    assert report["actor_replacements"] >= 1 and report["retries"] >= 1, info
+    assert report["complete"] and report["counts"]["ok"] == n
+    res = read_results(out)
+    ids = res.problems.problem_id.tolist()
+    assert len(ids) == n and len(set(ids)) == n and res.complete
+    assert np.isfinite(res.problems.objective).all()
+    assert res.barycenters.groupby("problem_id").size().eq(3).all()
