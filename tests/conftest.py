@@ -18,3 +18,23 @@ def mem_url():
     path = root[len("memory://"):]
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (2 CPUs, no dashboard), started
+    lazily by the first test that asks for it; yields its GCS address.
+
+    ``address="local"`` always starts a private instance, never one found via
+    ``RAY_ADDRESS`` or ``/tmp/ray`` (other Ray clusters may run on this machine).
+    """
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                   log_to_driver=False, logging_level=logging.WARNING)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
