@@ -152,13 +152,19 @@ class JobsClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         seen = 0
         streamed = False
+
+        def counted(text: str) -> None:
+            nonlocal seen
+            seen += len(text)
+            write(text)
+
         if deadline is None:
             try:
-                asyncio.run(self._tail(job_id, write))
+                asyncio.run(self._tail(job_id, counted))
                 streamed = True
             except JobsError:
                 raise
-            except Exception:  # fall back to polling
+            except Exception:  # no log stream (proxy, old server): poll from where it broke
                 streamed = False
         while True:
             info = self.info(job_id)
