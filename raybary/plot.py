@@ -82,7 +82,8 @@ class ProblemGrids:
       lambdas: the barycentric weights, or ``None`` if unknown.
       objective: the stored objective (``nan`` if none).
       n_components: the barycenter's components (0 if none).
-      source: ``"stored"``, ``"computed"`` or ``"mixed"``.
+      source: ``"stored"``, ``"computed"`` or ``"mixed"`` (some grids stored, the
+        others computed on the stored extent).
     """
 
     problem_id: int
@@ -236,10 +237,17 @@ def problem_grids(
             from raybary.density import log_density_grid
 
             bary, _ = log_density_grid(bary_gmm, hw, extent, dims=_dims2(dims, dim))
+        src = "stored"
         if inputs is None:
             inputs = np.empty((0, *hw))
+        if problem is not None and len(inputs) < problem.n_gmms:  # the run stored fewer GMMs
+            from raybary.density import log_density_grid
+
+            more = [log_density_grid(g, hw, extent, dims=_dims2(dims, dim))[0]
+                    for g in problem.gmms[len(inputs):]]
+            inputs, src = np.concatenate([inputs, np.stack(more)]), "mixed"
         return ProblemGrids(pid, status, error, dim, dims, np.asarray(extent, np.float64),
-                            inputs, bary, lambdas, objective, n_comp, "stored")
+                            inputs, bary, lambdas, objective, n_comp, src)
 
     gmms = [] if problem is None else list(problem.gmms)
     if dim is None:

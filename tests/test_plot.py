@@ -28,11 +28,12 @@ GRID = (48, 40)  # H != W, so a transposed grid cannot pass
 
 
 def _write_results(out, store, results, *, grids: bool, failed: set[int] = frozenset(),
-                   shard_size: int = 2):
+                   shard_size: int = 2, input_gmms: int = 3):
     n = store.n_problems
     shard = store.read(0, n)
     writer = ResultWriter(out, n_problems=n, shard_size=shard_size,
-                          grid_shape=GRID if grids else None, input_grid_gmms=3 if grids else 0,
+                          grid_shape=GRID if grids else None,
+                          input_grid_gmms=input_gmms if grids else 0,
                           options={"bar_size": 4, "grid_dims": [0, 1]}, input_url=store.url)
     writer.prepare(overwrite=True)
     for i in range(writer.n_shards):
@@ -53,9 +54,10 @@ def _write_results(out, store, results, *, grids: bool, failed: set[int] = froze
             kw["grids"] = np.stack([
                 np.full(GRID, np.nan) if r is None else log_density_grid(r.gmm(), GRID, x)[0]
                 for r, x in zip(rows, ext)])
-            kw["input_grids"] = np.stack([
-                np.stack([log_density_grid(g, GRID, x)[0] for g in p.gmms])
-                for p, x in zip(probs, ext)])
+            if input_gmms:
+                kw["input_grids"] = np.stack([
+                    np.stack([log_density_grid(g, GRID, x)[0] for g in p.gmms[:input_gmms]])
+                    for p, x in zip(probs, ext)])
         writer.commit_shard(i, s, e, shard.problem_ids[s:e], statuses, errors, rows, 0.01, **kw)
     writer.finalize({})
     return out
@@ -74,6 +76,10 @@ def tutorial(tmp_path_factory):
         "grids": _write_results(str(root / "out-grids"), store, results, grids=True, failed={3}),
         "nogrids": _write_results(str(root / "out-nogrids"), store, results, grids=False,
                                   failed={3}),
+        "some": _write_results(str(root / "out-some"), store, results, grids=True,
+                               input_gmms=2),
+        "bary-only": _write_results(str(root / "out-bary-only"), store, results, grids=True,
+                                    input_gmms=0),
     }
 
 
@@ -149,6 +155,18 @@ def test_stored_and_computed_grids_agree(tutorial):
     best = tutorial["results"][1]
     at = log_density(best.gmm(), np.array([[x, y]]))[0]
     assert at == pytest.approx(stored.barycenter.max(), abs=1e-3)
+
+
+@pytest.mark.parametrize("which", ["some", "bary-only"])
+def test_partly_stored_grids_are_completed(tutorial, which):
+    """The run stored the barycenter's grid and fewer input grids than GMMs: the
+    others are computed on the stored extent, and match what a full run stores."""
+    full = rp.problem_grids(tutorial["grids"], 1)
+    part = rp.problem_grids(tutorial[which], 1)
+    assert part.source == "mixed" and part.inputs.shape == (3, *GRID)
+    np.testing.assert_allclose(part.extent, full.extent)
+    np.testing.assert_allclose(part.inputs, full.inputs, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(part.barycenter, full.barycenter)
 
 
 def test_computed_window_covers_all_components(tutorial):
