@@ -93,9 +93,9 @@ def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
         else:
             positional.append(a)
         i += 1
-    if len(positional) != 2:  # make_context accepted it, so this is a scanner bug
-        raise click.UsageError(f"expected INPUT and OUTPUT, got {positional}")
-    assert positional == [ctx.params["input_url"], ctx.params["output_url"]]
+    if positional != [ctx.params["input_url"], ctx.params["output_url"]]:
+        raise click.UsageError(f"expected INPUT OUTPUT and options, could not tell them apart "
+                               f"in {' '.join(args)!r}")
     return positional[0], positional[1], rest
 
 
