@@ -369,6 +369,8 @@ def test_ship_source_and_stop(head, home, tmp_path):
         assert time.monotonic() < deadline, logs
         time.sleep(1)
     assert re.search(r"raybary job: raybary \S+ \(\S*py_modules\S*\)", logs), logs
+    status = _cli(["status", job_id, *args], home=home).output
+    assert re.search(r"progress:   \d+/4000 problems", status) or "SUCCEEDED" in status, status
     r = _cli(["stop", job_id, *args, "--wait", "30"], home=home)
     assert r.exit_code == 0 and f"job {job_id}: STOPPED" in r.output, r.output
     r = _cli(["status", job_id, *args], home=home)

@@ -253,7 +253,7 @@ def status_cmd(job_id, address, token, token_file):
 
     info = client.info(job_id)
     status = getattr(info.status, "value", str(info.status))
-    logs = client.logs(job_id) if status in ("FAILED", "STOPPED") else None
+    logs = client.logs(job_id) if status != "SUCCEEDED" else None
     click.echo(describe(info, logs))
 
 

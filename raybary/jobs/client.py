@@ -269,6 +269,14 @@ def failure_reason(info, logs: str | None) -> str | None:
     return message.splitlines()[0] if message else status.lower()
 
 
+def last_progress(logs: str | None) -> str | None:
+    """The runner's last progress line (``[raybary] 300/4000 problems ...``) in ``logs``."""
+    if not logs:
+        return None
+    found = re.findall(r"^\[raybary\] (.+?)\s*$", logs.replace("\r", "\n"), flags=re.MULTILINE)
+    return found[-1] if found else None
+
+
 def _when(ms: int | None) -> str:
     if not ms:
         return "-"
@@ -297,6 +305,9 @@ def describe(info, logs: str | None = None) -> str:
     reason = failure_reason(info, logs)
     if reason:
         lines.append(f"  error:      {reason}")
+    progress = last_progress(logs) if status not in TERMINAL else None
+    if progress:
+        lines.append(f"  progress:   {progress}")
     message = (info.message or "").strip()
     if message:
         first = message.splitlines()[0]
