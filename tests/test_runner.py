@@ -264,3 +264,24 @@ def test_killed_driver_leaves_commits_and_the_rerun_finishes(data, reference, ra
                                   partial.problems.objective.to_numpy())
     ref = read_results(reference[0])
     np.testing.assert_allclose(res.problems.objective, ref.problems.objective, rtol=1e-9)
+
+
+def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, reference):
+    from raybary.runner.actor import CRASH_ENV
+
+    out = str(data["root"] / "give-up")
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
+                 exe(actors=1, max_attempts=2, actor_env={CRASH_ENV: "2"}), stream=None)
+    assert report.complete and report.shards_given_up == 1
+    assert report.actor_replacements == 2 and report.counts == {"ok": N - SHARD, "invalid": 0,
+                                                                 "failed": SHARD}
+    res = read_results(out)
+    check_exactly_once(res)
+    df = res.problems.set_index("position")
+    lost = list(range(20, 30))
+    assert (df.loc[lost, "status"] == "failed").all()
+    assert df.loc[lost, "error"].str.startswith("not solved: 2 attempts at this shard were lost").all()
+    assert df.loc[lost, "error"].str.contains("actor died").all()
+    rest = [p for p in range(N) if p not in lost]
+    ref = read_results(reference[0]).problems.set_index("position")
+    np.testing.assert_allclose(df.loc[rest, "objective"], ref.loc[rest, "objective"], rtol=1e-9)

@@ -17,7 +17,11 @@ import ray
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
 from raybary.runner.shard import fail_shard, process_shard
 
-__all__ = ["ShardWorker", "actor_env", "make_actor"]
+__all__ = ["ShardWorker", "actor_env", "make_actor", "CRASH_ENV"]
+
+#: Test hook: comma-separated shard indices on which an actor process exits
+#: abruptly (set through ``ExecOptions.actor_env``); exercises the give-up path.
+CRASH_ENV = "RAYBARY_RUNNER_CRASH_SHARDS"
 
 
 class ShardWorker:
@@ -39,6 +43,8 @@ class ShardWorker:
         return {"pid": os.getpid(), "node": self.node_id, "peak_rss_mb": _peak_rss_mb()}
 
     def run_shard(self, shard_index: int) -> dict:
+        if str(shard_index) in os.environ.get(CRASH_ENV, "").split(","):
+            os._exit(70)  # test hook: this process dies on this shard, like a segfault would
         out = process_shard(self.store, self.writer, shard_index, self.solver, self.grid)
         out.update(node=self.node_id, peak_rss_mb=_peak_rss_mb())
         return out

@@ -17,6 +17,7 @@ shards (:meth:`ResultWriter.prepare`).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import resource
@@ -51,6 +52,7 @@ class RunReport:
     shards_given_up: int = 0  # committed as failed after max_attempts lost attempts
     shards_lost: list[int] = field(default_factory=list)  # not committed
     retries: int = 0  # lost attempts that were re-queued
+    requeued_unstarted: int = 0  # queued on an actor that died before starting them
     actor_replacements: int = 0
     actors: int = 0
     counts_run: dict = field(default_factory=lambda: {"ok": 0, "invalid": 0, "failed": 0})
@@ -185,6 +187,8 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     solver = solver or SolverOptions()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
+    if not exe.progress:
+        stream = None
     t0 = time.perf_counter()
     store = open_store(input_url)  # metadata only
     writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
@@ -248,8 +252,10 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
     import ray
     from ray.exceptions import RayActorError
 
-    inflight: dict = {}  # ref -> (slot index, generation, shard, kind)
-    attempts: collections.Counter = collections.Counter()
+    inflight: dict = {}  # ref -> (slot index, generation, shard, kind, submission number)
+    counter = itertools.count()
+    attempts: collections.Counter = collections.Counter()  # lost solve attempts per shard
+    give_up: collections.Counter = collections.Counter()  # lost attempts to commit it as failed
     stuck = 0  # failures since the last success
     max_stuck = max(10, 3 * len(slots) + exe.max_attempts)
 
@@ -260,21 +266,26 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
             ref = actor.run_shard.remote(shard)
         else:
             ref = actor.fail_shard.remote(shard, kind[len("fail:"):])
-        inflight[ref] = (k, slots[k]["gen"], shard, kind)
+        inflight[ref] = (k, slots[k]["gen"], shard, kind, next(counter))
 
     def lost(shard: int, kind: str, why: str) -> None:
-        attempts[shard] += 1
         report.errors.append(f"shard {shard}: {why}")
+        if kind != "solve":  # committing it as failed did not work either
+            give_up[shard] += 1
+            if give_up[shard] < exe.max_attempts:
+                todo.append((shard, kind))
+            else:
+                log.error("shard %d could not be committed: %s", shard, why)
+            return
+        attempts[shard] += 1
         if attempts[shard] < exe.max_attempts:
             todo.append((shard, "solve"))
             report.retries += 1
             progress.update(retries=1)
-        elif kind == "solve":
+        else:
             msg = (f"not solved: {attempts[shard]} attempts at this shard were lost "
                    f"(last: {why[:300]})")
             todo.append((shard, "fail:" + msg))
-        else:
-            log.error("shard %d could not be committed: %s", shard, why)
 
     while todo or inflight:
         for k in range(len(slots)):
@@ -285,24 +296,41 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
         for ref in ready:
             if ref not in inflight:  # dropped when its actor was replaced
                 continue
-            k, gen, shard, kind = inflight.pop(ref)
+            k, gen, shard, kind, seq = inflight.pop(ref)
             try:
                 out = ray.get(ref)
             except RayActorError as e:
                 stuck += 1
                 why = f"actor died ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                lost(shard, kind, why)
-                if slots[k]["gen"] == gen:  # replace it, re-queue what else was on it
-                    for r2, (k2, g2, s2, kind2) in list(inflight.items()):
-                        if k2 == k and g2 == gen:
-                            del inflight[r2]
-                            lost(s2, kind2, why)
+                # An actor runs its tasks one at a time in submission order, so of
+                # the shards it still had, the first submitted was the one running:
+                # that attempt counts; the others never started and go back first.
+                dead = [(seq, shard, kind)]
+                for r2, (k2, g2, s2, kind2, seq2) in list(inflight.items()):
+                    if k2 == k and g2 == gen:
+                        del inflight[r2]
+                        try:  # finished before the actor died?
+                            if ray.wait([r2], timeout=0)[0]:
+                                out2 = ray.get(r2)
+                                _record(out2, report, progress, t0)
+                                if on_shard is not None:
+                                    on_shard(out2)
+                                continue
+                        except Exception:  # noqa: BLE001 - lost with the actor
+                            pass
+                        dead.append((seq2, s2, kind2))
+                dead.sort()
+                lost(dead[0][1], dead[0][2], why)
+                for _, s2, kind2 in reversed(dead[1:]):
+                    todo.appendleft((s2, kind2))
+                if slots[k]["gen"] == gen:  # replace the actor
                     try:
                         ray.kill(slots[k]["actor"], no_restart=True)
                     except Exception:  # noqa: BLE001
                         pass
                     slots[k] = {"actor": new_actor(), "gen": gen + 1}
                     report.actor_replacements += 1
+                    report.requeued_unstarted += len(dead) - 1
             except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
                 stuck += 1
                 lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
