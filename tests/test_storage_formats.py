@@ -282,3 +282,21 @@ def test_url_that_lost_a_slash_is_refused(tmp_path, monkeypatch, url):
     with pytest.raises(ValueError, match="lost a slash"):
         open_store(url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_without_suffix_as_written_by_spark(tmp_path):
+    from click.testing import CliRunner
+
+    from raybary.cli import main
+
+    out = tmp_path / "spark_out"
+    (out / "_temporary").mkdir(parents=True)
+    cols = tutorial_columns(20, seed=5)
+    write_parquet(str(out / "part-00000-abc.snappy.parquet"), cols.slice(0, 9), 50, pieces=1)
+    write_parquet(str(out / "part-00001-abc.snappy.parquet"), cols.slice(9, 20), 50, pieces=1)
+    (out / "_SUCCESS").write_text("")
+    (out / ".part-00000-abc.snappy.parquet.crc").write_text("crc")
+    assert_same(open_store(str(out)).read_columns(0, 20), cols)
+    r = CliRunner().invoke(main, ["convert", str(out), str(tmp_path / "z.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same(open_store(str(tmp_path / "z.zarr")).read_columns(0, 20), cols)
