@@ -248,10 +248,17 @@ def test_iter_and_shards():
 
 def test_memory_urls_never_touch_the_local_disk(tmp_path, monkeypatch, mem_url):
     """memory:// stores (top level and nested, via temporary siblings) stay in memory."""
-    from raybary.storage import ResultWriter, read_results
+    import posixpath
+
+    from raybary.storage import ResultWriter, _fs, read_results
     from raybary.types import Result
 
     monkeypatch.chdir(tmp_path)
+    # the original bug: path arithmetic on the URL string (posixpath.dirname("memory://x.zarr")
+    # is "memory:"), giving memory:/.x.zarr.tmp-..., which fsspec and zarr take for a local path
+    assert _fs._sibling_tmp("memory://x.zarr").startswith("memory:///.x.zarr.tmp-")
+    with pytest.raises(ValueError, match="lost a slash"):
+        _fs.url_to_fs(posixpath.join(posixpath.dirname("memory://x.zarr"), ".x.zarr.tmp"))
     cols = tutorial_columns(30, seed=4)
     top = mem(".zarr")  # memory://roundtrip-<hex>.zarr: its temporary is memory:///.roundtrip-...
     for url in (top, f"{mem_url}/a.zarr", f"{mem_url}/a.parquet"):
