@@ -105,7 +105,7 @@ def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool)
               help="Problem store: validate every problem (default: the first 1000).")
 @click.option("--renormalize", is_flag=True,
               help="Problem store: rescale component weights that do not sum to 1 "
-                   "instead of reporting them (as the runner's --renormalize does).")
+                   "instead of reporting them (store.read(..., renormalize=True)).")
 def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool) -> None:
     """Summarise a results directory OUT, or describe and validate a problem store."""
     from raybary.storage import _fs
