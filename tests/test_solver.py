@@ -163,11 +163,20 @@ def test_edge_cases_no_nan():
             assert np.all(np.isfinite(arr)), name
         assert r.means.shape == (n, 2) and r.weights.sum() == pytest.approx(1.0)
         assert np.all(np.linalg.eigvalsh(r.covs) > 0), name
-    ident = results[3]
+    # Copies of one GMM with n = K: with uniform barycenter weights the
+    # barycenter cannot be g2 (weights 0.3, 0.7), but with learned weights it is.
+    ident = raybary.solve(cases["identical"][0], bar_size=2, dtype="float64", learn_weights=True)[0]
     order = np.argsort(ident.means[:, 0])
-    np.testing.assert_allclose(ident.means[order], g2.means, atol=1e-6)
-    np.testing.assert_allclose(ident.covs[order], g2.covs, atol=1e-6)
-    assert ident.objective == pytest.approx(0.0, abs=1e-8)
+    np.testing.assert_allclose(ident.weights[order], g2.weights, atol=1e-5)
+    np.testing.assert_allclose(ident.means[order], g2.means, atol=1e-5)
+    np.testing.assert_allclose(ident.covs[order], g2.covs, atol=1e-5)
+    assert ident.objective == pytest.approx(0.0, abs=1e-5)
+    even = GMM([0.5, 0.5], g2.means, g2.covs)
+    copies = raybary.solve(Problem([even] * 3, [0.2, 0.3, 0.5]), bar_size=2, dtype="float64")[0]
+    order = np.argsort(copies.means[:, 0])
+    np.testing.assert_allclose(copies.means[order], even.means, atol=1e-6)
+    np.testing.assert_allclose(copies.covs[order], even.covs, atol=1e-6)
+    assert copies.objective == pytest.approx(0.0, abs=1e-6)
     far_r = results[5]
     np.testing.assert_allclose(np.sort(far_r.means[:, 0]), [1e4, 1e4 + 3], atol=1e-5)
     # J=1: with n = K the barycenter is the input itself.

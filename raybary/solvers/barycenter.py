@@ -19,10 +19,22 @@ over plans :math:`P_j \in \Pi(a, w_j)` and atoms, by block-coordinate descent
    :func:`raybary.geometry.bures.bures_barycenter_step`. For fixed plans this
    is the exact minimiser, so :math:`F` does not go up.
 
-With ``learn_weights``, once the fixed-weight iteration has converged, step 1
-becomes the fixed-support barycenter problem over ``a`` too (iterative Bregman
-projections), so the objective keeps decreasing from the uniform-weight
-solution.
+With ``learn_weights``, once the fixed-weight iteration has converged, the
+weights ``a`` move too, by exponentiated (mirror) gradient steps on
+:math:`\sum_j \lambda_j \mathrm{OT}(a, \nu_j)`, whose gradient in ``a`` is
+:math:`\sum_j \lambda_j f_j` with :math:`f_j` the dual potentials of the plans
+(Cuturi & Doucet 2014, Algorithm 1):
+:math:`\log a \leftarrow \log a - t\,\textstyle\sum_j \lambda_j f_j + \mathrm{const}`.
+A step is kept only if the objective went down (else it is undone and ``t``
+halved), and the atoms are updated after each kept step, so the objective
+never goes up and ends at most at the uniform-weight solution's.
+
+Each outer iteration restarts Sinkhorn's epsilon-scaling from the potentials
+of the previous plans at :math:`\varepsilon_0 = \min(\text{scale}, \max(\varepsilon,
+\kappa \max_{il} |C^{new}_{il} - C^{old}_{il}|))`: the old potentials are
+accurate up to the change of the cost, so the schedule starts where they stop
+being good. A fixed warm start at a few times epsilon cannot move potentials
+by more than a few epsilon per iteration and stalls when an atom jumps.
 
 Everything here acts on one padded problem (flat layout: see
 :mod:`raybary.solvers.sinkhorn`) and is jittable and vmappable;
@@ -69,32 +81,36 @@ class SolverConfig:
 
     Attributes:
       max_iterations: outer (plans / atoms) iterations at most.
-      tol: converged when the relative change of the objective between two
-        outer iterations is at most ``tol``. The plans' marginal error is
-        reported beside it: on near-degenerate problems Sinkhorn may stall a
-        little above ``sinkhorn_tol`` at small epsilon while the atoms have
-        converged.
+      tol: converged when the change of the objective between two outer
+        iterations is at most ``tol * objective + sinkhorn_tol * scale`` (the
+        second term is the noise floor of plans with marginal error
+        ``sinkhorn_tol``; ``scale`` is the mean initial cost) and the plans'
+        marginal error is at most ``10 * sinkhorn_tol``.
       relative_epsilon: if true, the per-problem ``epsilon`` is relative to the
         mean cost of the initial barycenter against the inputs (scale-free);
         otherwise it is absolute, in squared units of the data.
       sinkhorn_tol: L1 marginal error at which Sinkhorn stops.
       sinkhorn_max_iterations: Sinkhorn iterations at most per outer iteration.
       epsilon_decay: factor of the epsilon-scaling schedule.
-      warm_epsilon_factor: from the second outer iteration on, Sinkhorn starts
-        (warm) at ``warm_epsilon_factor * epsilon``.
+      warm_epsilon_factor: from the second outer iteration on, Sinkhorn's
+        epsilon-scaling restarts (warm) at this factor times the largest change
+        of a cost entry since the previous plans, clipped to ``[epsilon, scale]``.
       fixed_point_steps: covariance fixed-point steps per atom update.
       learn_weights: also optimise the barycenter's component weights.
+      weight_step: first log-step of the weight updates, relative to the
+        spread of the gradient (adapted: x1.5 on success, /2 on failure).
     """
 
     max_iterations: int = 100
     tol: float = 1e-6
     relative_epsilon: bool = True
-    sinkhorn_tol: float = 1e-4
+    sinkhorn_tol: float = 1e-5
     sinkhorn_max_iterations: int = 300
     epsilon_decay: float = 0.6
-    warm_epsilon_factor: float = 8.0
+    warm_epsilon_factor: float = 2.0
     fixed_point_steps: int = 1
     learn_weights: bool = False
+    weight_step: float = 0.5
 
 
 class PaddedProblem(NamedTuple):
@@ -122,15 +138,26 @@ class PaddedProblem(NamedTuple):
 
 
 class BarycenterState(NamedTuple):
-    """Outer-loop state of one problem."""
+    """Outer-loop state of one problem.
+
+    ``objective`` is the transport objective of the last plans against the
+    atoms they were computed for; ``reference`` the one it is compared with
+    (the previous iteration's in phase 0, the best kept one in phase 1, when
+    the weights are learned). ``cost`` is the last cost matrix ``(n, L)``;
+    ``best_log_a``, ``grad`` and ``step`` drive the weight updates.
+    """
 
     means: jnp.ndarray
     covs: jnp.ndarray
     log_a: jnp.ndarray
     f: jnp.ndarray
     g: jnp.ndarray
+    cost: jnp.ndarray
     objective: jnp.ndarray
-    prev_objective: jnp.ndarray
+    reference: jnp.ndarray
+    best_log_a: jnp.ndarray
+    grad: jnp.ndarray
+    step: jnp.ndarray
     iteration: jnp.ndarray
     phase: jnp.ndarray
     done: jnp.ndarray
@@ -236,14 +263,19 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
     eps = jnp.maximum(eps, jnp.finfo(dtype).eps * scale).astype(dtype)
 
     inf = jnp.asarray(jnp.inf, dtype)
+    log_a0 = jnp.where(p.atom_mask, -jnp.log(dv.n_atoms), 0.0)
     return BarycenterState(
         means=means0,
         covs=covs0,
-        log_a=jnp.where(p.atom_mask, -jnp.log(dv.n_atoms), 0.0),
+        log_a=log_a0,
         f=jnp.zeros((J, n), dtype),
         g=jnp.zeros(p.weights.shape, dtype),
+        cost=cost0,
         objective=inf,
-        prev_objective=inf,
+        reference=inf,
+        best_log_a=log_a0,
+        grad=jnp.zeros((n,), dtype),
+        step=jnp.asarray(config.weight_step, dtype),
         iteration=jnp.asarray(0, jnp.int32),
         phase=jnp.asarray(0, jnp.int32),
         done=jnp.asarray(False),
@@ -255,6 +287,24 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
     )
 
 
+def _normalise_log(log_a: jnp.ndarray, atom_mask: jnp.ndarray) -> jnp.ndarray:
+    """``log a - log sum a`` over the real atoms (0 on padded ones); floored at -30."""
+    from raybary.solvers.sinkhorn import masked_logsumexp
+
+    out = log_a - masked_logsumexp(log_a, atom_mask, axis=0)
+    return jnp.where(atom_mask, jnp.maximum(out, -30.0), 0.0)
+
+
+def _weight_gradient(f, lam, atom_mask, log_a):
+    r"""Centred :math:`\sum_j \lambda_j f_j` and its spread over the real atoms."""
+    grad = jnp.einsum("j,ji->i", lam, f)
+    a = jnp.where(atom_mask, jnp.exp(log_a), 0.0)
+    grad = jnp.where(atom_mask, grad - jnp.sum(a * grad), 0.0)
+    big = jnp.max(jnp.where(atom_mask, grad, -jnp.inf))
+    small = jnp.min(jnp.where(atom_mask, grad, jnp.inf))
+    return grad, jnp.maximum(big - small, 0.0)
+
+
 def run_one(
     state: BarycenterState, p: PaddedProblem, config: SolverConfig, steps: int | None = None
 ) -> BarycenterState:
@@ -262,7 +312,7 @@ def run_one(
     dtype = p.means.dtype
     dv = _derive(p)
     eps = state.epsilon
-    inf = jnp.asarray(jnp.inf, dtype)
+    tiny = jnp.finfo(dtype).tiny
     stop_at = state.iteration + (config.max_iterations if steps is None else steps)
 
     def cond(s: BarycenterState):
@@ -270,8 +320,15 @@ def run_one(
 
     def body(s: BarycenterState) -> BarycenterState:
         cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, dv.mask2)
+        moved = jnp.max(jnp.where(dv.mask2, jnp.abs(cost - s.cost), 0.0))
+        # New weights move the optimal potentials too (by up to about the scale
+        # times the change of log a): restart the schedule accordingly.
+        reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.best_log_a), 0.0))
+        moved = jnp.maximum(moved, s.scale * reweighted)
         eps_start = jnp.where(
-            s.iteration == 0, jnp.maximum(s.scale, eps), config.warm_epsilon_factor * eps
+            s.iteration == 0,
+            jnp.maximum(s.scale, eps),
+            jnp.clip(config.warm_epsilon_factor * moved, eps, jnp.maximum(s.scale, eps)),
         )
         sk = sinkhorn(
             init_state(cost, s.f, s.g, s.log_a, p.gmm_index),
@@ -285,29 +342,54 @@ def run_one(
             decay=config.epsilon_decay,
             tol=config.sinkhorn_tol,
             max_iterations=config.sinkhorn_max_iterations,
-            learn_weights=s.phase == 1,
         )
-        plan = plan_matrix(sk.reduced, eps, p.atom_mask, dv.comp_mask)
+        plan = plan_matrix(sk.reduced, sk.epsilon, p.atom_mask, dv.comp_mask)
         weight_il = dv.lam_l[None, :] * plan
         objective = jnp.sum(weight_il * cost)
-        change = jnp.abs(s.objective - objective)
-        small = change <= config.tol * jnp.maximum(jnp.abs(objective), jnp.finfo(dtype).tiny)
-        conv_now = small & (s.iteration > 0)
-        switch = conv_now & config.learn_weights & (s.phase == 0)
-        finished = conv_now & ~switch
+        ref = s.reference
+        # Noise floor of the objective: plans with an L1 marginal error e move
+        # it by up to about e times the typical cost (the scale).
+        slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + config.sinkhorn_tol * s.scale
+        solved = sk.error <= 10 * config.sinkhorn_tol
+        small = (jnp.abs(ref - objective) <= slack) & solved
         last = s.iteration + 1 >= config.max_iterations
+
+        # Phase 0: fixed weights. Phase 1: weights learned; a trial log_a is kept
+        # only when the objective did not go up (beyond the tolerance).
+        learning = s.phase == 1
+        keep = ~learning | ((objective <= ref + slack) & solved)
+        conv_now = small & (s.iteration > 0) & keep
+        switch = conv_now & config.learn_weights & ~learning
+        grad, spread = _weight_gradient(sk.f, dv.lam, p.atom_mask, s.log_a)
+        step_scale = 1.0 / jnp.maximum(spread, tiny)
+        step = jnp.where(
+            switch, config.weight_step,
+            jnp.where(learning, jnp.where(keep, s.step * 1.5, s.step * 0.5), s.step),
+        )
+        stalled = learning & (step < config.tol)
+        finished = (conv_now & ~switch) | stalled
         stop = finished | last
+        best_log_a = jnp.where(keep, s.log_a, s.best_log_a)
+        use_grad = jnp.where(keep, grad * step_scale, s.grad)
+        trial = _normalise_log(best_log_a - step * use_grad, p.atom_mask)
+        next_log_a = jnp.where(switch | (learning & ~stop), trial, best_log_a)
+
         new_means, new_covs = _atom_update(
             s.means, s.covs, inv, cross, p.means, p.covs, weight_il, config.fixed_point_steps
         )
+        move_atoms = keep & ~stop
         return s._replace(
-            means=jnp.where(stop, s.means, new_means),
-            covs=jnp.where(stop, s.covs, new_covs),
-            log_a=sk.log_a,
+            means=jnp.where(move_atoms, new_means, s.means),
+            covs=jnp.where(move_atoms, new_covs, s.covs),
+            log_a=next_log_a,
             f=sk.f,
             g=sk.g,
-            objective=jnp.where(switch, inf, objective),
-            prev_objective=objective,
+            cost=cost,
+            objective=jnp.where(keep, objective, ref),
+            reference=jnp.where(keep, objective, ref),
+            best_log_a=best_log_a,
+            grad=use_grad,
+            step=step,
             iteration=s.iteration + 1,
             phase=jnp.where(switch, 1, s.phase),
             done=stop,
@@ -328,7 +410,7 @@ def finish_one(state: BarycenterState, p: PaddedProblem) -> BarycenterOutput:
         weights=a,
         means=state.means,
         covs=state.covs,
-        objective=state.prev_objective,
+        objective=state.objective,
         converged=state.converged,
         iterations=state.iteration,
         marginal_error=state.error,

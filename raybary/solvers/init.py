@@ -6,7 +6,10 @@ with the Bures–Wasserstein cost as the squared distance and the mass
 drawn with probability proportional to the mass, each next one proportional to
 mass times the cost to the nearest atom drawn so far. When every component
 with mass is already an atom (``n`` larger than the number of distinct
-components), draws fall back to the mass alone.
+components), draws fall back to the mass alone, and an atom drawn on a
+component that is already an atom has its mean jittered by a tenth of the
+component's standard deviation: exact copies would get identical plans and
+stay copies for ever.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ def kmeanspp_init(
 
     def step(carry, _):
         dmin, key = carry
-        key, sub = jax.random.split(key)
         score = jnp.where(jnp.isfinite(dmin), mass * dmin, mass)
         score = jnp.where(jnp.sum(score) > 0, score, mass)
+        key, sub, jit = jax.random.split(key, 3)
         idx = jax.random.categorical(sub, logits_of(score))
         d = bures_cost(means[idx][None], covs[idx][None], means, covs)
-        return (jnp.minimum(dmin, d), key), idx
+        copy = jnp.isfinite(dmin[idx]) & (dmin[idx] <= 0)
+        sd = jnp.sqrt(jnp.maximum(jnp.trace(covs[idx]) / means.shape[-1], 0.0))
+        shift = jnp.where(copy, 0.1 * sd, 0.0) * jax.random.normal(jit, means.shape[-1:], means.dtype)
+        return (jnp.minimum(dmin, d), key), (idx, shift)
 
     dmin0 = jnp.full(weights.shape, jnp.inf, dtype=weights.dtype)
-    _, idx = jax.lax.scan(step, (dmin0, key), None, length=n)
-    return means[idx], covs[idx]
+    _, (idx, shift) = jax.lax.scan(step, (dmin0, key), None, length=n)
+    return means[idx] + shift, covs[idx]

@@ -17,10 +17,10 @@ Updates (Cuturi 2013 in log form; Peyré & Cuturi 2019, Remark 4.23):
    g_l &= \varepsilon \log b_l - \varepsilon \operatorname{LSE}_i \big((f_{j(l),i} - C_{il})/\varepsilon\big), \\
    f_{ji} &= \varepsilon \log a_i - \varepsilon \operatorname{LSE}_{l \in j} \big((g_l - C_{il})/\varepsilon\big).
 
-With ``learn_weights`` the update of ``a`` between the two half-steps is the
-iterative Bregman projection of Benamou et al. (2015), eq. (17):
-:math:`\log a = \sum_j \lambda_j \log (P_j \mathbb{1})`, which solves the
-fixed-support barycenter problem :math:`\min_a \sum_j \lambda_j \mathrm{OT}_\varepsilon(a, b_j)`.
+The total potentials ``f`` are kept: :math:`\sum_j \lambda_j f_j` is the
+gradient of :math:`\sum_j \lambda_j \mathrm{OT}_\varepsilon(a, b_j)` in ``a``
+(up to a constant), which :mod:`raybary.solvers.barycenter` uses to learn the
+barycenter's weights (Cuturi & Doucet 2014, Algorithm 1).
 
 Numerics: the potentials are *absorbed* into a reduced cost
 :math:`\tilde C_{il} = C_{il} - f_{j(l),i} - g_l` after every half-step
@@ -29,9 +29,14 @@ the plan's support; in float32 this is what lets the marginals converge at
 small epsilon, where ``(f + g - C) / epsilon`` would otherwise lose every digit.
 The plans are :math:`P = \exp(-\tilde C / \varepsilon)`.
 
-``epsilon`` follows a geometric schedule :math:`\varepsilon_k = \max(\varepsilon,
-\varepsilon_0 \rho^k)` (epsilon-scaling, Schmitzer 2019), from warm-started
-potentials. Padded entries are masked out of every log-sum-exp, so no
+``epsilon`` follows a geometric schedule (epsilon-scaling, Schmitzer 2019)
+from :math:`\varepsilon_0` down to the target, from warm-started potentials:
+it is multiplied by :math:`\rho` whenever the marginal error at the current
+level is below ``level_tol``. Going down one level per iteration regardless
+loses the plan's small entries: once :math:`\varepsilon` shrinks faster than
+the potentials can follow (each step moves them by about
+:math:`\varepsilon \log(\text{marginal ratio})`), a mass that needs a costly
+entry is lost and takes :math:`O(C/\varepsilon)` iterations to come back. Padded entries are masked out of every log-sum-exp, so no
 ``log(0)`` reaches arithmetic and nothing padded produces NaN.
 """
 
@@ -55,7 +60,8 @@ __all__ = [
 
 class SinkhornState(NamedTuple):
     """Loop state: reduced cost ``(n, L)``, total potentials ``f (J, n)``,
-    ``g (L,)``, log-weights of the atoms, iteration count and marginal error."""
+    ``g (L,)``, log-weights of the atoms, iteration count, marginal error and
+    the current epsilon of the schedule."""
 
     reduced: jnp.ndarray
     f: jnp.ndarray
@@ -63,6 +69,7 @@ class SinkhornState(NamedTuple):
     log_a: jnp.ndarray
     iteration: jnp.ndarray
     error: jnp.ndarray
+    epsilon: jnp.ndarray
 
 
 def masked_logsumexp(x: jnp.ndarray, mask: jnp.ndarray, axis: int) -> jnp.ndarray:
@@ -104,7 +111,7 @@ def init_state(cost, f, g, log_a, gmm_index) -> SinkhornState:
     """Warm start from potentials ``f, g`` for a new cost matrix."""
     inf = jnp.asarray(jnp.inf, cost.dtype)
     return SinkhornState(
-        reduce_cost(cost, f, g, gmm_index), f, g, log_a, jnp.asarray(0, jnp.int32), inf
+        reduce_cost(cost, f, g, gmm_index), f, g, log_a, jnp.asarray(0, jnp.int32), inf, inf
     )
 
 
@@ -121,9 +128,9 @@ def sinkhorn(
     decay: float,
     tol: float,
     max_iterations: int,
-    learn_weights: bool | jnp.ndarray = False,
+    level_tol: float = 1e-3,
 ) -> SinkhornState:
-    r"""Run Sinkhorn (or IBP when ``learn_weights``) from ``state`` until the marginal
+    r"""Run Sinkhorn from ``state`` until the marginal
     error is at most ``tol`` at the target ``epsilon``, or ``max_iterations``.
 
     The error is :math:`\max_j \|P_j \mathbb{1} - a\|_1` measured after the
@@ -131,34 +138,35 @@ def sinkhorn(
     """
     comp_mask = jnp.any(member, axis=0)
     gmm_valid = jnp.any(member, axis=1) & (lambdas > 0)
-    lam = jnp.where(gmm_valid, lambdas, 0.0)
-    lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(lam.dtype).tiny)
     row_mask = gmm_valid[:, None] & atom_mask[None, :]
     start = state.iteration
-
-    def eps_at(k):
-        return jnp.maximum(epsilon, epsilon_start * decay ** (k - start).astype(epsilon.dtype))
+    log_a = state.log_a
+    a = jnp.where(atom_mask, jnp.exp(jnp.where(atom_mask, log_a, 0.0)), 0.0)
+    level_tol = jnp.maximum(level_tol, tol)
 
     def cond(s: SinkhornState):
-        not_done = (s.error > tol) | (eps_at(s.iteration) > epsilon)
+        not_done = (s.error > tol) | (s.epsilon > epsilon)
         return (s.iteration - start < max_iterations) & not_done
 
     def body(s: SinkhornState) -> SinkhornState:
-        eps = eps_at(s.iteration)
+        # Next level once the current one is solved to ``level_tol``; the state
+        # keeps the epsilon its reduced cost is consistent with.
+        eps = jnp.where(s.error <= level_tol, jnp.maximum(epsilon, s.epsilon * decay), s.epsilon)
         # g half-step: columns exact.
         col = masked_logsumexp(-s.reduced / eps, atom_mask[:, None], axis=0)
         dg = jnp.where(comp_mask, eps * (log_b - col), 0.0)
         reduced = s.reduced - dg[None, :]
         # Row marginals of each plan, (J, n).
         log_mu = segment_logsumexp(-reduced / eps, member, gmm_index)
-        geo = jnp.sum(jnp.where(row_mask, lam[:, None] * log_mu, 0.0), axis=0)
-        log_a = jnp.where(learn_weights & atom_mask, geo, s.log_a)
-        a = jnp.where(atom_mask, jnp.exp(jnp.where(atom_mask, log_a, 0.0)), 0.0)
         mu = jnp.where(row_mask, jnp.exp(jnp.where(row_mask, log_mu, 0.0)), 0.0)
         err = jnp.max(jnp.where(gmm_valid, jnp.sum(jnp.abs(mu - a[None, :]), axis=1), 0.0))
         # f half-step: rows exact.
         df = jnp.where(row_mask, eps * (log_a[None, :] - log_mu), 0.0)
         reduced = reduced - df[gmm_index].T
-        return SinkhornState(reduced, s.f + df, s.g + dg, log_a, s.iteration + 1, err)
+        return SinkhornState(reduced, s.f + df, s.g + dg, log_a, s.iteration + 1, err, eps)
 
+    inf = jnp.asarray(jnp.inf, state.reduced.dtype)
+    state = state._replace(
+        epsilon=jnp.maximum(epsilon_start, epsilon).astype(inf.dtype), error=inf
+    )
     return jax.lax.while_loop(cond, body, state)
