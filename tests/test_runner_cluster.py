@@ -37,14 +37,15 @@ SCRIPT = textwrap.dedent("""
     def on_shard(summary):
         seen[summary["node"]] = seen.get(summary["node"], 0) + 1
         if not removed and len(seen) == 2:
-            # this node's actor has its next shards in flight (3 queued per actor): take the node away
+            # take away the node that just reported; shards are still queued for it
+            # (or are about to be), so the driver has to notice and move them
             node = next(w for w in workers if w.node_id == summary["node"])
             cluster.remove_node(node, allow_graceful=False)
             removed.append(node.node_id)
 
     try:
         report = run(inp, out, SolverOptions(bar_size=3), GridOptions(shape=(8, 8)),
-                     ExecOptions(actors=2, shard_size=10, in_flight=3), stream=None, on_shard=on_shard)
+                     ExecOptions(actors=2, shard_size=40), stream=None, on_shard=on_shard)
         print("REPORT " + json.dumps({
             "report": report.to_dict(), "removed": removed, "seen_before_removal": list(seen),
             "workers": [w.node_id for w in workers],
@@ -56,7 +57,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_two_worker_nodes_and_a_node_lost_mid_run(tmp_path):
-    n = 160
+    n = 600
     store = generate(str(tmp_path / "tut.parquet"), n, family="tutorial", seed=11)
     out = str(tmp_path / "out")
     script = tmp_path / "cluster_run.py"
@@ -75,7 +76,7 @@ def test_two_worker_nodes_and_a_node_lost_mid_run(tmp_path):
     assert sorted(info["seen_before_removal"]) == sorted(info["workers"])
     assert len(info["removed"]) == 1
     assert set(report["shards_by_node"]) <= set(info["workers"])
-    assert report["actor_replacements"] >= 1 and report["retries"] >= 1, info
+    assert report["actor_replacements"] >= 1 and report["retries"] >= 1, json.dumps(info)[-1500:]
     assert report["complete"] and report["counts"]["ok"] == n
     res = read_results(out)
     ids = res.problems.problem_id.tolist()

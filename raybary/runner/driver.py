@@ -145,8 +145,11 @@ def _connect(exe: ExecOptions) -> bool:
     else:
         # address="local": always a fresh, private Ray, never one found via
         # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
+        # worker_niceness 0: Ray starts workers at nice 15 by default, which on a
+        # busy laptop hands the solver's CPU to anything else running.
         ray.init(address="local", num_cpus=exe.local_cpus(), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+                 logging_level=logging.WARNING, log_to_driver=False,
+                 _system_config={"worker_niceness": 0})
     return True
 
 
@@ -184,7 +187,7 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     from raybary.runner.actor import make_actor
     from raybary.storage import ResultWriter, open_store
 
-    solver = solver or SolverOptions()
+    solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
     if not exe.progress:

@@ -7,7 +7,7 @@ NumPy/stdlib only, so the CLI can build and check options without Ray or JAX.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 __all__ = ["SolverOptions", "GridOptions", "ExecOptions", "parse_grid", "parse_bounds",
            "parse_dims", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID"]
@@ -42,6 +42,15 @@ class SolverOptions:
             raise ValueError(f"restarts must be at least 1, got {self.restarts}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    def resolved(self) -> SolverOptions:
+        """These options with the solver's default regularisation filled in, so the
+        value used is recorded (and a re-run after a change of default is refused)."""
+        if self.epsilon is None and self.relative_epsilon is None:
+            from raybary.batch.api import DEFAULT_RELATIVE_EPSILON
+
+            return replace(self, relative_epsilon=float(DEFAULT_RELATIVE_EPSILON))
+        return self
 
     def solve_kwargs(self) -> dict:
         """Keyword arguments for :func:`raybary.solve`."""
