@@ -80,8 +80,9 @@ def pot_fixed_point(problem: Problem, init_means, init_covs, iterations: int = 1
         [g.means for g in problem.gmms],
         [g.covs for g in problem.gmms],
         [g.weights for g in problem.gmms],
-        np.asarray(init_means, np.float64),
-        np.asarray(init_covs, np.float64),
+        # POT updates the initial arrays in place: give it copies.
+        np.array(init_means, np.float64, copy=True),
+        np.array(init_covs, np.float64, copy=True),
         np.asarray(problem.lambdas, np.float64),
         iterations=iterations,
         barycentric_proj_method="bures",

@@ -93,6 +93,7 @@ def pad_problems(
     inits: Sequence[tuple[np.ndarray, np.ndarray] | None],
     keys: np.ndarray,
     dtype: np.dtype,
+    restarts: Sequence[int] | None = None,
 ) -> tuple[dict[str, np.ndarray], Normalisation]:
     """Pad ``problems`` into arrays of the bucket's shape with ``batch`` rows.
 
@@ -100,7 +101,8 @@ def pad_problems(
     outputs are dropped). Returns the fields of
     :class:`raybary.solvers.barycenter.PaddedProblem` as NumPy arrays and the
     normalisation to undo on the outputs. ``keys`` is ``(len(problems), 2)``
-    uint32 key data. An absolute epsilon is divided by ``scale**2``.
+    uint32 key data; ``restarts`` the restart index of each problem (default
+    0). An absolute epsilon is divided by ``scale**2``.
     """
     d, n, J, L = bucket.d, bucket.n, bucket.J, bucket.L
     B = batch
@@ -116,6 +118,7 @@ def pad_problems(
         "has_init": np.zeros((B,), bool),
         "epsilon": np.zeros((B,)),
         "key": np.zeros((B, 2), np.uint32),
+        "restart": np.zeros((B,), np.int32),
     }
     centers = np.zeros((B, d))
     scales = np.ones((B,))
@@ -141,6 +144,7 @@ def pad_problems(
         eps = float(epsilons[src])
         out["epsilon"][b] = eps if relative_epsilon else eps / scale**2
         out["key"][b] = keys[src]
+        out["restart"][b] = 0 if restarts is None else restarts[src]
     for name in ("weights", "means", "covs", "lambdas", "init_means", "init_covs", "epsilon"):
         out[name] = out[name].astype(dtype)
     return out, Normalisation(centers, scales)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from raybary.geometry.bures import bures_cost
 
-__all__ = ["kmeanspp_init"]
+__all__ = ["kmeanspp_init", "mass_init"]
 
 
 def kmeanspp_init(
@@ -62,3 +62,29 @@ def kmeanspp_init(
     dmin0 = jnp.full(weights.shape, jnp.inf, dtype=weights.dtype)
     _, (idx, shift) = jax.lax.scan(step, (dmin0, key), None, length=n)
     return means[idx] + shift, covs[idx]
+
+
+def mass_init(
+    key: jax.Array,
+    weights: jnp.ndarray,
+    means: jnp.ndarray,
+    covs: jnp.ndarray,
+    lambdas: jnp.ndarray,
+    gmm_index: jnp.ndarray,
+    n: int,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``n`` components drawn with replacement, proportionally to their mass
+    :math:`\\lambda_{j(l)} w_l`, means jittered by half a standard deviation.
+
+    Unlike k-means++ it puts several atoms on a heavy component and none on
+    light ones; restarts alternate between the two (arguments as
+    :func:`kmeanspp_init`).
+    """
+    mass = jnp.where(weights > 0, weights * lambdas[gmm_index], 0.0)
+    mass = jnp.where(jnp.sum(mass) > 0, mass, jnp.where(weights > 0, weights, 0.0))
+    logits = jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1.0)), -jnp.inf)
+    k1, k2 = jax.random.split(key)
+    idx = jax.random.categorical(k1, logits, shape=(n,))
+    sd = jnp.sqrt(jnp.maximum(jnp.trace(covs[idx], axis1=-2, axis2=-1) / means.shape[-1], 0.0))
+    noise = jax.random.normal(k2, (n, means.shape[-1]), means.dtype)
+    return means[idx] + 0.5 * sd[:, None] * noise, covs[idx]
