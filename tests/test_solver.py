@@ -144,10 +144,11 @@ def test_random_ragged_against_pot(ragged):
 def test_edge_cases_no_nan():
     rng = np.random.default_rng(3)
     g2 = GMM([0.3, 0.7], [[0.0, 0.0], [3.0, 1.0]], [np.eye(2), np.diag([2.0, 0.5])])
+    even = GMM([0.5, 0.5], g2.means, g2.covs)
     ill = np.diag([1.0, 1e-6])
     far = Problem([GMM([0.5, 0.5], [[1e4, 1e4], [1e4 + 3, 1e4]], [np.eye(2), np.eye(2)])] * 2, [0.5, 0.5])
     cases = {
-        "J=1": (Problem([g2], [1.0]), 2),
+        "J=1": (Problem([even], [1.0]), 2),
         "K=1": (Problem([GMM([1.0], [[1.0, 2.0]], [np.eye(2)]), g2], [0.5, 0.5]), 2),
         "n>components": (Problem([g2, GMM([1.0], [[5.0, 5.0]], [np.eye(2)])], [0.4, 0.6]), 6),
         "identical": (Problem([g2, g2, g2], [0.2, 0.3, 0.5]), 2),
@@ -173,7 +174,6 @@ def test_edge_cases_no_nan():
     np.testing.assert_allclose(ident.means[order], g2.means, atol=5e-3)
     np.testing.assert_allclose(ident.covs[order], g2.covs, atol=5e-3)
     assert ident.objective == pytest.approx(0.0, abs=1e-2)
-    even = GMM([0.5, 0.5], g2.means, g2.covs)
     copies = raybary.solve(Problem([even] * 3, [0.2, 0.3, 0.5]), bar_size=2, dtype="float64")[0]
     order = np.argsort(copies.means[:, 0])
     np.testing.assert_allclose(copies.means[order], even.means, atol=1e-6)
@@ -181,9 +181,10 @@ def test_edge_cases_no_nan():
     assert copies.objective == pytest.approx(0.0, abs=1e-6)
     far_r = results[5]
     np.testing.assert_allclose(np.sort(far_r.means[:, 0]), [1e4, 1e4 + 3], atol=1e-5)
-    # J=1: with n = K the barycenter is the input itself.
+    # J=1: with n = K (and the input's weights uniform) the barycenter is the input itself.
     j1 = results[0]
-    np.testing.assert_allclose(j1.means[np.argsort(j1.means[:, 0])], g2.means, atol=1e-6)
+    np.testing.assert_allclose(j1.means[np.argsort(j1.means[:, 0])], even.means, atol=1e-6)
+    np.testing.assert_allclose(j1.covs[np.argsort(j1.means[:, 0])], even.covs, atol=1e-6)
     del rng
 
 
