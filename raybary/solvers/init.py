@@ -22,6 +22,17 @@ from raybary.geometry.bures import bures_cost
 __all__ = ["kmeanspp_init", "mass_init"]
 
 
+def _mass(weights, lambdas, gmm_index):
+    """Mass :math:`\\lambda_{j(l)} w_l` of each component (the weights alone if all lambdas are 0)."""
+    mass = jnp.where(weights > 0, weights * lambdas[gmm_index], 0.0)
+    return jnp.where(jnp.sum(mass) > 0, mass, jnp.where(weights > 0, weights, 0.0))
+
+
+def _logits(score):
+    """``log score``, ``-inf`` where the score is not positive."""
+    return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
+
+
 def kmeanspp_init(
     key: jax.Array,
     weights: jnp.ndarray,
@@ -41,18 +52,14 @@ def kmeanspp_init(
       gmm_index: GMM of each component ``(L,)``.
       n: number of atoms (static).
     """
-    mass = jnp.where(weights > 0, weights * lambdas[gmm_index], 0.0)
-    mass = jnp.where(jnp.sum(mass) > 0, mass, jnp.where(weights > 0, weights, 0.0))
-
-    def logits_of(score):
-        return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
+    mass = _mass(weights, lambdas, gmm_index)
 
     def step(carry, _):
         dmin, key = carry
         score = jnp.where(jnp.isfinite(dmin), mass * dmin, mass)
         score = jnp.where(jnp.sum(score) > 0, score, mass)
         key, sub, jit = jax.random.split(key, 3)
-        idx = jax.random.categorical(sub, logits_of(score))
+        idx = jax.random.categorical(sub, _logits(score))
         d = bures_cost(means[idx][None], covs[idx][None], means, covs)
         copy = jnp.isfinite(dmin[idx]) & (dmin[idx] <= 0)
         sd = jnp.sqrt(jnp.maximum(jnp.trace(covs[idx]) / means.shape[-1], 0.0))
@@ -80,11 +87,8 @@ def mass_init(
     light ones; restarts alternate between the two (arguments as
     :func:`kmeanspp_init`).
     """
-    mass = jnp.where(weights > 0, weights * lambdas[gmm_index], 0.0)
-    mass = jnp.where(jnp.sum(mass) > 0, mass, jnp.where(weights > 0, weights, 0.0))
-    logits = jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1.0)), -jnp.inf)
     k1, k2 = jax.random.split(key)
-    idx = jax.random.categorical(k1, logits, shape=(n,))
+    idx = jax.random.categorical(k1, _logits(_mass(weights, lambdas, gmm_index)), shape=(n,))
     sd = jnp.sqrt(jnp.maximum(jnp.trace(covs[idx], axis1=-2, axis2=-1) / means.shape[-1], 0.0))
     noise = jax.random.normal(k2, (n, means.shape[-1]), means.dtype)
     return means[idx] + 0.5 * sd[:, None] * noise, covs[idx]
