@@ -57,7 +57,7 @@ from raybary.geometry.bures import (
     sqrtm_and_inv,
 )
 from raybary.solvers.init import kmeanspp_init, mass_init
-from raybary.solvers.sinkhorn import init_state, plan_matrix, sinkhorn
+from raybary.solvers.sinkhorn import init_state, masked_logsumexp, plan_matrix, sinkhorn
 
 __all__ = [
     "SolverConfig",
@@ -303,8 +303,6 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
 
 def _normalise_log(log_a: jnp.ndarray, atom_mask: jnp.ndarray) -> jnp.ndarray:
     """``log a - log sum a`` over the real atoms (0 on padded ones); floored at -30."""
-    from raybary.solvers.sinkhorn import masked_logsumexp
-
     out = log_a - masked_logsumexp(log_a, atom_mask, axis=0)
     return jnp.where(atom_mask, jnp.maximum(out, -30.0), 0.0)
 
