@@ -33,6 +33,7 @@ with :func:`where` and the same wording.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ __all__ = [
     "PD_RTOL",
     "MAX_MESSAGES",
     "problem_errors",
+    "problems_errors",
     "validate_arrays",
     "ValidatedArrays",
     "where",
@@ -120,17 +122,8 @@ def problem_errors(
     """
     if problem.n_gmms == 0:
         return None, f"{where(problem_id)}: has no GMM"
-    d = problem.dim
-    counts = [g.n_components for g in problem.gmms]
-    n = sum(counts)
     checked = validate_arrays(
-        problem_ids=np.array([problem_id], dtype=np.int64),
-        gmm_offset=np.array([0, problem.n_gmms], dtype=np.int64),
-        lambdas=problem.lambdas,
-        comp_offset=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        weights=np.concatenate([g.weights for g in problem.gmms]),
-        means=np.concatenate([g.means for g in problem.gmms]).reshape(n, d),
-        covs=np.concatenate([g.covs for g in problem.gmms]).reshape(n, d, d),
+        **_csr_arrays([problem], [problem_id]),
         gmm_labels=None if gmm_labels is None else np.asarray(gmm_labels),
         renormalize=renormalize,
         max_messages=max_messages,
@@ -138,6 +131,43 @@ def problem_errors(
     if checked.errors[0] is not None:
         return None, checked.errors[0]
     return checked.problem(0), None
+
+
+def _csr_arrays(problems: Sequence[Problem], problem_ids: Sequence[int]) -> dict:
+    """The CSR arguments of :func:`validate_arrays` for problems of one dimension."""
+    d = problems[0].dim
+    gmms = [g for p in problems for g in p.gmms]
+    n = sum(g.n_components for g in gmms)
+    return dict(
+        problem_ids=np.asarray(problem_ids, dtype=np.int64),
+        gmm_offset=np.concatenate([[0], np.cumsum([p.n_gmms for p in problems])]).astype(np.int64),
+        lambdas=np.concatenate([p.lambdas for p in problems]),
+        comp_offset=np.concatenate([[0], np.cumsum([g.n_components for g in gmms])]).astype(np.int64),
+        weights=np.concatenate([g.weights for g in gmms]),
+        means=np.concatenate([g.means for g in gmms]).reshape(n, d),
+        covs=np.concatenate([g.covs for g in gmms]).reshape(n, d, d),
+    )
+
+
+def problems_errors(problems: Sequence[Problem]) -> list[str | None]:
+    """The message of each invalid problem (``None`` for a valid one), ids = positions.
+
+    Same rules as :func:`problem_errors`, but one vectorised
+    :func:`validate_arrays` call per dimension: a per-problem loop costs about
+    a millisecond each.
+    """
+    errors: list[str | None] = [None] * len(problems)
+    by_dim: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(problems):
+        if p.n_gmms == 0:
+            errors[i] = f"{where(i)}: has no GMM"
+        else:
+            by_dim[p.dim].append(i)
+    for idx in by_dim.values():
+        checked = validate_arrays(**_csr_arrays([problems[i] for i in idx], idx))
+        for i, err in zip(idx, checked.errors):
+            errors[i] = err
+    return errors
 
 
 @dataclass

@@ -109,34 +109,10 @@ def _check_dtype(dtype: str) -> str:
 
 
 def _validate(problems: Sequence[Problem]) -> list[str]:
-    """Messages of the invalid problems (ids = positions), validated per
-    dimension in one vectorised call (:func:`raybary.validation.validate_arrays`):
-    a per-problem loop costs about a millisecond each."""
-    from raybary.validation import validate_arrays, where
+    """Messages of the invalid problems (ids = positions)."""
+    from raybary.validation import problems_errors
 
-    msgs: dict[int, str] = {}
-    by_dim: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(problems):
-        if p.n_gmms == 0:
-            msgs[i] = f"{where(i)}: has no GMM"
-        else:
-            by_dim[p.dim].append(i)
-    for d, idx in by_dim.items():
-        gmms = [g for i in idx for g in problems[i].gmms]
-        counts = [g.n_components for g in gmms]
-        checked = validate_arrays(
-            problem_ids=np.asarray(idx, dtype=np.int64),
-            gmm_offset=np.concatenate([[0], np.cumsum([problems[i].n_gmms for i in idx])]),
-            lambdas=np.concatenate([problems[i].lambdas for i in idx]),
-            comp_offset=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            weights=np.concatenate([g.weights for g in gmms]),
-            means=np.concatenate([g.means for g in gmms]).reshape(-1, d),
-            covs=np.concatenate([g.covs for g in gmms]).reshape(-1, d, d),
-        )
-        for i, err in zip(idx, checked.errors):
-            if err is not None:
-                msgs[i] = err
-    return [msgs[i] for i in sorted(msgs)]
+    return [e for e in problems_errors(problems) if e is not None]
 
 
 def solve(
