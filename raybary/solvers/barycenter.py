@@ -374,7 +374,10 @@ def run_one(
         keep = ~learning | ((objective <= ref + slack) & solved)
         conv_now = small & (s.iteration > 0) & keep
         switch = conv_now & config.learn_weights & ~learning
-        grad, spread = _weight_gradient(sk.f, dv.lam, p.atom_mask, s.log_a)
+        if config.learn_weights:  # static: no gradient in the fixed-weight program
+            grad, spread = _weight_gradient(sk.f, dv.lam, p.atom_mask, s.log_a)
+        else:
+            grad, spread = s.grad, jnp.ones((), dtype)
         step_scale = 1.0 / jnp.maximum(spread, tiny)
         step = jnp.where(
             switch, config.weight_step,
