@@ -43,17 +43,36 @@ def configure_jax() -> None:
     _JAX_CONFIGURED = True
 
 
-COMPACT_MIN = 64  # batches at most this big are solved in one call
-COMPACT_STEPS = 4  # outer iterations between two looks at which problems are done
+SMALL_BATCH = 64  # batches at most this big are solved in one call
+SLOTS = 1024  # width of the working batch that finished problems leave and new ones enter
+REFILL_BLOCKS = 8  # loop blocks per call between two refills
 
 
-def _solve_arrays(arrays: dict, config, dtype: str) -> dict[str, np.ndarray]:
-    """Solve a padded batch; stragglers are compacted into smaller batches.
+def _take(tree, idx):
+    return jax_tree_map(lambda x: x[idx], tree)
 
-    In a vmapped loop every problem waits for the slowest one. So the batch
-    runs ``COMPACT_STEPS`` outer iterations at a time; once at most an eighth
-    of its rows are still running, those rows move to a batch an eighth the
-    size (so sizes stay powers of two over eight: few compiles).
+
+def jax_tree_map(fn, *trees):
+    import jax
+
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
+                  stats: dict | None = None) -> dict[str, np.ndarray]:
+    """Solve a padded batch by continuous batching.
+
+    A vmapped loop runs until its slowest member is done. So only ``slots``
+    problems run at a time, ``REFILL_BLOCKS`` loop blocks per call; between
+    calls, the slots of finished problems are refilled with waiting ones
+    (their initial states are computed up front, in one call). Once no
+    problem waits and at most an eighth of the slots are busy, the busy ones
+    move to a batch an eighth the size (sizes stay powers of two: few
+    compiles). Each problem's arithmetic does not depend on its slot or its
+    neighbours, so the result is the same as one big vmapped call.
+
+    ``stats``, if given, receives ``slot_blocks``: the loop blocks run, summed
+    over the slots (busy or not), the measure of work done against work needed.
     """
     import jax
     import jax.numpy as jnp
@@ -62,33 +81,47 @@ def _solve_arrays(arrays: dict, config, dtype: str) -> dict[str, np.ndarray]:
 
     configure_jax()
     with jax.enable_x64(dtype == "float64"):
-        full = bc.PaddedProblem(**{k: jnp.asarray(v) for k, v in arrays.items()})
-        size = full.weights.shape[0]
-        if size <= COMPACT_MIN:
-            out = bc.solve_batch(full, config)
+        problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
+        size = problems.weights.shape[0]
+        stats = {} if stats is None else stats
+        stats.setdefault("slot_blocks", 0)
+        if size <= SMALL_BATCH:
+            state = bc.init_batch(jax_tree_map(jnp.asarray, problems), config)
+            state = bc.run_batch(state, jax_tree_map(jnp.asarray, problems), config, 1 << 30)
+            stats["slot_blocks"] += size * int(np.max(np.asarray(state.blocks)))
+            out = bc.finish_batch(state, jax_tree_map(jnp.asarray, problems))
             return {k: np.asarray(v) for k, v in out._asdict().items()}
-        state = bc.init_batch(full, config)
-        final = jax.tree_util.tree_map(np.array, state)
-        batch, rows = full, np.arange(size)  # rows: original row of each slot, -1 filler
+        initial = jax_tree_map(np.array, bc.init_batch(jax_tree_map(jnp.asarray, problems), config))
+        final = jax_tree_map(np.copy, initial)
+        width = min(size, slots or SLOTS)
+        rows = np.arange(width)  # problem in each slot; -1: free (its state is marked done)
+        waiting = width
+        state, batch = _take(initial, rows), _take(problems, rows)
         while True:
-            state = bc.run_batch(state, batch, config, COMPACT_STEPS)
-            live = (~np.asarray(state.done)) & (rows >= 0)
-            n_live = int(live.sum())
-            if n_live == 0 or (n_live <= len(rows) // 8 and len(rows) > COMPACT_MIN):
-                host = jax.tree_util.tree_map(np.asarray, state)
-                keep = (rows >= 0) & ~live
-                for name, arr in zip(final._fields, host):
-                    getattr(final, name)[rows[keep]] = arr[keep]
-                if n_live == 0:
-                    break
-                slots = np.flatnonzero(live)
-                slots = np.concatenate([slots, np.full(len(rows) // 8 - n_live, slots[0])])
-                take = jnp.asarray(slots)
-                state = jax.tree_util.tree_map(lambda x, t=take: x[t], state)
-                batch = jax.tree_util.tree_map(lambda x, t=take: x[t], batch)
-                rows = np.concatenate([rows[slots[:n_live]], np.full(len(slots) - n_live, -1)])
-        final = jax.tree_util.tree_map(jnp.asarray, final)
-        out = bc.finish_batch(final, full)
+            before = state.blocks.copy()
+            state = jax_tree_map(np.array, bc.run_batch(state, batch, config, REFILL_BLOCKS))
+            stats["slot_blocks"] += width * int(np.max(state.blocks - before))
+            ended = np.flatnonzero(state.done & (rows >= 0))
+            owners = rows[ended]
+            jax_tree_map(lambda f, x, i=ended, o=owners: f.__setitem__(o, x[i]), final, state)
+            rows[ended] = -1
+            free = np.flatnonzero(rows < 0)[: size - waiting]
+            if len(free):
+                new = np.arange(waiting, waiting + len(free))
+                jax_tree_map(lambda x, y, i=free, j=new: x.__setitem__(i, y[j]), state, initial)
+                jax_tree_map(lambda x, y, i=free, j=new: x.__setitem__(i, y[j]), batch, problems)
+                rows[free] = new
+                waiting += len(free)
+            busy = np.flatnonzero(rows >= 0)
+            if len(busy) == 0:
+                break
+            if waiting == size and len(busy) <= width // 8 and width // 8 >= SMALL_BATCH // 8:
+                width //= 8
+                slots_kept = np.concatenate([busy, np.full(width - len(busy), busy[0])])
+                state, batch = _take(state, slots_kept), _take(batch, slots_kept)
+                rows = np.concatenate([rows[busy], np.full(width - len(busy), -1)])
+                state.done[len(busy):] = True
+        out = bc.finish_batch(jax_tree_map(jnp.asarray, final), jax_tree_map(jnp.asarray, problems))
         return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 
@@ -132,6 +165,7 @@ def solve(
     config=None,
     validate: bool = True,
     progress: Callable[[int], None] | None = None,
+    stats: dict | None = None,
 ) -> list[Result]:
     r"""Wasserstein barycenters (MW2, Bures ground cost) of many GMM problems at once.
 
@@ -170,6 +204,11 @@ def solve(
       validate: check the inputs first and raise ``ValueError`` naming every
         bad problem.
       progress: called with the number of problems finished after each chunk.
+      stats: if a dict, it receives the solver's work counters: ``slot_blocks``
+        (loop blocks run, summed over batch slots, busy or idle) and
+        ``plan_block`` (plan iterations per block); their product against
+        the sum of ``extra["sinkhorn_iterations"]`` is the share of slot
+        iterations that did no needed work (``raybary bench`` prints it).
 
     Returns:
       One :class:`~raybary.Result` per problem, in order.
@@ -216,7 +255,7 @@ def solve(
     if config is None:
         config = SolverConfig(relative_epsilon=relative_epsilon is not None)
         if dtype == "float64":
-            config = replace(config, tol=1e-9, sinkhorn_tol=1e-6, sinkhorn_max_iterations=1000)
+            config = replace(config, tol=1e-9, sinkhorn_tol=1e-8, sinkhorn_max_iterations=1000)
     config = replace(config, relative_epsilon=relative_epsilon is not None)
     if learn_weights:
         config = replace(config, learn_weights=True)
@@ -233,6 +272,8 @@ def solve(
             rows[b].append((i, r))
 
     rows = _merge_small(rows)
+    if stats is not None:
+        stats["plan_block"] = config.plan_block
     best: list[Result | None] = [None] * P
     done = 0
     for bucket in sorted(rows):
@@ -256,7 +297,7 @@ def solve(
                 dtype=np.dtype(dtype),
                 restarts=[r for _, r in chunk],
             )
-            out = _solve_arrays(arrays, config, dtype)
+            out = _solve_arrays(arrays, config, dtype, stats=stats)
             for row, (i, r) in enumerate(chunk):
                 res = _to_result(out, row, sizes[i], norm, r)
                 if best[i] is None or _better(res, best[i]):

@@ -57,7 +57,19 @@ from raybary.geometry.bures import (
     sqrtm_and_inv,
 )
 from raybary.solvers.init import kmeanspp_init, mass_init
-from raybary.solvers.sinkhorn import init_state, masked_logsumexp, plan_matrix, sinkhorn
+from raybary.solvers.sinkhorn import (
+    PlanGeometry,
+    PlanLoop,
+    PlanOptions,
+    init_state,
+    masked_logsumexp,
+    plan_done,
+    plan_finish,
+    plan_geometry,
+    plan_init,
+    plan_matrix,
+    plan_step,
+)
 
 __all__ = [
     "SolverConfig",
@@ -75,6 +87,9 @@ __all__ = [
 ]
 
 
+SOLVED_ERROR = 1e-3  # plans with a larger L1 marginal error never count as converged
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """Static options of the solver (hashable: one compile per distinct config).
@@ -85,13 +100,17 @@ class SolverConfig:
         iterations is at most ``tol * objective + e * scale``, where ``e`` is
         the plans' L1 marginal error (the second term is the noise floor of
         such plans; ``scale`` is the mean initial cost), and ``e`` is at most
-        ``max(10 * sinkhorn_tol, level_tol)``.
+        ``max(10 * sinkhorn_tol, 1e-3)``.
       relative_epsilon: if true, the per-problem ``epsilon`` is relative to the
         mean cost of the initial barycenter against the inputs (scale-free);
         otherwise it is absolute, in squared units of the data.
-      sinkhorn_tol: L1 marginal error at which Sinkhorn stops.
-      sinkhorn_max_iterations: Sinkhorn iterations at most per outer iteration.
-      epsilon_decay: factor of the epsilon-scaling schedule.
+      plan_solver: ``"newton"`` (damped Newton on the semi-dual,
+        :func:`raybary.solvers.sinkhorn.newton`; default) or ``"sinkhorn"``
+        (over-relaxed Sinkhorn). Both solve the same entropic problem.
+      sinkhorn_tol: L1 marginal error at which the plan solver stops.
+      sinkhorn_max_iterations: plan-solver iterations at most per outer iteration.
+      epsilon_decay: factor of the epsilon-scaling schedule (``None``: 0.2
+        for Newton, 0.6 for Sinkhorn).
       warm_epsilon_factor: from the second outer iteration on, Sinkhorn's
         epsilon-scaling restarts (warm) at this factor times the largest change
         of a cost entry since the previous plans, clipped to ``[epsilon, scale]``.
@@ -99,24 +118,57 @@ class SolverConfig:
       learn_weights: also optimise the barycenter's component weights.
       weight_step: first log-step of the weight updates, relative to the
         spread of the gradient (adapted: x1.5 on success, /2 on failure).
-      level_tol: marginal error at which epsilon-scaling goes down a level.
+      level_tol: marginal error at which epsilon-scaling goes down a level
+        (``None``: 0.1 for Newton, which recovers from a coarse level in a
+        few steps, 1e-3 for Sinkhorn, which loses small plan entries if it
+        goes down too early).
       relaxation: over-relaxation factor of the Sinkhorn updates (1 is plain
         Sinkhorn; 1.5 cut the iterations by about a third on the tutorial's
         problems; Thibault et al. 2017).
+      newton_damping, newton_armijo: smallest Levenberg–Marquardt damping and
+        sufficient-increase fraction of the Newton plan solver.
+      plan_block: plan-solver iterations between two looks at whether a
+        problem's plans are solved. The barycenter update runs under a mask
+        once per block, so its cost is shared by this many iterations, and a
+        problem waits at most this many iterations for it.
     """
 
     max_iterations: int = 100
     tol: float = 1e-6
     relative_epsilon: bool = True
+    plan_solver: str = "newton"
     sinkhorn_tol: float = 1e-5
     sinkhorn_max_iterations: int = 300
-    epsilon_decay: float = 0.6
+    epsilon_decay: float | None = None
     warm_epsilon_factor: float = 2.0
     fixed_point_steps: int = 1
     learn_weights: bool = False
     weight_step: float = 0.5
-    level_tol: float = 1e-3
+    level_tol: float | None = None
     relaxation: float = 1.5
+    newton_damping: float = 1e-6
+    newton_armijo: float = 0.1
+    plan_block: int = 4
+
+    def plan_options(self) -> PlanOptions:
+        """The options of the plan solver (:class:`~raybary.solvers.sinkhorn.PlanOptions`)."""
+        newton = self.plan_solver == "newton"
+        decay = self.epsilon_decay
+        if decay is None:
+            decay = 0.2 if newton else 0.6
+        level_tol = self.level_tol
+        if level_tol is None:
+            level_tol = 0.1 if newton else 1e-3
+        return PlanOptions(
+            method=self.plan_solver,
+            tol=self.sinkhorn_tol,
+            max_iterations=self.sinkhorn_max_iterations,
+            decay=decay,
+            level_tol=level_tol,
+            relaxation=self.relaxation,
+            damping=self.newton_damping,
+            armijo=self.newton_armijo,
+        )
 
 
 class PaddedProblem(NamedTuple):
@@ -154,6 +206,11 @@ class BarycenterState(NamedTuple):
     (the previous iteration's in phase 0, the best kept one in phase 1, when
     the weights are learned). ``cost`` is the last cost matrix ``(n, L)``;
     ``best_log_a``, ``grad`` and ``step`` drive the weight updates.
+    ``cross (n, L, d, d)`` and ``inv_sqrt (n, d, d)`` are the Bures cross
+    terms and :math:`S^{-1/2}` of the atoms ``cost`` was computed for (the
+    atom update needs them); ``plans`` is the plan solve in progress for
+    ``cost``; ``blocks`` counts loop blocks (of ``config.plan_block`` plan
+    iterations each).
     """
 
     means: jnp.ndarray
@@ -175,6 +232,10 @@ class BarycenterState(NamedTuple):
     sinkhorn_iterations: jnp.ndarray
     epsilon: jnp.ndarray
     scale: jnp.ndarray
+    cross: jnp.ndarray
+    inv_sqrt: jnp.ndarray
+    plans: PlanLoop
+    blocks: jnp.ndarray
 
 
 class BarycenterOutput(NamedTuple):
@@ -219,18 +280,27 @@ def _atom_update(means, covs, inv, cross, comp_means, comp_covs, weight_il, step
     )
 
 
-class _Derived(NamedTuple):
+class ProblemMasks(NamedTuple):
+    """Masks and normalised weights of a padded problem.
+
+    ``comp_mask (L,)`` real components; ``member (J, L)`` component l is in
+    GMM j; ``pair_mask (n, L)`` real atom and real component; ``lambdas (J,)``
+    normalised over the GMMs that have components; ``component_lambda (L,)``
+    the lambda of each component's GMM; ``log_b (L,)`` log-weights of the
+    components (0 on padded ones); ``n_atoms`` real atoms.
+    """
+
     comp_mask: jnp.ndarray
     member: jnp.ndarray
-    mask2: jnp.ndarray
-    lam: jnp.ndarray
-    lam_l: jnp.ndarray
+    pair_mask: jnp.ndarray
+    lambdas: jnp.ndarray
+    component_lambda: jnp.ndarray
     log_b: jnp.ndarray
     n_atoms: jnp.ndarray
 
 
-def _derive(p: PaddedProblem) -> _Derived:
-    """Masks and normalised weights of a padded problem."""
+def problem_masks(p: PaddedProblem) -> ProblemMasks:
+    """:class:`ProblemMasks` of a padded problem."""
     dtype = p.means.dtype
     J = p.lambdas.shape[0]
     comp_mask = p.weights > 0
@@ -238,52 +308,90 @@ def _derive(p: PaddedProblem) -> _Derived:
     gmm_valid = jnp.any(member, axis=1) & (p.lambdas > 0)
     lam = jnp.where(gmm_valid, p.lambdas, 0.0)
     lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dtype).tiny)
-    return _Derived(
+    return ProblemMasks(
         comp_mask=comp_mask,
         member=member,
-        mask2=p.atom_mask[:, None] & comp_mask[None, :],
-        lam=lam,
-        lam_l=jnp.where(comp_mask, lam[p.gmm_index], 0.0),
+        pair_mask=p.atom_mask[:, None] & comp_mask[None, :],
+        lambdas=lam,
+        component_lambda=jnp.where(comp_mask, lam[p.gmm_index], 0.0),
         log_b=jnp.where(comp_mask, jnp.log(jnp.where(comp_mask, p.weights, 1.0)), 0.0),
         n_atoms=jnp.maximum(jnp.sum(p.atom_mask), 1).astype(dtype),
     )
 
 
+def _geometry(log_a, p: PaddedProblem, masks: ProblemMasks) -> PlanGeometry:
+    return plan_geometry(log_a, masks.log_b, p.gmm_index, masks.member, masks.lambdas,
+                         p.atom_mask)
+
+
+def _start_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
+                 config: SolverConfig) -> BarycenterState:
+    r"""Costs of the current atoms and a plan solve warm-started from the last potentials.
+
+    The epsilon-scaling restarts at :math:`\min(\text{scale}, \max(\varepsilon,
+    \kappa \max_{il} |C^{new}_{il} - C^{old}_{il}|))` (the whole range at
+    the first iteration): the old potentials are good up to the change of the
+    cost. New weights move the optimal potentials too, by about the scale
+    times the change of ``log a``.
+    """
+    cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, masks.pair_mask)
+    eps = s.epsilon
+    moved = jnp.max(jnp.where(masks.pair_mask, jnp.abs(cost - s.cost), 0.0))
+    reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.best_log_a), 0.0))
+    moved = jnp.maximum(moved, s.scale * reweighted)
+    top = jnp.maximum(s.scale, eps)
+    eps_start = jnp.where(
+        s.iteration == 0, top, jnp.clip(config.warm_epsilon_factor * moved, eps, top)
+    )
+    plans = plan_init(
+        init_state(cost, s.f, s.g, s.log_a, p.gmm_index),
+        _geometry(s.log_a, p, masks),
+        eps,
+        eps_start,
+        config.plan_options(),
+    )
+    return s._replace(cost=cost, cross=cross, inv_sqrt=inv, plans=plans)
+
+
 def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
-    """Initial atoms (given or k-means++), epsilon and the loop state of one problem."""
+    """Initial atoms (given or k-means++), epsilon, the loop state of one
+    problem and its first plan solve."""
     dtype = p.means.dtype
     n = p.atom_mask.shape[0]
     J = p.lambdas.shape[0]
-    dv = _derive(p)
+    d = p.means.shape[-1]
+    L = p.weights.shape[0]
+    masks = problem_masks(p)
     key = jax.random.wrap_key_data(p.key)
-    args = (key, p.weights, p.means, p.covs, dv.lam, p.gmm_index, n)
+    args = (key, p.weights, p.means, p.covs, masks.lambdas, p.gmm_index, n)
     kpp_means, kpp_covs = kmeanspp_init(*args)
     mass_means, mass_covs = mass_init(*args)
     by_mass = p.restart % 2 == 1
     kpp_means = jnp.where(by_mass, mass_means, kpp_means)
     kpp_covs = jnp.where(by_mass, mass_covs, kpp_covs)
-    eye = jnp.eye(p.means.shape[-1], dtype=dtype)
+    eye = jnp.eye(d, dtype=dtype)
     means0 = jnp.where(p.has_init, p.init_means, kpp_means)
     covs0 = jnp.where(p.has_init, p.init_covs, kpp_covs)
     means0 = jnp.where(p.atom_mask[:, None], means0, 0.0)
     covs0 = jnp.where(p.atom_mask[:, None, None], covs0, eye)
 
     # Scale of the problem: cost of the independent coupling at the start.
-    cost0, _, _ = _costs(means0, covs0, p.means, p.covs, dv.mask2)
-    a0 = jnp.where(p.atom_mask, 1.0 / dv.n_atoms, 0.0)
-    scale = jnp.sum(a0[:, None] * (dv.lam_l * p.weights)[None, :] * cost0)
+    cost0, _, _ = _costs(means0, covs0, p.means, p.covs, masks.pair_mask)
+    a0 = jnp.where(p.atom_mask, 1.0 / masks.n_atoms, 0.0)
+    scale = jnp.sum(a0[:, None] * (masks.component_lambda * p.weights)[None, :] * cost0)
     scale = jnp.maximum(scale, jnp.finfo(dtype).eps)
     eps = p.epsilon * scale if config.relative_epsilon else p.epsilon
     eps = jnp.maximum(eps, jnp.finfo(dtype).eps * scale).astype(dtype)
 
     inf = jnp.asarray(jnp.inf, dtype)
-    log_a0 = jnp.where(p.atom_mask, -jnp.log(dv.n_atoms), 0.0)
-    return BarycenterState(
+    log_a0 = jnp.where(p.atom_mask, -jnp.log(masks.n_atoms), 0.0)
+    zeros_l = jnp.zeros((L,), dtype)
+    state = BarycenterState(
         means=means0,
         covs=covs0,
         log_a=log_a0,
         f=jnp.zeros((J, n), dtype),
-        g=jnp.zeros(p.weights.shape, dtype),
+        g=zeros_l,
         cost=cost0,
         objective=inf,
         reference=inf,
@@ -298,7 +406,16 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         sinkhorn_iterations=jnp.asarray(0, jnp.int32),
         epsilon=eps,
         scale=scale,
+        cross=jnp.zeros((n, L, d, d), dtype),
+        inv_sqrt=jnp.zeros((n, d, d), dtype),
+        plans=PlanLoop(
+            jnp.zeros((n, L), dtype), jnp.zeros((J, n), dtype), zeros_l,
+            jnp.zeros((n, L), dtype), zeros_l, jnp.zeros((J,), dtype), eps, zeros_l,
+            jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32),
+        ),
+        blocks=jnp.asarray(0, jnp.int32),
     )
+    return _start_plans(state, p, masks, config)
 
 
 def _normalise_log(log_a: jnp.ndarray, atom_mask: jnp.ndarray) -> jnp.ndarray:
@@ -317,103 +434,123 @@ def _weight_gradient(f, lam, atom_mask, log_a):
     return grad, jnp.maximum(big - small, 0.0)
 
 
-def run_one(
-    state: BarycenterState, p: PaddedProblem, config: SolverConfig, steps: int | None = None
-) -> BarycenterState:
-    """Outer iterations from ``state`` until done, or at most ``steps`` of them."""
+def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
+                  config: SolverConfig) -> BarycenterState:
+    """The barycenter update once the plans for ``s.cost`` are solved.
+
+    Objective of the plans, the convergence test, the weight step (with
+    ``learn_weights``), the atom update, then the next plan solve.
+    """
     dtype = p.means.dtype
-    dv = _derive(p)
-    eps = state.epsilon
     tiny = jnp.finfo(dtype).tiny
-    stop_at = state.iteration + (config.max_iterations if steps is None else steps)
+    options = config.plan_options()
+    sk = plan_finish(s.plans, _geometry(s.log_a, p, masks), options)
+    plan = plan_matrix(sk.reduced, sk.epsilon, p.atom_mask, masks.comp_mask)
+    weight_il = masks.component_lambda[None, :] * plan
+    objective = jnp.sum(weight_il * s.cost)
+    ref = s.reference
+    # Noise floor of the objective: plans with an L1 marginal error e move
+    # it by up to about e times the typical cost (the scale).
+    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + sk.error * s.scale
+    solved = sk.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
+    small = (jnp.abs(ref - objective) <= slack) & solved
+    last = s.iteration + 1 >= config.max_iterations
+
+    # Phase 0: fixed weights. Phase 1: weights learned; a trial log_a is kept
+    # only when the objective did not go up (beyond the tolerance).
+    learning = s.phase == 1
+    keep = ~learning | ((objective <= ref + slack) & solved)
+    conv_now = small & (s.iteration > 0) & keep
+    switch = conv_now & config.learn_weights & ~learning
+    if config.learn_weights:  # static: no gradient in the fixed-weight program
+        grad, spread = _weight_gradient(sk.f, masks.lambdas, p.atom_mask, s.log_a)
+    else:
+        grad, spread = s.grad, jnp.ones((), dtype)
+    step_scale = 1.0 / jnp.maximum(spread, tiny)
+    step = jnp.where(
+        switch, config.weight_step,
+        jnp.where(learning, jnp.where(keep, s.step * 1.5, s.step * 0.5), s.step),
+    )
+    stalled = learning & (step < config.tol)
+    finished = (conv_now & ~switch) | stalled
+    stop = finished | last
+    best_log_a = jnp.where(keep, s.log_a, s.best_log_a)
+    use_grad = jnp.where(keep, grad * step_scale, s.grad)
+    trial = _normalise_log(best_log_a - step * use_grad, p.atom_mask)
+    next_log_a = jnp.where(switch | (learning & ~stop), trial, best_log_a)
+
+    new_means, new_covs = _atom_update(
+        s.means, s.covs, s.inv_sqrt, s.cross, p.means, p.covs, weight_il,
+        config.fixed_point_steps,
+    )
+    move_atoms = keep & ~stop
+    out = s._replace(
+        means=jnp.where(move_atoms, new_means, s.means),
+        covs=jnp.where(move_atoms, new_covs, s.covs),
+        log_a=next_log_a,
+        f=sk.f,
+        g=sk.g,
+        objective=jnp.where(keep, objective, ref),
+        reference=jnp.where(keep, objective, ref),
+        best_log_a=best_log_a,
+        grad=use_grad,
+        step=step,
+        iteration=s.iteration + 1,
+        phase=jnp.where(switch, 1, s.phase),
+        done=stop,
+        converged=finished,
+        error=sk.error,
+        sinkhorn_iterations=s.sinkhorn_iterations + sk.iteration,
+    )
+    return _start_plans(out, p, masks, config)
+
+
+def _select(pred, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _advance(s: BarycenterState, p: PaddedProblem, config: SolverConfig) -> BarycenterState:
+    """``config.plan_block`` iterations of the plan solve (a solved plan stays put)."""
+    masks = problem_masks(p)
+    options = config.plan_options()
+    geo = _geometry(s.log_a, p, masks)
+
+    def plan_iteration(_, plans):
+        done = plan_done(plans, s.epsilon, options) | s.done
+        return _select(done, plans, plan_step(plans, geo, s.epsilon, options))
+
+    plans = jax.lax.fori_loop(0, config.plan_block, plan_iteration, s.plans)
+    return s._replace(plans=plans, blocks=s.blocks + 1)
+
+
+def _ready(s: BarycenterState, config: SolverConfig) -> jnp.ndarray:
+    """The plans are solved and the barycenter update is due."""
+    return plan_done(s.plans, s.epsilon, config.plan_options()) & ~s.done
+
+
+def _update(s: BarycenterState, p: PaddedProblem, config: SolverConfig) -> BarycenterState:
+    """:func:`_finish_plans` if the plans are solved, else ``s``."""
+    return _select(_ready(s, config), _finish_plans(s, p, problem_masks(p), config), s)
+
+
+def run_one(
+    state: BarycenterState, p: PaddedProblem, config: SolverConfig, blocks: int | None = None
+) -> BarycenterState:
+    """Run one problem from ``state`` until done, or for at most ``blocks`` blocks.
+
+    One loop, not two nested ones: each block advances the plan solve by
+    ``config.plan_block`` iterations, then, if the plans are solved, does the
+    barycenter update and starts the next plan solve (:func:`_finish_plans`).
+    :func:`run_batch` is the batched form that does the update only for the
+    problems that need it.
+    """
+    stop_at = state.blocks + (jnp.iinfo(jnp.int32).max // 2 if blocks is None else blocks)
 
     def cond(s: BarycenterState):
-        return ~s.done & (s.iteration < stop_at)
+        return ~s.done & (s.blocks < stop_at)
 
     def body(s: BarycenterState) -> BarycenterState:
-        cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, dv.mask2)
-        moved = jnp.max(jnp.where(dv.mask2, jnp.abs(cost - s.cost), 0.0))
-        # New weights move the optimal potentials too (by up to about the scale
-        # times the change of log a): restart the schedule accordingly.
-        reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.best_log_a), 0.0))
-        moved = jnp.maximum(moved, s.scale * reweighted)
-        eps_start = jnp.where(
-            s.iteration == 0,
-            jnp.maximum(s.scale, eps),
-            jnp.clip(config.warm_epsilon_factor * moved, eps, jnp.maximum(s.scale, eps)),
-        )
-        sk = sinkhorn(
-            init_state(cost, s.f, s.g, s.log_a, p.gmm_index),
-            log_b=dv.log_b,
-            gmm_index=p.gmm_index,
-            member=dv.member,
-            lambdas=dv.lam,
-            atom_mask=p.atom_mask,
-            epsilon=eps,
-            epsilon_start=eps_start,
-            decay=config.epsilon_decay,
-            tol=config.sinkhorn_tol,
-            max_iterations=config.sinkhorn_max_iterations,
-            level_tol=config.level_tol,
-            relaxation=config.relaxation,
-        )
-        plan = plan_matrix(sk.reduced, sk.epsilon, p.atom_mask, dv.comp_mask)
-        weight_il = dv.lam_l[None, :] * plan
-        objective = jnp.sum(weight_il * cost)
-        ref = s.reference
-        # Noise floor of the objective: plans with an L1 marginal error e move
-        # it by up to about e times the typical cost (the scale).
-        slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + sk.error * s.scale
-        solved = sk.error <= max(10 * config.sinkhorn_tol, config.level_tol)
-        small = (jnp.abs(ref - objective) <= slack) & solved
-        last = s.iteration + 1 >= config.max_iterations
-
-        # Phase 0: fixed weights. Phase 1: weights learned; a trial log_a is kept
-        # only when the objective did not go up (beyond the tolerance).
-        learning = s.phase == 1
-        keep = ~learning | ((objective <= ref + slack) & solved)
-        conv_now = small & (s.iteration > 0) & keep
-        switch = conv_now & config.learn_weights & ~learning
-        if config.learn_weights:  # static: no gradient in the fixed-weight program
-            grad, spread = _weight_gradient(sk.f, dv.lam, p.atom_mask, s.log_a)
-        else:
-            grad, spread = s.grad, jnp.ones((), dtype)
-        step_scale = 1.0 / jnp.maximum(spread, tiny)
-        step = jnp.where(
-            switch, config.weight_step,
-            jnp.where(learning, jnp.where(keep, s.step * 1.5, s.step * 0.5), s.step),
-        )
-        stalled = learning & (step < config.tol)
-        finished = (conv_now & ~switch) | stalled
-        stop = finished | last
-        best_log_a = jnp.where(keep, s.log_a, s.best_log_a)
-        use_grad = jnp.where(keep, grad * step_scale, s.grad)
-        trial = _normalise_log(best_log_a - step * use_grad, p.atom_mask)
-        next_log_a = jnp.where(switch | (learning & ~stop), trial, best_log_a)
-
-        new_means, new_covs = _atom_update(
-            s.means, s.covs, inv, cross, p.means, p.covs, weight_il, config.fixed_point_steps
-        )
-        move_atoms = keep & ~stop
-        return s._replace(
-            means=jnp.where(move_atoms, new_means, s.means),
-            covs=jnp.where(move_atoms, new_covs, s.covs),
-            log_a=next_log_a,
-            f=sk.f,
-            g=sk.g,
-            cost=cost,
-            objective=jnp.where(keep, objective, ref),
-            reference=jnp.where(keep, objective, ref),
-            best_log_a=best_log_a,
-            grad=use_grad,
-            step=step,
-            iteration=s.iteration + 1,
-            phase=jnp.where(switch, 1, s.phase),
-            done=stop,
-            converged=finished,
-            error=sk.error,
-            sinkhorn_iterations=s.sinkhorn_iterations + sk.iteration,
-        )
+        return _update(_advance(s, p, config), p, config)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -447,12 +584,40 @@ def init_batch(batch: PaddedProblem, config: SolverConfig) -> BarycenterState:
     return jax.vmap(init_one, in_axes=(0, None))(batch, config)
 
 
-@partial(jax.jit, static_argnames=("config", "steps"))
+@partial(jax.jit, static_argnames=("config", "blocks"))
 def run_batch(
-    state: BarycenterState, batch: PaddedProblem, config: SolverConfig, steps: int
+    state: BarycenterState, batch: PaddedProblem, config: SolverConfig, blocks: int
 ) -> BarycenterState:
-    """:func:`run_one` over a batch, at most ``steps`` outer iterations per call."""
-    return jax.vmap(run_one, in_axes=(0, 0, None, None))(state, batch, config, steps)
+    """:func:`run_one` over a batch, for at most ``blocks`` blocks per call.
+
+    The loop is over the batch (not a ``vmap`` of per-problem loops) so that
+    the barycenter update, which costs a few plan iterations, runs only for
+    the problems whose plans are solved: each block gathers at most an eighth
+    of the batch of those (the rest wait one block), updates them, and
+    scatters them back. Every slot does plan iterations all the time.
+    """
+    size = batch.weights.shape[0]
+    chosen = max(1, min(size, -(-size // 8)))
+    advance = jax.vmap(_advance, in_axes=(0, 0, None))
+    ready = jax.vmap(_ready, in_axes=(0, None))
+    finish = jax.vmap(lambda s, p: _finish_plans(s, p, problem_masks(p), config))
+
+    def cond(carry):
+        s, k = carry
+        return jnp.any(~s.done) & (k < blocks)
+
+    def body(carry):
+        s, k = carry
+        s = advance(s, batch, config)
+        (rows,) = jnp.nonzero(ready(s, config), size=chosen, fill_value=size)
+        safe = jnp.minimum(rows, size - 1)
+        sub = jax.tree_util.tree_map(lambda x: x[safe], (s, batch))
+        new = finish(*sub)
+        s = jax.tree_util.tree_map(lambda x, y: x.at[rows].set(y, mode="drop"), s, new)
+        return s, k + 1
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.asarray(0, jnp.int32)))
+    return state
 
 
 @jax.jit

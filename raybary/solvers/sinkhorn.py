@@ -38,30 +38,74 @@ the potentials can follow (each step moves them by about
 :math:`\varepsilon \log(\text{marginal ratio})`), a mass that needs a costly
 entry is lost and takes :math:`O(C/\varepsilon)` iterations to come back. Padded entries are masked out of every log-sum-exp, so no
 ``log(0)`` reaches arithmetic and nothing padded produces NaN.
+
+Two solvers share this layout and the schedule: :func:`newton_step` (damped
+Newton on the semi-dual, the default: tens of iterations at the tutorial's
+epsilon) and :func:`sinkhorn_step` (over-relaxed alternating projections:
+thousands). Each is a triple ``*_init`` / ``*_step`` / :func:`plan_finish`
+over a loop state, so the barycenter loop can interleave plan iterations
+with its own updates (:mod:`raybary.solvers.barycenter`); :func:`solve_plans`
+runs one to the end.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "PlanGeometry",
+    "PlanOptions",
+    "PlanLoop",
     "SinkhornState",
+    "gauss_jordan_solve",
     "init_state",
     "masked_logsumexp",
+    "plan_done",
+    "plan_finish",
+    "plan_geometry",
+    "plan_init",
     "plan_matrix",
+    "plan_step",
     "reduce_cost",
     "segment_logsumexp",
-    "sinkhorn",
+    "solve_plans",
 ]
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """Static options of the plan solver (hashable: part of a compiled program).
+
+    Attributes:
+      method: ``"newton"`` (default, :func:`newton_step`) or ``"sinkhorn"``
+        (:func:`sinkhorn_step`).
+      tol: L1 marginal error at which the solver stops (at the target epsilon).
+      max_iterations: iterations at most per solve.
+      decay: factor of the epsilon-scaling schedule.
+      level_tol: marginal error at which epsilon-scaling goes down a level.
+      relaxation: over-relaxation of the Sinkhorn updates (1 is plain Sinkhorn).
+      damping: smallest Levenberg–Marquardt damping of the Newton steps.
+      armijo: sufficient-increase fraction of the Newton step test.
+    """
+
+    method: str = "newton"
+    tol: float = 1e-5
+    max_iterations: int = 300
+    decay: float = 0.3
+    level_tol: float = 1e-3
+    relaxation: float = 1.5
+    damping: float = 1e-6
+    armijo: float = 0.1
+
+
 class SinkhornState(NamedTuple):
-    """Loop state: reduced cost ``(n, L)``, total potentials ``f (J, n)``,
-    ``g (L,)``, log-weights of the atoms, iteration count, marginal error and
-    the current epsilon of the schedule."""
+    """Result of a plan solve: reduced cost ``(n, L)``, total potentials
+    ``f (J, n)``, ``g (L,)``, log-weights of the atoms, iterations done, the
+    largest L1 marginal error and the epsilon the reduced cost is at."""
 
     reduced: jnp.ndarray
     f: jnp.ndarray
@@ -70,6 +114,42 @@ class SinkhornState(NamedTuple):
     iteration: jnp.ndarray
     error: jnp.ndarray
     epsilon: jnp.ndarray
+
+
+class PlanGeometry(NamedTuple):
+    """Masks and marginals of the J plans of one problem (flat layout).
+
+    ``a (n,)`` atom weights (0 on padded atoms) and ``log_a``; ``b (L,)``
+    component weights and ``log_b``; ``gmm_index (L,)``; ``member (J, L)``;
+    ``gmm_of (J, L)`` the same as numbers; ``comp_mask (L,)``; ``atom_mask
+    (n,)``; ``gmm_valid (J,)`` (has components and a positive lambda);
+    ``row_mask (J, n)``.
+    """
+
+    a: jnp.ndarray
+    log_a: jnp.ndarray
+    b: jnp.ndarray
+    log_b: jnp.ndarray
+    gmm_index: jnp.ndarray
+    member: jnp.ndarray
+    gmm_of: jnp.ndarray
+    comp_mask: jnp.ndarray
+    atom_mask: jnp.ndarray
+    gmm_valid: jnp.ndarray
+    row_mask: jnp.ndarray
+
+
+def plan_geometry(log_a, log_b, gmm_index, member, lambdas, atom_mask) -> PlanGeometry:
+    """:class:`PlanGeometry` of one problem."""
+    comp_mask = jnp.any(member, axis=0)
+    gmm_valid = jnp.any(member, axis=1) & (lambdas > 0)
+    a = jnp.where(atom_mask, jnp.exp(jnp.where(atom_mask, log_a, 0.0)), 0.0)
+    b = jnp.where(comp_mask, jnp.exp(jnp.where(comp_mask, log_b, 0.0)), 0.0)
+    return PlanGeometry(
+        a=a, log_a=log_a, b=b, log_b=log_b, gmm_index=gmm_index, member=member,
+        gmm_of=member.astype(log_b.dtype), comp_mask=comp_mask, atom_mask=atom_mask,
+        gmm_valid=gmm_valid, row_mask=gmm_valid[:, None] & atom_mask[None, :],
+    )
 
 
 def masked_logsumexp(x: jnp.ndarray, mask: jnp.ndarray, axis: int) -> jnp.ndarray:
@@ -115,69 +195,253 @@ def init_state(cost, f, g, log_a, gmm_index) -> SinkhornState:
     )
 
 
-def sinkhorn(
+UNROLL_SOLVE = 12  # systems up to this size are eliminated with unrolled steps
+
+
+def gauss_jordan_solve(a: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
+    """Solve ``a x = r`` for small symmetric positive definite ``a (..., m, m)``.
+
+    Gauss–Jordan elimination without pivoting: every step is one rank-one
+    update of the augmented matrix, so under ``vmap`` it is a few wide vector
+    operations rather than one LAPACK call per matrix (which is what
+    ``jnp.linalg.solve`` does on CPU). Up to :data:`UNROLL_SOLVE` the steps
+    are unrolled (fastest); larger systems loop, which keeps compiles short.
+    """
+    m = a.shape[-1]
+    aug = jnp.concatenate([a, r[..., None]], axis=-1)
+    eye = jnp.eye(m, dtype=a.dtype)
+
+    def eliminate(k, aug):
+        row = jnp.take(aug, k, axis=-2)
+        row = row / jnp.take(row, k, axis=-1)[..., None]
+        factor = jnp.take(aug, k, axis=-1) - jnp.take(eye, k, axis=0)
+        return aug - factor[..., :, None] * row[..., None, :]
+
+    if m <= UNROLL_SOLVE:
+        for k in range(m):
+            aug = eliminate(k, aug)
+    else:
+        aug = jax.lax.fori_loop(0, m, eliminate, aug)
+    return aug[..., :, m]
+
+
+class PlanLoop(NamedTuple):
+    """State of a plan solve in progress (both methods; Sinkhorn leaves
+    ``plan``, ``residual`` and ``step`` unused).
+
+    ``reduced (n, L)``, ``f (J, n)``, ``g (L,)``; ``plan (n, L)`` at the
+    current point, ``residual (L,)`` its column error ``b - P^T 1``,
+    ``error (J,)`` each plan's L1 marginal error, ``epsilon`` the current
+    level, ``step (L,)`` the proposed change of ``g``, ``damping (J,)`` and
+    ``iteration``.
+    """
+
+    reduced: jnp.ndarray
+    f: jnp.ndarray
+    g: jnp.ndarray
+    plan: jnp.ndarray
+    residual: jnp.ndarray
+    error: jnp.ndarray
+    epsilon: jnp.ndarray
+    step: jnp.ndarray
+    damping: jnp.ndarray
+    iteration: jnp.ndarray
+
+
+def _exact_rows(reduced, eps, geo: PlanGeometry):
+    """``f`` half-step: rows of every plan exact. Returns the reduced cost and ``df (J, n)``."""
+    log_mu = segment_logsumexp(-reduced / eps, geo.member, geo.gmm_index)
+    df = jnp.where(geo.row_mask, eps * (geo.log_a[None, :] - log_mu), 0.0)
+    return reduced - df[geo.gmm_index].T, df
+
+
+def _columns(reduced, eps, geo: PlanGeometry):
+    """Plans, column residual ``b - P^T 1`` and each plan's L1 column error."""
+    plan = plan_matrix(reduced, eps, geo.atom_mask, geo.comp_mask)
+    residual = jnp.where(geo.comp_mask, geo.b - jnp.sum(plan, axis=0), 0.0)
+    error = jnp.where(geo.gmm_valid, geo.gmm_of @ jnp.abs(residual), 0.0)
+    return plan, residual, error
+
+
+def _newton_direction(reduced, plan, damping, eps, geo: PlanGeometry):
+    r"""Newton step on the log-marginals, in Jacobi-scaled form (see :func:`newton_step`)."""
+    gi = geo.gmm_index
+    log_c = masked_logsumexp(-reduced / eps, geo.atom_mask[:, None], axis=0)
+    v = jnp.where(geo.comp_mask, geo.log_b - log_c, 0.0)  # Sinkhorn's step / eps
+    root_c = jnp.where(geo.comp_mask, jnp.exp(0.5 * jnp.where(geo.comp_mask, log_c, 0.0)), 0.0)
+    tiny = jnp.finfo(plan.dtype).tiny ** 0.5
+    live = root_c > tiny
+    root_a = jnp.where(geo.atom_mask, jnp.sqrt(geo.a), 1.0)
+    q = jnp.where(live[None, :], plan / (root_a[:, None] * jnp.where(live, root_c, 1.0)[None, :]), 0.0)
+    same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
+    coupling = q.T @ q - root_c[:, None] * root_c[None, :]  # K - u u^T (u: the null direction)
+    m = jnp.diag(1.0 + damping[gi]) - jnp.where(same, coupling, 0.0)
+    y = gauss_jordan_solve(m, root_c * v)
+    d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
+    return jnp.where(geo.comp_mask, eps * d, 0.0)
+
+
+def _start(state: SinkhornState, epsilon, epsilon_start):
+    return jnp.maximum(epsilon_start, epsilon).astype(state.reduced.dtype)
+
+
+def newton_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
+                options: PlanOptions) -> PlanLoop:
+    """Rows exact at the first level and the first Newton proposal."""
+    eps0 = _start(state, epsilon, epsilon_start)
+    reduced, df = _exact_rows(state.reduced, eps0, geo)
+    plan, residual, error = _columns(reduced, eps0, geo)
+    damping = jnp.full(geo.member.shape[:1], options.damping, reduced.dtype)
+    return PlanLoop(reduced, state.f + df, state.g, plan, residual, error, eps0,
+                    _newton_direction(reduced, plan, damping, eps0, geo), damping,
+                    jnp.asarray(0, jnp.int32))
+
+
+def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -> PlanLoop:
+    r"""One damped Newton step on the semi-dual of every plan.
+
+    With the rows of the plans exact (the ``f`` half-step in closed form),
+    the semi-dual :math:`F(g) = \sum_i a_i f_i(g) + \sum_l b_l g_l` is concave,
+    with gradient :math:`r = b - P^T \mathbb{1}` (the column error) and
+    Hessian :math:`-M / \varepsilon`,
+
+    .. math::
+       M = \operatorname{diag}(P^T \mathbb{1}) - P^T \operatorname{diag}(1/a)\, P,
+
+    block diagonal over the GMMs (Brauer, Clason, Lorenz & Wirth 2017, *A
+    Sinkhorn–Newton method for entropic optimal transport*). The proposal is
+    :math:`\Delta g = \varepsilon (M + \tau_j \operatorname{diag}(P^T
+    \mathbb{1}) + G)^{-1} r`, where ``G`` adds :math:`1/K_j` to each GMM's
+    block (its null direction, a constant shift of ``g`` against ``f``, to
+    which ``r`` is orthogonal) and :math:`\tau_j` is a Levenberg–Marquardt
+    damping per plan. A step that raises ``F`` by at least ``armijo`` times
+    its linear prediction :math:`r^T \Delta g`, or lowers the plan's error,
+    is kept and :math:`\tau_j` shrinks 4x; otherwise it is dropped and
+    :math:`\tau_j` grows 16x (a large :math:`\tau_j` gives a short,
+    Sinkhorn-like step). Near the solution the steps are Newton steps and
+    converge quadratically. ``epsilon`` goes down a level (by ``decay``)
+    once every plan's error is below ``level_tol``.
+    """
+    down = (jnp.max(s.error) <= options.level_tol) & (s.epsilon > epsilon)
+    eps = jnp.where(down, jnp.maximum(epsilon, s.epsilon * options.decay), s.epsilon)
+    step = jnp.where(down, 0.0, s.step)
+    reduced, df = _exact_rows(s.reduced - step[None, :], eps, geo)
+    plan, residual, error = _columns(reduced, eps, geo)
+    gain = jnp.sum(geo.a[None, :] * df, axis=1) + geo.gmm_of @ (geo.b * step)
+    predicted = geo.gmm_of @ (s.residual * step)
+    better = ((gain >= options.armijo * predicted) & (gain >= 0)) | (error < s.error)
+    ok = down | (jnp.all(jnp.isfinite(df), axis=1) & jnp.isfinite(error) & better)
+    col_ok = ok[geo.gmm_index]
+    damping = jnp.where(ok, jnp.maximum(s.damping * 0.25, options.damping),
+                        jnp.minimum(s.damping * 16.0, 1e4))
+    plan = jnp.where(col_ok[None, :], plan, s.plan)
+    residual = jnp.where(col_ok, residual, s.residual)
+    reduced_kept = jnp.where(col_ok[None, :], reduced, s.reduced)
+    return PlanLoop(
+        reduced=reduced_kept,
+        f=jnp.where(ok[:, None], s.f + df, s.f),
+        g=jnp.where(col_ok, s.g + step, s.g),
+        plan=plan,
+        residual=residual,
+        error=jnp.where(ok, error, s.error),
+        epsilon=eps,
+        step=_newton_direction(reduced_kept, plan, damping, eps, geo),
+        damping=damping,
+        iteration=s.iteration + 1,
+    )
+
+
+def sinkhorn_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
+                  options: PlanOptions) -> PlanLoop:
+    """Sinkhorn's loop state at the first level (error unknown: infinite)."""
+    del options
+    n, L = state.reduced.shape
+    J = geo.member.shape[0]
+    dtype = state.reduced.dtype
+    zeros_l = jnp.zeros((L,), dtype)
+    return PlanLoop(state.reduced, state.f, state.g, jnp.zeros((n, L), dtype), zeros_l,
+                    jnp.full((J,), jnp.inf, dtype), _start(state, epsilon, epsilon_start),
+                    zeros_l, jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32))
+
+
+def _sinkhorn_update(s: PlanLoop, geo: PlanGeometry, eps, omega) -> PlanLoop:
+    gi = geo.gmm_index
+    # g half-step: columns exact (for omega = 1).
+    col = masked_logsumexp(-s.reduced / eps, geo.atom_mask[:, None], axis=0)
+    dg = jnp.where(geo.comp_mask, omega * eps * (geo.log_b - col), 0.0)
+    reduced = s.reduced - dg[None, :]
+    # Row marginals of each plan, (J, n), and their L1 error.
+    log_mu = segment_logsumexp(-reduced / eps, geo.member, gi)
+    mu = jnp.where(geo.row_mask, jnp.exp(jnp.where(geo.row_mask, log_mu, 0.0)), 0.0)
+    err = jnp.where(geo.gmm_valid, jnp.sum(jnp.abs(mu - geo.a[None, :]), axis=1), 0.0)
+    # f half-step: rows exact (for omega = 1).
+    df = jnp.where(geo.row_mask, omega * eps * (geo.log_a[None, :] - log_mu), 0.0)
+    reduced = reduced - df[gi].T
+    return s._replace(reduced=reduced, f=s.f + df, g=s.g + dg, error=err, epsilon=eps,
+                      iteration=s.iteration + 1)
+
+
+def sinkhorn_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -> PlanLoop:
+    r"""One over-relaxed Sinkhorn iteration (log domain, absorbed potentials).
+
+    The error is :math:`\max_j \|P_j \mathbb{1} - a\|_1` after the ``g``
+    half-step. With ``relaxation`` :math:`\omega` each half-step moves the
+    potentials :math:`\omega` times the exact update (Thibault et al. 2017;
+    :math:`\omega = 1` makes columns, then rows, exact); the fixed point is
+    the same. The next level starts once the current one is solved to
+    ``level_tol``; the state keeps the epsilon its reduced cost is consistent with.
+    """
+    level_tol = max(options.level_tol, options.tol)
+    eps = jnp.where(jnp.max(s.error) <= level_tol,
+                    jnp.maximum(epsilon, s.epsilon * options.decay), s.epsilon)
+    return _sinkhorn_update(s, geo, eps, options.relaxation)
+
+
+def plan_init(state, geo, epsilon, epsilon_start, options: PlanOptions) -> PlanLoop:
+    """Start a plan solve from ``state`` (warm potentials) at ``epsilon_start``."""
+    if options.method == "newton":
+        return newton_init(state, geo, epsilon, epsilon_start, options)
+    if options.method == "sinkhorn":
+        return sinkhorn_init(state, geo, epsilon, epsilon_start, options)
+    raise ValueError(f"unknown plan solver {options.method!r}: use 'newton' or 'sinkhorn'")
+
+
+def plan_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -> PlanLoop:
+    """One iteration of ``options.method``."""
+    fn = newton_step if options.method == "newton" else sinkhorn_step
+    return fn(s, geo, epsilon, options)
+
+
+def plan_done(s: PlanLoop, epsilon, options: PlanOptions) -> jnp.ndarray:
+    """Solved to ``tol`` at the target epsilon, or out of iterations."""
+    solved = (jnp.max(s.error) <= options.tol) & (s.epsilon <= epsilon)
+    return solved | (s.iteration >= options.max_iterations)
+
+
+def plan_finish(s: PlanLoop, geo: PlanGeometry, options: PlanOptions) -> SinkhornState:
+    """The solve's result. Sinkhorn ends with one plain (unrelaxed) iteration:
+    the rows of its plans are then exact, and a problem whose plans are
+    determined by their marginals (one atom, one component) gets them exactly."""
+    if options.method == "sinkhorn":
+        s = _sinkhorn_update(s, geo, s.epsilon, 1.0)
+    return SinkhornState(s.reduced, s.f, s.g, geo.log_a, s.iteration, jnp.max(s.error),
+                         s.epsilon)
+
+
+def solve_plans(
     state: SinkhornState,
+    geo: PlanGeometry,
     *,
-    log_b: jnp.ndarray,
-    gmm_index: jnp.ndarray,
-    member: jnp.ndarray,
-    lambdas: jnp.ndarray,
-    atom_mask: jnp.ndarray,
     epsilon: jnp.ndarray,
     epsilon_start: jnp.ndarray,
-    decay: float,
-    tol: float,
-    max_iterations: int,
-    level_tol: float = 1e-3,
-    relaxation: float = 1.0,
+    options: PlanOptions,
 ) -> SinkhornState:
-    r"""Run Sinkhorn from ``state`` until the marginal
-    error is at most ``tol`` at the target ``epsilon``, or ``max_iterations``.
-
-    The error is :math:`\max_j \|P_j \mathbb{1} - a\|_1` measured after the
-    ``g`` half-step. With ``relaxation`` :math:`\omega` each half-step moves
-    the potentials :math:`\omega` times the exact Sinkhorn update
-    (over-relaxation, Thibault et al. 2017; :math:`\omega = 1` makes columns,
-    then rows, exact); the fixed point is the same.
-    """
-    comp_mask = jnp.any(member, axis=0)
-    gmm_valid = jnp.any(member, axis=1) & (lambdas > 0)
-    row_mask = gmm_valid[:, None] & atom_mask[None, :]
-    start = state.iteration
-    log_a = state.log_a
-    a = jnp.where(atom_mask, jnp.exp(jnp.where(atom_mask, log_a, 0.0)), 0.0)
-    level_tol = jnp.maximum(level_tol, tol)
-
-    def cond(s: SinkhornState):
-        not_done = (s.error > tol) | (s.epsilon > epsilon)
-        return (s.iteration - start < max_iterations) & not_done
-
-    def update(s: SinkhornState, eps, omega) -> SinkhornState:
-        # g half-step: columns exact (for omega = 1).
-        col = masked_logsumexp(-s.reduced / eps, atom_mask[:, None], axis=0)
-        dg = jnp.where(comp_mask, omega * eps * (log_b - col), 0.0)
-        reduced = s.reduced - dg[None, :]
-        # Row marginals of each plan, (J, n).
-        log_mu = segment_logsumexp(-reduced / eps, member, gmm_index)
-        mu = jnp.where(row_mask, jnp.exp(jnp.where(row_mask, log_mu, 0.0)), 0.0)
-        err = jnp.max(jnp.where(gmm_valid, jnp.sum(jnp.abs(mu - a[None, :]), axis=1), 0.0))
-        # f half-step: rows exact (for omega = 1).
-        df = jnp.where(row_mask, omega * eps * (log_a[None, :] - log_mu), 0.0)
-        reduced = reduced - df[gmm_index].T
-        return SinkhornState(reduced, s.f + df, s.g + dg, log_a, s.iteration + 1, err, eps)
-
-    def body(s: SinkhornState) -> SinkhornState:
-        # Next level once the current one is solved to ``level_tol``; the state
-        # keeps the epsilon its reduced cost is consistent with.
-        eps = jnp.where(s.error <= level_tol, jnp.maximum(epsilon, s.epsilon * decay), s.epsilon)
-        return update(s, eps, relaxation)
-
-    inf = jnp.asarray(jnp.inf, state.reduced.dtype)
-    state = state._replace(
-        epsilon=jnp.maximum(epsilon_start, epsilon).astype(inf.dtype), error=inf
+    """Solve the J plans from ``state`` until the marginal error is at most
+    ``options.tol`` at the target ``epsilon``, or ``options.max_iterations``."""
+    loop = plan_init(state, geo, epsilon, epsilon_start, options)
+    loop = jax.lax.while_loop(
+        lambda s: ~plan_done(s, epsilon, options),
+        lambda s: plan_step(s, geo, epsilon, options),
+        loop,
     )
-    out = jax.lax.while_loop(cond, body, state)
-    # One plain (unrelaxed) iteration last: the rows of the plans are then
-    # exact, and a problem whose plans are determined by their marginals (one
-    # atom, one component) gets them exactly.
-    return update(out, out.epsilon, 1.0)
+    return plan_finish(loop, geo, options)

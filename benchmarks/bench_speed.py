@@ -1,0 +1,219 @@
+"""Where the solver's time goes: throughput with the four numbers behind it.
+
+For each case (side by side, in one process, so that every number comes from
+the same state of a shared, noisy machine) it prints:
+
+- problems/s through ``raybary.solve`` (compiled shapes: each case is run once
+  before it is timed), and the converged share;
+- plan-solver iterations needed per problem: mean, p99, max;
+- wall time per needed iteration (wall time / sum of the iterations);
+- the floor, measured in the same run on the same batch width: one plain
+  log-domain Sinkhorn iteration (two half-steps, no masks, no schedule, a
+  ``fori_loop`` over a ``(B, 6, 10)`` batch) and one bare Newton step of the
+  solver (``raybary.solvers.sinkhorn.newton_step`` in a ``fori_loop``);
+- the share of slot iterations that did no needed work (finished, padded or
+  waiting slots: ``1 - needed / (slot_blocks * plan_block)``).
+
+Cases: the tutorial family (J=3, K=2,3,5, d=2, n=6) at the tutorial's
+``epsilon=0.1`` and at the default relative epsilon, optionally the old
+Sinkhorn plan solver, OTT-JAX's jitted solver in a loop at ``epsilon=0.1``,
+and a ragged mix (d 1-5, J 1-6, K 1-8; first call, compiling, and a second
+call). Accuracy: the exact MW2 objective gap to POT's fixed point from the
+same initialisation, on a sample. Needs the ``test`` extra (POT, OTT-JAX)::
+
+    python benchmarks/bench_speed.py                 # ~3-5 min on 2 cores
+    python benchmarks/bench_speed.py --problems 1024 --sinkhorn
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import raybary  # noqa: E402
+from raybary.solvers.barycenter import SolverConfig  # noqa: E402
+from raybary.storage.generate import random_columns, tutorial_problems  # noqa: E402
+
+
+def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, float]:
+    """Microseconds per problem of one plain Sinkhorn iteration and one bare
+    Newton step, on a batch of ``width`` tutorial-sized problems."""
+    import jax
+    import jax.numpy as jnp
+
+    from raybary.solvers import sinkhorn as sk
+
+    rng = np.random.default_rng(0)
+    cost = jnp.asarray(rng.uniform(0, 1, (width, 6, 10)), dtype)
+    eps = 1e-2
+
+    @jax.jit
+    def plain(c):
+        log_a = jnp.log(jnp.full((6,), 1 / 6, dtype))
+        log_b = jnp.log(jnp.full((10,), 1 / 10, dtype))
+
+        def one(c):
+            def body(_, fg):
+                f, g = fg
+                g = eps * log_b - eps * jax.nn.logsumexp((f[:, None] - c) / eps, axis=0)
+                f = eps * log_a - eps * jax.nn.logsumexp((g[None, :] - c) / eps, axis=1)
+                return f, g
+            return jax.lax.fori_loop(0, iterations, body, (jnp.zeros(6, dtype), jnp.zeros(10, dtype)))
+        return jax.vmap(one)(c)
+
+    gmm_index = jnp.asarray([0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], jnp.int32)
+    comp = jnp.arange(12) < 10
+    member = (gmm_index[None, :] == jnp.arange(3)[:, None]) & comp[None, :]
+    cost12 = jnp.asarray(rng.uniform(0, 1, (width, 6, 12)), dtype)
+    options = sk.PlanOptions(tol=0.0, max_iterations=iterations)
+
+    @jax.jit
+    def newton(c):
+        def one(c):
+            log_b = jnp.where(comp, jnp.log(1.0 / jnp.sum(member, axis=1)[gmm_index]), 0.0)
+            geo = sk.plan_geometry(jnp.full((6,), -np.log(6.0), dtype), log_b.astype(dtype),
+                                   gmm_index, member, jnp.ones(3, dtype), jnp.ones(6, bool))
+            state = sk.init_state(c, jnp.zeros((3, 6), dtype), jnp.zeros(12, dtype),
+                                  geo.log_a, gmm_index)
+            loop = sk.newton_init(state, geo, eps, eps, options)
+            loop = jax.lax.fori_loop(0, iterations, lambda _, s: sk.newton_step(s, geo, eps, options), loop)
+            return loop.error
+        return jax.vmap(one)(c)
+
+    out = {}
+    for name, fn, arg in (("sinkhorn", plain, cost), ("newton", newton, cost12)):
+        jax.block_until_ready(fn(arg))
+        t = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        out[name] = (time.perf_counter() - t) / iterations / width * 1e6
+    return out
+
+
+def run_case(name, problems, n, **kw):
+    raybary.solve(problems, bar_size=n, **kw)  # compile these shapes
+    stats: dict = {}
+    c0 = os.times()
+    t = time.perf_counter()
+    results = raybary.solve(problems, bar_size=n, stats=stats, **kw)
+    wall = time.perf_counter() - t
+    cpu = os.times().user - c0.user
+    return summarise(name, problems, results, wall, stats, cpu)
+
+
+def summarise(name, problems, results, wall, stats, cpu=float("nan")):
+    it = np.array([r.extra["sinkhorn_iterations"] for r in results], float)
+    slot_it = stats.get("slot_blocks", 0) * stats.get("plan_block", 1)
+    return {
+        "case": name,
+        "problems": len(problems),
+        "rate": len(problems) / wall,
+        "converged": float(np.mean([r.converged for r in results])),
+        "it_mean": it.mean(),
+        "it_p99": np.percentile(it, 99),
+        "it_max": it.max(),
+        "us_per_it": wall / it.sum() * 1e6,
+        "idle": 1 - it.sum() / slot_it if slot_it else float("nan"),
+        "cpu": cpu / wall,
+        "results": results,
+    }
+
+
+def ott_rate(problems, count: int):
+    import reference as ref
+
+    rng = np.random.default_rng(0)
+    fn = ref.ott_solve_fn(problems[0].dim, epsilon=0.1)
+    inits = [ref_init(p, 6, rng) for p in problems[:count]]
+    ref.ott_solve(problems[0], *inits[0], fn=fn)
+    t = time.perf_counter()
+    for p, i in zip(problems[:count], inits):
+        ref.ott_solve(p, *i, fn=fn)
+    return count / (time.perf_counter() - t)
+
+
+def ref_init(problem, n, rng):
+    w = np.concatenate([lam * g.weights for lam, g in zip(problem.lambdas, problem.gmms)])
+    m = np.concatenate([g.means for g in problem.gmms])
+    c = np.concatenate([g.covs for g in problem.gmms])
+    pick = rng.choice(len(w), size=n, replace=True, p=w / w.sum())
+    sd = np.sqrt(np.trace(c[pick], axis1=1, axis2=2) / m.shape[1])
+    return m[pick] + 0.1 * sd[:, None] * rng.normal(size=(n, m.shape[1])), c[pick]
+
+
+def pot_gaps(problems, sample: int, **kw):
+    """Exact MW2 gap (relative) of raybary vs POT's fixed point, same init."""
+    import reference as ref
+
+    rng = np.random.default_rng(1)
+    probs = problems[:sample]
+    inits = [ref_init(p, 6, rng) for p in probs]
+    ours = raybary.solve(probs, bar_size=6, init=inits, **kw)
+    gaps = []
+    for p, i, r in zip(probs, inits, ours):
+        pot = ref.exact_objective(p, *ref.pot_fixed_point(p, *[x.copy() for x in i]))
+        mine = ref.exact_objective(p, r.weights, r.means, r.covs)
+        gaps.append((mine - pot) / max(pot, 1e-12))
+    return np.array(gaps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=4096, help="tutorial problems per case")
+    ap.add_argument("--ragged", type=int, default=1024, help="ragged problems (0: skip)")
+    ap.add_argument("--sample", type=int, default=12, help="problems compared with POT (0: skip)")
+    ap.add_argument("--ott", type=int, default=20, help="problems solved by OTT-JAX (0: skip)")
+    ap.add_argument("--sinkhorn", action="store_true", help="also the old Sinkhorn plan solver")
+    args = ap.parse_args()
+
+    tut = tutorial_problems(args.problems, seed=0)
+    rows = [run_case("tutorial, epsilon=0.1", tut, 6, epsilon=0.1),
+            run_case("tutorial, default epsilon", tut, 6)]
+    if args.sinkhorn:
+        old = SolverConfig(plan_solver="sinkhorn")
+        k = min(args.problems, 1024)
+        rows.append(run_case("tutorial, epsilon=0.1, Sinkhorn plans", tut[:k], 6, epsilon=0.1,
+                             config=old))
+    fl = floors(1024)
+    ott = ott_rate(tut, args.ott) if args.ott else float("nan")
+    if args.ragged:
+        rag, _ = random_columns(args.ragged, seed=2).to_problems()
+        stats: dict = {}
+        t = time.perf_counter()
+        first = raybary.solve(rag, bar_size=6, epsilon=0.1, stats=stats)
+        first_wall = time.perf_counter() - t
+        r = summarise("ragged mix, epsilon=0.1, first call (compiles)", rag, first, first_wall, stats)
+        rows.append(r)
+        rows.append(run_case("ragged mix, epsilon=0.1", rag, 6, epsilon=0.1))
+
+    print(f"\nfloor, same run, batch 1024: plain Sinkhorn iteration {fl['sinkhorn']:.2f} us/problem, "
+          f"bare Newton step {fl['newton']:.2f} us/problem")
+    if np.isfinite(ott):
+        print(f"OTT-JAX (jitted, looped, epsilon=0.1): {ott:.1f} problems/s")
+    print("\n| case | problems | problems/s | converged | iterations mean / p99 / max "
+          "| wall per needed iteration | / Newton floor | idle slot share | CPU cores busy |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['case']} | {r['problems']} | {r['rate']:,.0f} | {r['converged']:.3f} | "
+              f"{r['it_mean']:.0f} / {r['it_p99']:.0f} / {r['it_max']:.0f} | {r['us_per_it']:.2f} us | "
+              f"{r['us_per_it'] / fl['newton']:.1f}x | {r['idle']:.2f} | {r['cpu']:.2f} |")
+    if np.isfinite(ott):
+        print(f"\ntutorial at epsilon=0.1 against OTT-JAX in the same run: "
+              f"{rows[0]['rate'] / ott:.0f}x")
+    if args.sample:
+        for label, kw in (("epsilon=0.1, float32", dict(epsilon=0.1)),
+                          ("epsilon=0.1, float64", dict(epsilon=0.1, dtype="float64")),
+                          ("default epsilon, float32", {})):
+            g = pot_gaps(tut, args.sample, **kw)
+            print(f"exact MW2 gap vs POT's fixed point (same init, {len(g)} problems, {label}): "
+                  f"median {np.median(g):.2e}, max {g.max():.2e}")
+
+
+if __name__ == "__main__":
+    main()

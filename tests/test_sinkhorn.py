@@ -1,0 +1,109 @@
+"""The plan solvers of raybary.solvers.sinkhorn, tested directly: the small
+linear solve, the masked log-sum-exp, and Newton against Sinkhorn (the same
+entropic fixed point, marginals met, padding inert)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raybary.solvers import sinkhorn as sk
+
+
+def test_gauss_jordan_matches_numpy_on_spd_batches():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 7, 7))
+    spd = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(7)
+    r = rng.normal(size=(5, 7))
+    with jax.enable_x64(True):
+        x = np.asarray(sk.gauss_jordan_solve(jnp.asarray(spd), jnp.asarray(r)))
+    np.testing.assert_allclose(x, np.linalg.solve(spd, r[..., None])[..., 0], rtol=1e-9, atol=1e-9)
+
+
+def test_masked_logsumexp_empty_mask_is_zero_not_nan():
+    x = jnp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    mask = jnp.asarray([[False, False], [True, False]])
+    out = np.asarray(sk.masked_logsumexp(x, mask, axis=1))
+    np.testing.assert_allclose(out, [0.0, 3.0])
+    assert np.all(np.isfinite(out))
+
+
+def _problem():
+    """Two plans in the flat layout: GMM 0 has 2 components, GMM 1 has 3, one
+    padded component; 4 atoms, the last one padded."""
+    rng = np.random.default_rng(3)
+    n, L = 4, 6
+    gmm_index = np.array([0, 0, 1, 1, 1, 0], np.int32)
+    comp = np.array([True] * 5 + [False])
+    member = (gmm_index[None, :] == np.arange(2)[:, None]) & comp[None, :]
+    w = np.array([0.3, 0.7, 0.2, 0.5, 0.3, 0.0])
+    atom_mask = np.array([True, True, True, False])
+    log_a = np.where(atom_mask, np.log(1 / 3), 0.0)
+    log_b = np.where(comp, np.log(np.where(comp, w, 1.0)), 0.0)
+    cost = rng.uniform(0, 1, (n, L))
+    return cost, gmm_index, member, log_a, log_b, atom_mask, comp, w
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 2e-3])
+def test_newton_and_sinkhorn_reach_the_same_plans(epsilon):
+    cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
+    with jax.enable_x64(True):
+        geo = sk.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
+                               jnp.asarray(member), jnp.ones(2), jnp.asarray(atom_mask))
+        state = sk.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
+                              jnp.asarray(log_a), jnp.asarray(gmm_index))
+        plans = {}
+        for method in ("newton", "sinkhorn"):
+            opts = sk.PlanOptions(method=method, tol=1e-11, max_iterations=20000,
+                                  decay=0.5, level_tol=1e-3)
+            out = sk.solve_plans(state, geo, epsilon=jnp.asarray(epsilon), epsilon_start=1.0,
+                                 options=opts)
+            assert float(out.error) <= 1e-9, (method, float(out.error))
+            assert float(out.epsilon) == pytest.approx(epsilon)
+            p = np.asarray(sk.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
+            plans[method] = (p, int(out.iteration))
+    p, iters = plans["newton"]
+    np.testing.assert_allclose(p, plans["sinkhorn"][0], atol=1e-8)
+    # Marginals: each plan's rows are a, its columns the GMM's weights; padding is empty.
+    for j in range(2):
+        cols = member[j]
+        np.testing.assert_allclose(p[:3][:, cols].sum(axis=1), np.full(3, 1 / 3), atol=1e-9)
+        np.testing.assert_allclose(p[:, cols].sum(axis=0), w[cols], atol=1e-9)
+    assert np.all(p[3] == 0) and np.all(p[:, 5] == 0)
+    # And the entropic optimality: P = exp((f + g - C) / eps) up to the potentials,
+    # so log P + C / eps is a sum of a row and a column term on each block.
+    for j in range(2):
+        block = np.log(p[:3][:, member[j]]) + cost[:3][:, member[j]] / epsilon
+        resid = block - block[:, :1] - block[:1, :] + block[0, 0]
+        assert np.max(np.abs(resid)) < 1e-6
+    assert iters < plans["sinkhorn"][1]
+
+
+def test_newton_ignores_a_gmm_with_zero_lambda_and_stays_finite():
+    cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
+    with jax.enable_x64(True):
+        geo = sk.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
+                               jnp.asarray(member), jnp.asarray([1.0, 0.0]),
+                               jnp.asarray(atom_mask))
+        state = sk.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
+                              jnp.asarray(log_a), jnp.asarray(gmm_index))
+        out = sk.solve_plans(state, geo, epsilon=jnp.asarray(0.01), epsilon_start=1.0,
+                             options=sk.PlanOptions(tol=1e-10))
+        p = np.asarray(sk.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(np.asarray(out.f)))
+    assert float(out.error) <= 1e-10
+    np.testing.assert_allclose(p[:3][:, member[0]].sum(axis=1), np.full(3, 1 / 3), atol=1e-9)
+
+
+def test_unknown_plan_solver_is_refused():
+    cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
+    geo = sk.plan_geometry(jnp.asarray(log_a, jnp.float32), jnp.asarray(log_b, jnp.float32),
+                           jnp.asarray(gmm_index), jnp.asarray(member), jnp.ones(2),
+                           jnp.asarray(atom_mask))
+    state = sk.init_state(jnp.asarray(cost, jnp.float32), jnp.zeros((2, 4)), jnp.zeros(6),
+                          geo.log_a, jnp.asarray(gmm_index))
+    with pytest.raises(ValueError, match="unknown plan solver 'lbfgs'"):
+        sk.solve_plans(state, geo, epsilon=jnp.asarray(0.1), epsilon_start=1.0,
+                       options=sk.PlanOptions(method="lbfgs"))
