@@ -88,6 +88,7 @@ __all__ = [
 
 
 SOLVED_ERROR = 1e-3  # plans with a larger L1 marginal error never count as converged
+UPDATE_DIVISOR = 4  # run_batch updates at most 1/UPDATE_DIVISOR of the batch per block
 
 
 @dataclass(frozen=True)
@@ -411,7 +412,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         plans=PlanLoop(
             jnp.zeros((n, L), dtype), jnp.zeros((J, n), dtype), zeros_l,
             jnp.zeros((n, L), dtype), zeros_l, jnp.zeros((J,), dtype), eps, zeros_l,
-            jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32),
+            jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32), zeros_l,
         ),
         blocks=jnp.asarray(0, jnp.int32),
     )
@@ -597,7 +598,7 @@ def run_batch(
     scatters them back. Every slot does plan iterations all the time.
     """
     size = batch.weights.shape[0]
-    chosen = max(1, min(size, -(-size // 8)))
+    chosen = max(1, min(size, -(-size // UPDATE_DIVISOR)))
     advance = jax.vmap(_advance, in_axes=(0, 0, None))
     ready = jax.vmap(_ready, in_axes=(0, None))
     finish = jax.vmap(lambda s, p: _finish_plans(s, p, problem_masks(p), config))

@@ -232,8 +232,8 @@ class PlanLoop(NamedTuple):
     ``reduced (n, L)``, ``f (J, n)``, ``g (L,)``; ``plan (n, L)`` at the
     current point, ``residual (L,)`` its column error ``b - P^T 1``,
     ``error (J,)`` each plan's L1 marginal error, ``epsilon`` the current
-    level, ``step (L,)`` the proposed change of ``g``, ``damping (J,)`` and
-    ``iteration``.
+    level, ``step (L,)`` the proposed change of ``g``, ``damping (J,)``,
+    ``iteration`` and ``log_colsum (L,)`` the exact log column sums of ``plan``.
     """
 
     reduced: jnp.ndarray
@@ -246,6 +246,7 @@ class PlanLoop(NamedTuple):
     step: jnp.ndarray
     damping: jnp.ndarray
     iteration: jnp.ndarray
+    log_colsum: jnp.ndarray
 
 
 def _exact_rows(reduced, eps, geo: PlanGeometry):
@@ -256,17 +257,24 @@ def _exact_rows(reduced, eps, geo: PlanGeometry):
 
 
 def _columns(reduced, eps, geo: PlanGeometry):
-    """Plans, column residual ``b - P^T 1`` and each plan's L1 column error."""
-    plan = plan_matrix(reduced, eps, geo.atom_mask, geo.comp_mask)
+    """Plans, column residual ``b - P^T 1``, each plan's L1 column error and
+    the exact column log-sums (one pass of exponentials for all of them)."""
+    mask = geo.atom_mask[:, None] & geo.comp_mask[None, :]
+    z = jnp.where(mask, -reduced / eps, -jnp.inf)
+    top = jnp.max(z, axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    scaled = jnp.where(mask, jnp.exp(jnp.where(mask, z - top[None, :], 0.0)), 0.0)
+    total = jnp.sum(scaled, axis=0)
+    log_c = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top, 0.0)
+    plan = scaled * jnp.exp(top)[None, :]
     residual = jnp.where(geo.comp_mask, geo.b - jnp.sum(plan, axis=0), 0.0)
     error = jnp.where(geo.gmm_valid, geo.gmm_of @ jnp.abs(residual), 0.0)
-    return plan, residual, error
+    return plan, residual, error, log_c
 
 
-def _newton_direction(reduced, plan, damping, eps, geo: PlanGeometry):
+def _newton_direction(log_c, plan, damping, eps, geo: PlanGeometry):
     r"""Newton step on the log-marginals, in Jacobi-scaled form (see :func:`newton_step`)."""
     gi = geo.gmm_index
-    log_c = masked_logsumexp(-reduced / eps, geo.atom_mask[:, None], axis=0)
     v = jnp.where(geo.comp_mask, geo.log_b - log_c, 0.0)  # Sinkhorn's step / eps
     root_c = jnp.where(geo.comp_mask, jnp.exp(0.5 * jnp.where(geo.comp_mask, log_c, 0.0)), 0.0)
     tiny = jnp.finfo(plan.dtype).tiny ** 0.5
@@ -290,11 +298,11 @@ def newton_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
     """Rows exact at the first level and the first Newton proposal."""
     eps0 = _start(state, epsilon, epsilon_start)
     reduced, df = _exact_rows(state.reduced, eps0, geo)
-    plan, residual, error = _columns(reduced, eps0, geo)
+    plan, residual, error, log_c = _columns(reduced, eps0, geo)
     damping = jnp.full(geo.member.shape[:1], options.damping, reduced.dtype)
     return PlanLoop(reduced, state.f + df, state.g, plan, residual, error, eps0,
-                    _newton_direction(reduced, plan, damping, eps0, geo), damping,
-                    jnp.asarray(0, jnp.int32))
+                    _newton_direction(log_c, plan, damping, eps0, geo), damping,
+                    jnp.asarray(0, jnp.int32), log_c)
 
 
 def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -> PlanLoop:
@@ -326,7 +334,7 @@ def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -
     eps = jnp.where(down, jnp.maximum(epsilon, s.epsilon * options.decay), s.epsilon)
     step = jnp.where(down, 0.0, s.step)
     reduced, df = _exact_rows(s.reduced - step[None, :], eps, geo)
-    plan, residual, error = _columns(reduced, eps, geo)
+    plan, residual, error, log_c = _columns(reduced, eps, geo)
     gain = jnp.sum(geo.a[None, :] * df, axis=1) + geo.gmm_of @ (geo.b * step)
     predicted = geo.gmm_of @ (s.residual * step)
     better = ((gain >= options.armijo * predicted) & (gain >= 0)) | (error < s.error)
@@ -336,16 +344,17 @@ def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -
                         jnp.minimum(s.damping * 16.0, 1e4))
     plan = jnp.where(col_ok[None, :], plan, s.plan)
     residual = jnp.where(col_ok, residual, s.residual)
-    reduced_kept = jnp.where(col_ok[None, :], reduced, s.reduced)
+    log_c = jnp.where(col_ok, log_c, s.log_colsum)
     return PlanLoop(
-        reduced=reduced_kept,
+        reduced=jnp.where(col_ok[None, :], reduced, s.reduced),
         f=jnp.where(ok[:, None], s.f + df, s.f),
         g=jnp.where(col_ok, s.g + step, s.g),
         plan=plan,
         residual=residual,
         error=jnp.where(ok, error, s.error),
         epsilon=eps,
-        step=_newton_direction(reduced_kept, plan, damping, eps, geo),
+        step=_newton_direction(log_c, plan, damping, eps, geo),
+        log_colsum=log_c,
         damping=damping,
         iteration=s.iteration + 1,
     )
@@ -361,7 +370,7 @@ def sinkhorn_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_star
     zeros_l = jnp.zeros((L,), dtype)
     return PlanLoop(state.reduced, state.f, state.g, jnp.zeros((n, L), dtype), zeros_l,
                     jnp.full((J,), jnp.inf, dtype), _start(state, epsilon, epsilon_start),
-                    zeros_l, jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32))
+                    zeros_l, jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32), zeros_l)
 
 
 def _sinkhorn_update(s: PlanLoop, geo: PlanGeometry, eps, omega) -> PlanLoop:
