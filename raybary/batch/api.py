@@ -13,7 +13,6 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -46,9 +45,8 @@ def configure_jax() -> None:
 
 
 SMALL_BATCH = 64  # batches at most this big are solved in one call
-SLOTS = 1024  # slots of the working batches (all lanes together)
+SLOTS = 1024  # slots of the working batch (problems solved at once)
 REFILL_BLOCKS = 4  # loop blocks per call between two refills
-MAX_THREADS = 4
 
 
 def jax_tree_map(fn, *trees):
@@ -61,27 +59,9 @@ def _take(tree, idx):
     return jax_tree_map(lambda x: x[idx], tree)
 
 
-def solver_threads() -> int:
-    """Lanes that solve at once in one process: ``RAYBARY_SOLVER_THREADS``, else
-    the CPU cores this process may use (at most 4) on a CPU backend, 1 on a
-    GPU. XLA runs a program this small on one core, so two lanes on two
-    cores finish a batch about 1.5-2x sooner."""
-    env = os.environ.get("RAYBARY_SOLVER_THREADS")
-    if env:
-        return max(1, int(env))
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
-
-
 class _Queue:
-    """Rows of a batch waiting for a slot, and the finished states (thread-safe)."""
+    """Rows of a batch waiting for a slot, and the finished states (thread-safe,
+    so that several lanes could share it)."""
 
     def __init__(self, initial, final, size: int):
         self.initial, self.final, self.size = initial, final, size
@@ -149,15 +129,17 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
 
 
 def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
-                  stats: dict | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
-    """Solve a padded batch by continuous batching, in ``threads`` lanes.
+                  stats: dict | None = None) -> dict[str, np.ndarray]:
+    """Solve a padded batch by continuous batching.
 
     A vmapped loop runs until its slowest member is done. So only ``slots``
-    problems run at a time, split over lanes that each run in their own
-    thread (XLA releases the GIL; each lane keeps one core busy), and
-    finished problems' slots are refilled from the waiting ones
-    (:func:`_lane`). Each problem's arithmetic does not depend on its slot,
-    its lane or its neighbours, so results do not depend on any of them.
+    problems run at a time, and finished problems' slots are refilled from
+    the waiting ones (:func:`_lane`). Each problem's arithmetic does not
+    depend on its slot or its neighbours, so results do not depend on either.
+
+    (Two lanes in two threads, one per core, were 1.5x faster on 2 cores,
+    but concurrent executions deadlocked inside XLA's CPU runtime on ragged
+    batches with jaxlib 0.10.2, so there is one lane.)
 
     ``stats``, if given, receives ``slot_blocks``: the loop blocks run, summed
     over the slots (busy or not), the measure of work done against work needed.
@@ -181,14 +163,7 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
             return {k: np.asarray(v) for k, v in out._asdict().items()}
         initial = jax_tree_map(np.array, bc.init_batch(jax_tree_map(jnp.asarray, problems), config))
         queue = _Queue(initial, jax_tree_map(np.copy, initial), size)
-        lanes = max(1, min(threads or solver_threads(), size // SMALL_BATCH))
-        width = max(min(size, slots or SLOTS) // lanes, SMALL_BATCH)
-        if lanes == 1:
-            _lane(queue, problems, config, width)
-        else:
-            with ThreadPoolExecutor(lanes, thread_name_prefix="raybary-lane") as pool:
-                for job in [pool.submit(_lane, queue, problems, config, width) for _ in range(lanes)]:
-                    job.result()
+        _lane(queue, problems, config, min(size, slots or SLOTS))
         stats["slot_blocks"] += queue.slot_blocks
         out = bc.finish_batch(jax_tree_map(jnp.asarray, queue.final),
                               jax_tree_map(jnp.asarray, problems))
