@@ -29,16 +29,26 @@ A step is kept only if the objective went down (else it is undone and ``t``
 halved), and the atoms are updated after each kept step, so the objective
 never goes up and ends at most at the uniform-weight solution's.
 
-Each outer iteration restarts Sinkhorn's epsilon-scaling from the potentials
+Each outer iteration restarts the plan solver's epsilon-scaling from the potentials
 of the previous plans at :math:`\varepsilon_0 = \min(\text{scale}, \max(\varepsilon,
 \kappa \max_{il} |C^{new}_{il} - C^{old}_{il}|))`: the old potentials are
 accurate up to the change of the cost, so the schedule starts where they stop
 being good. A fixed warm start at a few times epsilon cannot move potentials
 by more than a few epsilon per iteration and stalls when an atom jumps.
 
-Everything here acts on one padded problem (flat layout: see
-:mod:`raybary.solvers.sinkhorn`) and is jittable and vmappable;
-:func:`solve_batch` is the jitted ``vmap`` over a batch.
+Loop structure: the plan solve and the outer iteration are one loop, not two
+nested ones. A *block* is ``plan_block`` plan-solver iterations; after each
+block, a problem whose plans are solved gets its barycenter update and the
+next plan solve starts (:func:`_finish_plans`, :func:`_start_plans`). In a
+batch (:func:`run_batch`) every slot does plan iterations all the time, and
+the update, which costs a few plan iterations, is done only for the
+problems that are ready (gathered, updated, scattered back), so no problem
+waits for another's plans; :mod:`raybary.batch.api` refills the slots of
+finished problems between calls (continuous batching).
+
+Everything per problem is jittable and vmappable (flat layout: see
+:mod:`raybary.solvers.sinkhorn`); :func:`solve_batch` solves a whole batch
+in one call.
 """
 
 from __future__ import annotations
@@ -253,14 +263,14 @@ class BarycenterOutput(NamedTuple):
     epsilon: jnp.ndarray
 
 
-def _costs(means, covs, comp_means, comp_covs, mask2):
+def _costs(means, covs, comp_means, comp_covs, pair_mask):
     """Costs ``(n, L)``, cross terms ``(n, L, d, d)`` and ``S^{-1/2}`` of the atoms."""
     root, inv = sqrtm_and_inv(covs)
     cross = bures_cross_sqrtm(root[:, None], comp_covs[None])
     cost = bures_cost_from_cross(
         means[:, None], covs[:, None], comp_means[None], comp_covs[None], cross
     )
-    return jnp.where(mask2, cost, 0.0), cross, inv
+    return jnp.where(pair_mask, cost, 0.0), cross, inv
 
 
 def _atom_update(means, covs, inv, cross, comp_means, comp_covs, weight_il, steps):
@@ -445,15 +455,15 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     dtype = p.means.dtype
     tiny = jnp.finfo(dtype).tiny
     options = config.plan_options()
-    sk = plan_finish(s.plans, _geometry(s.log_a, p, masks), options)
-    plan = plan_matrix(sk.reduced, sk.epsilon, p.atom_mask, masks.comp_mask)
+    result = plan_finish(s.plans, _geometry(s.log_a, p, masks), options)
+    plan = plan_matrix(result.reduced, result.epsilon, p.atom_mask, masks.comp_mask)
     weight_il = masks.component_lambda[None, :] * plan
     objective = jnp.sum(weight_il * s.cost)
     ref = s.reference
     # Noise floor of the objective: plans with an L1 marginal error e move
     # it by up to about e times the typical cost (the scale).
-    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + sk.error * s.scale
-    solved = sk.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
+    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
+    solved = result.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
     small = (jnp.abs(ref - objective) <= slack) & solved
     last = s.iteration + 1 >= config.max_iterations
 
@@ -464,7 +474,7 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     conv_now = small & (s.iteration > 0) & keep
     switch = conv_now & config.learn_weights & ~learning
     if config.learn_weights:  # static: no gradient in the fixed-weight program
-        grad, spread = _weight_gradient(sk.f, masks.lambdas, p.atom_mask, s.log_a)
+        grad, spread = _weight_gradient(result.f, masks.lambdas, p.atom_mask, s.log_a)
     else:
         grad, spread = s.grad, jnp.ones((), dtype)
     step_scale = 1.0 / jnp.maximum(spread, tiny)
@@ -489,8 +499,8 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
         means=jnp.where(move_atoms, new_means, s.means),
         covs=jnp.where(move_atoms, new_covs, s.covs),
         log_a=next_log_a,
-        f=sk.f,
-        g=sk.g,
+        f=result.f,
+        g=result.g,
         objective=jnp.where(keep, objective, ref),
         reference=jnp.where(keep, objective, ref),
         best_log_a=best_log_a,
@@ -500,8 +510,8 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
         phase=jnp.where(switch, 1, s.phase),
         done=stop,
         converged=finished,
-        error=sk.error,
-        sinkhorn_iterations=s.sinkhorn_iterations + sk.iteration,
+        error=result.error,
+        sinkhorn_iterations=s.sinkhorn_iterations + result.iteration,
     )
     return _start_plans(out, p, masks, config)
 
@@ -629,5 +639,7 @@ def finish_batch(state: BarycenterState, batch: PaddedProblem) -> BarycenterOutp
 
 @partial(jax.jit, static_argnames=("config",))
 def solve_batch(batch: PaddedProblem, config: SolverConfig) -> BarycenterOutput:
-    """Solve a batch of padded problems (leading axis) with one compiled program."""
-    return jax.vmap(solve_one, in_axes=(0, None))(batch, config)
+    """Solve a batch of padded problems (leading axis) with one compiled program
+    (:func:`init_batch`, :func:`run_batch` to the end, :func:`finish_batch`)."""
+    state = run_batch(init_batch(batch, config), batch, config, 1 << 30)
+    return finish_batch(state, batch)
