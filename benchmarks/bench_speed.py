@@ -97,6 +97,7 @@ def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, flo
 
 
 def run_case(name, problems, n, **kw):
+    print(f"{name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
     raybary.solve(problems, bar_size=n, **kw)  # compile these shapes
     stats: dict = {}
     c0 = os.times()
@@ -180,11 +181,13 @@ def main() -> None:
         k = min(args.problems, 1024)
         rows.append(run_case("tutorial, epsilon=0.1, Sinkhorn plans", tut[:k], 6, epsilon=0.1,
                              config=old))
+    print("floors ...", file=sys.stderr, flush=True)
     fl = floors(1024)
     ott = ott_rate(tut, args.ott) if args.ott else float("nan")
     if args.ragged:
         rag, _ = random_columns(args.ragged, seed=2).to_problems()
         stats: dict = {}
+        print("ragged mix, first call ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         first = raybary.solve(rag, bar_size=6, epsilon=0.1, stats=stats)
         first_wall = time.perf_counter() - t

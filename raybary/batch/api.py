@@ -47,6 +47,7 @@ def configure_jax() -> None:
 SMALL_BATCH = 64  # batches at most this big are solved in one call
 SLOTS = 1024  # slots of the working batch (problems solved at once)
 REFILL_BLOCKS = 4  # loop blocks per call between two refills
+MIN_WIDTH = 128  # the tail of a batch is not moved to a narrower one below this (one compile less)
 
 
 def jax_tree_map(fn, *trees):
@@ -120,7 +121,7 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         busy = np.flatnonzero(rows >= 0)
         if len(busy) == 0:
             return
-        if len(busy) <= width // 8 and width >= SMALL_BATCH and queue.empty():
+        if len(busy) <= width // 8 and width // 8 >= MIN_WIDTH and queue.empty():
             width //= 8
             kept = np.concatenate([busy, np.full(width - len(busy), busy[0])])
             state, batch = _take(state, kept), _take(batch, kept)
