@@ -37,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from bench_solver import shared_init  # noqa: E402  (same folder)
+
 import raybary  # noqa: E402
 from raybary.solvers.barycenter import SolverConfig  # noqa: E402
 from raybary.storage.generate import random_columns, tutorial_problems  # noqa: E402
@@ -131,21 +133,12 @@ def ott_rate(problems, count: int):
 
     rng = np.random.default_rng(0)
     fn = ref.ott_solve_fn(problems[0].dim, epsilon=0.1)
-    inits = [ref_init(p, 6, rng) for p in problems[:count]]
+    inits = [shared_init(p, 6, rng) for p in problems[:count]]
     ref.ott_solve(problems[0], *inits[0], fn=fn)
     t = time.perf_counter()
     for p, i in zip(problems[:count], inits):
         ref.ott_solve(p, *i, fn=fn)
     return count / (time.perf_counter() - t)
-
-
-def ref_init(problem, n, rng):
-    w = np.concatenate([lam * g.weights for lam, g in zip(problem.lambdas, problem.gmms)])
-    m = np.concatenate([g.means for g in problem.gmms])
-    c = np.concatenate([g.covs for g in problem.gmms])
-    pick = rng.choice(len(w), size=n, replace=True, p=w / w.sum())
-    sd = np.sqrt(np.trace(c[pick], axis1=1, axis2=2) / m.shape[1])
-    return m[pick] + 0.1 * sd[:, None] * rng.normal(size=(n, m.shape[1])), c[pick]
 
 
 def pot_gaps(problems, sample: int, **kw):
@@ -154,7 +147,7 @@ def pot_gaps(problems, sample: int, **kw):
 
     rng = np.random.default_rng(1)
     probs = problems[:sample]
-    inits = [ref_init(p, 6, rng) for p in probs]
+    inits = [shared_init(p, 6, rng) for p in probs]
     ours = raybary.solve(probs, bar_size=6, init=inits, **kw)
     gaps = []
     for p, i, r in zip(probs, inits, ours):

@@ -130,7 +130,7 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
 
 
 def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
-                  stats: dict | None = None) -> dict[str, np.ndarray]:
+                  stats: dict | None = None, count: int | None = None) -> dict[str, np.ndarray]:
     """Solve a padded batch by continuous batching.
 
     A vmapped loop runs until its slowest member is done. So only ``slots``
@@ -144,6 +144,8 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
 
     ``stats``, if given, receives ``slot_blocks``: the loop blocks run, summed
     over the slots (busy or not), the measure of work done against work needed.
+    Only the first ``count`` rows (default: all) are solved; the rest are
+    filler from padding the batch to a power of two, returned as initialised.
     """
     import jax
     import jax.numpy as jnp
@@ -163,7 +165,7 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
             out = bc.finish_batch(state, device)
             return {k: np.asarray(v) for k, v in out._asdict().items()}
         initial = jax_tree_map(np.array, bc.init_batch(jax_tree_map(jnp.asarray, problems), config))
-        queue = _Queue(initial, jax_tree_map(np.copy, initial), size)
+        queue = _Queue(initial, jax_tree_map(np.copy, initial), min(size, count or size))
         _lane(queue, problems, config, min(size, slots or SLOTS))
         stats["slot_blocks"] += queue.slot_blocks
         out = bc.finish_batch(jax_tree_map(jnp.asarray, queue.final),
@@ -343,7 +345,7 @@ def solve(
                 dtype=np.dtype(dtype),
                 restarts=[r for _, r in chunk],
             )
-            out = _solve_arrays(arrays, config, dtype, stats=stats)
+            out = _solve_arrays(arrays, config, dtype, stats=stats, count=len(chunk))
             for row, (i, r) in enumerate(chunk):
                 res = _to_result(out, row, sizes[i], norm, r)
                 if best[i] is None or _better(res, best[i]):
