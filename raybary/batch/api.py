@@ -10,7 +10,6 @@ restarts.
 from __future__ import annotations
 
 import os
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,40 +49,35 @@ REFILL_BLOCKS = 4  # loop blocks per call between two refills
 MIN_WIDTH = 128  # the tail of a batch is not moved to a narrower one below this (one compile less)
 
 
-def jax_tree_map(fn, *trees):
+def _tree_map(fn, *trees):
     import jax
 
     return jax.tree_util.tree_map(fn, *trees)
 
 
 def _take(tree, idx):
-    return jax_tree_map(lambda x: x[idx], tree)
+    return _tree_map(lambda x: x[idx], tree)
 
 
 class _Queue:
-    """Rows of a batch waiting for a slot, and the finished states (thread-safe,
-    so that several lanes could share it)."""
+    """Rows of a batch waiting for a slot, and the finished states."""
 
     def __init__(self, initial, final, size: int):
         self.initial, self.final, self.size = initial, final, size
         self.next = 0
         self.slot_blocks = 0
-        self.lock = threading.Lock()
 
     def take(self, count: int) -> np.ndarray:
-        with self.lock:
-            rows = np.arange(self.next, min(self.size, self.next + count))
-            self.next += len(rows)
-            return rows
+        rows = np.arange(self.next, min(self.size, self.next + count))
+        self.next += len(rows)
+        return rows
 
     def empty(self) -> bool:
-        with self.lock:
-            return self.next >= self.size
+        return self.next >= self.size
 
     def store(self, rows: np.ndarray, state, slots: np.ndarray, blocks: int) -> None:
-        with self.lock:
-            jax_tree_map(lambda f, x: f.__setitem__(rows, x[slots]), self.final, state)
-            self.slot_blocks += blocks
+        _tree_map(lambda f, x: f.__setitem__(rows, x[slots]), self.final, state)
+        self.slot_blocks += blocks
 
 
 def _lane(queue: _Queue, problems, config, width: int) -> None:
@@ -97,17 +91,17 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
     """
     from raybary.solvers import barycenter as bc
 
-    rows = np.full(width, -1)  # row in each slot; -1: free (its state is marked done)
     first = queue.take(width)
-    rows[: len(first)] = first
-    safe = np.maximum(rows, first[0] if len(first) else 0)
     if not len(first):
         return
+    rows = np.full(width, -1)  # row in each slot; -1: free (its state is marked done)
+    rows[: len(first)] = first
+    safe = np.maximum(rows, first[0])
     state, batch = _take(queue.initial, safe), _take(problems, safe)
     state.done[rows < 0] = True
     while True:
         before = state.blocks.copy()
-        state = jax_tree_map(np.array, bc.run_batch(state, batch, config, REFILL_BLOCKS))
+        state = _tree_map(np.array, bc.run_batch(state, batch, config, REFILL_BLOCKS))
         ended = np.flatnonzero(state.done & (rows >= 0))
         queue.store(rows[ended], state, ended, width * int(np.max(state.blocks - before)))
         rows[ended] = -1
@@ -115,8 +109,8 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         new = queue.take(len(free))
         if len(new):
             slots = free[: len(new)]
-            jax_tree_map(lambda x, y, i=slots, j=new: x.__setitem__(i, y[j]), state, queue.initial)
-            jax_tree_map(lambda x, y, i=slots, j=new: x.__setitem__(i, y[j]), batch, problems)
+            _tree_map(lambda x, y, i=slots, j=new: x.__setitem__(i, y[j]), state, queue.initial)
+            _tree_map(lambda x, y, i=slots, j=new: x.__setitem__(i, y[j]), batch, problems)
             rows[slots] = new
         busy = np.flatnonzero(rows >= 0)
         if len(busy) == 0:
@@ -159,17 +153,17 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
         stats = {} if stats is None else stats
         stats.setdefault("slot_blocks", 0)
         if size <= SMALL_BATCH:
-            device = jax_tree_map(jnp.asarray, problems)
+            device = _tree_map(jnp.asarray, problems)
             state = bc.run_batch(bc.init_batch(device, config), device, config, 1 << 30)
             stats["slot_blocks"] += size * int(np.max(np.asarray(state.blocks)))
             out = bc.finish_batch(state, device)
             return {k: np.asarray(v) for k, v in out._asdict().items()}
-        initial = jax_tree_map(np.array, bc.init_batch(jax_tree_map(jnp.asarray, problems), config))
-        queue = _Queue(initial, jax_tree_map(np.copy, initial), min(size, count or size))
+        initial = _tree_map(np.array, bc.init_batch(_tree_map(jnp.asarray, problems), config))
+        queue = _Queue(initial, _tree_map(np.copy, initial), min(size, count or size))
         _lane(queue, problems, config, min(size, slots or SLOTS))
         stats["slot_blocks"] += queue.slot_blocks
-        out = bc.finish_batch(jax_tree_map(jnp.asarray, queue.final),
-                              jax_tree_map(jnp.asarray, problems))
+        out = bc.finish_batch(_tree_map(jnp.asarray, queue.final),
+                              _tree_map(jnp.asarray, problems))
         return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 

@@ -71,6 +71,7 @@ from raybary.solvers.sinkhorn import (
     PlanGeometry,
     PlanLoop,
     PlanOptions,
+    idle_loop,
     init_state,
     masked_logsumexp,
     plan_done,
@@ -116,7 +117,7 @@ class SolverConfig:
         mean cost of the initial barycenter against the inputs (scale-free);
         otherwise it is absolute, in squared units of the data.
       plan_solver: ``"newton"`` (damped Newton on the semi-dual,
-        :func:`raybary.solvers.sinkhorn.newton`; default) or ``"sinkhorn"``
+        :func:`raybary.solvers.sinkhorn.newton_step`; default) or ``"sinkhorn"``
         (over-relaxed Sinkhorn). Both solve the same entropic problem.
       sinkhorn_tol: L1 marginal error at which the plan solver stops.
       sinkhorn_max_iterations: plan-solver iterations at most per outer iteration.
@@ -419,11 +420,8 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         scale=scale,
         cross=jnp.zeros((n, L, d, d), dtype),
         inv_sqrt=jnp.zeros((n, d, d), dtype),
-        plans=PlanLoop(
-            jnp.zeros((n, L), dtype), jnp.zeros((J, n), dtype), zeros_l,
-            jnp.zeros((n, L), dtype), zeros_l, jnp.zeros((J,), dtype), eps, zeros_l,
-            jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32), zeros_l,
-        ),
+        plans=idle_loop(init_state(cost0, jnp.zeros((J, n), dtype), zeros_l, log_a0,
+                                   p.gmm_index), J, eps),  # replaced by _start_plans
         blocks=jnp.asarray(0, jnp.int32),
     )
     return _start_plans(state, p, masks, config)
@@ -520,9 +518,9 @@ def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def _advance(s: BarycenterState, p: PaddedProblem, config: SolverConfig) -> BarycenterState:
+def _advance(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
+             config: SolverConfig) -> BarycenterState:
     """``config.plan_block`` iterations of the plan solve (a solved plan stays put)."""
-    masks = problem_masks(p)
     options = config.plan_options()
     geo = _geometry(s.log_a, p, masks)
 
@@ -539,9 +537,10 @@ def _ready(s: BarycenterState, config: SolverConfig) -> jnp.ndarray:
     return plan_done(s.plans, s.epsilon, config.plan_options()) & ~s.done
 
 
-def _update(s: BarycenterState, p: PaddedProblem, config: SolverConfig) -> BarycenterState:
+def _update(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
+            config: SolverConfig) -> BarycenterState:
     """:func:`_finish_plans` if the plans are solved, else ``s``."""
-    return _select(_ready(s, config), _finish_plans(s, p, problem_masks(p), config), s)
+    return _select(_ready(s, config), _finish_plans(s, p, masks, config), s)
 
 
 def run_one(
@@ -556,12 +555,13 @@ def run_one(
     problems that need it.
     """
     stop_at = state.blocks + (jnp.iinfo(jnp.int32).max // 2 if blocks is None else blocks)
+    masks = problem_masks(p)
 
     def cond(s: BarycenterState):
         return ~s.done & (s.blocks < stop_at)
 
     def body(s: BarycenterState) -> BarycenterState:
-        return _update(_advance(s, p, config), p, config)
+        return _update(_advance(s, p, masks, config), p, masks, config)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -603,15 +603,17 @@ def run_batch(
 
     The loop is over the batch (not a ``vmap`` of per-problem loops) so that
     the barycenter update, which costs a few plan iterations, runs only for
-    the problems whose plans are solved: each block gathers at most an eighth
-    of the batch of those (the rest wait one block), updates them, and
-    scatters them back. Every slot does plan iterations all the time.
+    the problems whose plans are solved: each block gathers at most
+    ``1 / UPDATE_DIVISOR`` of the batch of those (the rest wait one block),
+    updates them, and scatters them back. Every slot does plan iterations all
+    the time.
     """
     size = batch.weights.shape[0]
     chosen = max(1, min(size, -(-size // UPDATE_DIVISOR)))
-    advance = jax.vmap(_advance, in_axes=(0, 0, None))
+    masks = jax.vmap(problem_masks)(batch)
+    advance = jax.vmap(_advance, in_axes=(0, 0, 0, None))
     ready = jax.vmap(_ready, in_axes=(0, None))
-    finish = jax.vmap(lambda s, p: _finish_plans(s, p, problem_masks(p), config))
+    finish = jax.vmap(lambda s, p, m: _finish_plans(s, p, m, config))
 
     def cond(carry):
         s, k = carry
@@ -619,10 +621,10 @@ def run_batch(
 
     def body(carry):
         s, k = carry
-        s = advance(s, batch, config)
+        s = advance(s, batch, masks, config)
         (rows,) = jnp.nonzero(ready(s, config), size=chosen, fill_value=size)
         safe = jnp.minimum(rows, size - 1)
-        sub = jax.tree_util.tree_map(lambda x: x[safe], (s, batch))
+        sub = jax.tree_util.tree_map(lambda x: x[safe], (s, batch, masks))
         new = finish(*sub)
         s = jax.tree_util.tree_map(lambda x, y: x.at[rows].set(y, mode="drop"), s, new)
         return s, k + 1

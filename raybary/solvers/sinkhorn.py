@@ -62,6 +62,7 @@ __all__ = [
     "PlanLoop",
     "SinkhornState",
     "gauss_jordan_solve",
+    "idle_loop",
     "init_state",
     "masked_logsumexp",
     "plan_done",
@@ -310,25 +311,35 @@ def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -
 
     With the rows of the plans exact (the ``f`` half-step in closed form),
     the semi-dual :math:`F(g) = \sum_i a_i f_i(g) + \sum_l b_l g_l` is concave,
-    with gradient :math:`r = b - P^T \mathbb{1}` (the column error) and
-    Hessian :math:`-M / \varepsilon`,
+    with gradient :math:`r = b - c`, :math:`c = P^T \mathbb{1}` (the column
+    error), and Hessian :math:`-M / \varepsilon`,
 
     .. math::
-       M = \operatorname{diag}(P^T \mathbb{1}) - P^T \operatorname{diag}(1/a)\, P,
+       M = \operatorname{diag}(c) - P^T \operatorname{diag}(1/a)\, P,
 
     block diagonal over the GMMs (Brauer, Clason, Lorenz & Wirth 2017, *A
-    Sinkhorn–Newton method for entropic optimal transport*). The proposal is
-    :math:`\Delta g = \varepsilon (M + \tau_j \operatorname{diag}(P^T
-    \mathbb{1}) + G)^{-1} r`, where ``G`` adds :math:`1/K_j` to each GMM's
-    block (its null direction, a constant shift of ``g`` against ``f``, to
-    which ``r`` is orthogonal) and :math:`\tau_j` is a Levenberg–Marquardt
-    damping per plan. A step that raises ``F`` by at least ``armijo`` times
-    its linear prediction :math:`r^T \Delta g`, or lowers the plan's error,
-    is kept and :math:`\tau_j` shrinks 4x; otherwise it is dropped and
-    :math:`\tau_j` grows 16x (a large :math:`\tau_j` gives a short,
-    Sinkhorn-like step). Near the solution the steps are Newton steps and
-    converge quadratically. ``epsilon`` goes down a level (by ``decay``)
-    once every plan's error is below ``level_tol``.
+    Sinkhorn–Newton method for entropic optimal transport*). The step is
+    Newton's on the log-marginals, :math:`\Delta g = \varepsilon M^{-1}
+    \operatorname{diag}(c)(\log b - \log c)`, solved in Jacobi-scaled form:
+    with :math:`u = \sqrt{c}` and :math:`Q = \operatorname{diag}(a)^{-1/2} P
+    \operatorname{diag}(u)^{-1}`,
+
+    .. math::
+       \big((1 + \tau_j) I - Q^T Q + u u^T\big)\, y = u \odot (\log b - \log c),
+       \qquad \Delta g = \varepsilon\, y / u,
+
+    per GMM block, where :math:`u u^T` fills the block's null direction (a
+    constant shift of ``g`` against ``f``) and :math:`\tau_j` is a
+    Levenberg–Marquardt damping per plan. A column whose mass underflowed
+    (:math:`u \approx 0`) takes Sinkhorn's step
+    :math:`\varepsilon (\log b - \log c)`; near the solution the step is the
+    Newton step on :math:`r` and converges quadratically. A step that raises
+    ``F`` by at least ``armijo`` times its linear prediction
+    :math:`r^T \Delta g` (and not below 0), or lowers the plan's error, is
+    kept and :math:`\tau_j` shrinks 4x; otherwise it is dropped and
+    :math:`\tau_j` grows 16x (a large :math:`\tau_j` gives a short step).
+    ``epsilon`` goes down a level (by ``decay``) once every plan's error is
+    below ``level_tol``.
     """
     down = (jnp.max(s.error) <= options.level_tol) & (s.epsilon > epsilon)
     eps = jnp.where(down, jnp.maximum(epsilon, s.epsilon * options.decay), s.epsilon)
@@ -360,17 +371,22 @@ def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -
     )
 
 
+def idle_loop(state: SinkhornState, n_gmms: int, epsilon) -> PlanLoop:
+    """A loop state at ``epsilon`` from ``state``'s potentials, with unknown
+    (infinite) errors and nothing proposed."""
+    n, L = state.reduced.shape
+    dtype = state.reduced.dtype
+    zeros_l = jnp.zeros((L,), dtype)
+    return PlanLoop(state.reduced, state.f, state.g, jnp.zeros((n, L), dtype), zeros_l,
+                    jnp.full((n_gmms,), jnp.inf, dtype), jnp.asarray(epsilon, dtype), zeros_l,
+                    jnp.zeros((n_gmms,), dtype), jnp.asarray(0, jnp.int32), zeros_l)
+
+
 def sinkhorn_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
                   options: PlanOptions) -> PlanLoop:
     """Sinkhorn's loop state at the first level (error unknown: infinite)."""
     del options
-    n, L = state.reduced.shape
-    J = geo.member.shape[0]
-    dtype = state.reduced.dtype
-    zeros_l = jnp.zeros((L,), dtype)
-    return PlanLoop(state.reduced, state.f, state.g, jnp.zeros((n, L), dtype), zeros_l,
-                    jnp.full((J,), jnp.inf, dtype), _start(state, epsilon, epsilon_start),
-                    zeros_l, jnp.zeros((J,), dtype), jnp.asarray(0, jnp.int32), zeros_l)
+    return idle_loop(state, geo.member.shape[0], _start(state, epsilon, epsilon_start))
 
 
 def _sinkhorn_update(s: PlanLoop, geo: PlanGeometry, eps, omega) -> PlanLoop:
