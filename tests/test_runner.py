@@ -142,7 +142,8 @@ def test_invalid_problems_are_reported_and_the_rest_solved(data, reference):
     shard = open_store(data["bad"]).read(10, 20)
     valid = shard.valid()
     assert len(valid) == 6
-    want = raybary.solve([shard.problems[i] for i in valid], bar_size=3, validate=False)
+    want = raybary.solve([shard.problems[i] for i in valid], bar_size=3, validate=False,
+                         ids=[shard.problem_ids[i] for i in valid])
     np.testing.assert_allclose(df.loc[[10 + i for i in valid], "objective"],
                                [r.objective for r in want], rtol=1e-6)
 

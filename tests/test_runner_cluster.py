@@ -20,7 +20,7 @@ from raybary.storage import read_results
 from raybary.storage.generate import generate
 
 SCRIPT = textwrap.dedent("""
-    import json, logging, sys
+    import json, logging, os, signal, sys
     import ray
     from ray.cluster_utils import Cluster
     from raybary.runner import ExecOptions, GridOptions, SolverOptions, run
@@ -44,6 +44,10 @@ SCRIPT = textwrap.dedent("""
             # every remaining shard before the other has finished compiling.)
             node = next(w for w in workers if w.node_id == summary["node"])
             cluster.remove_node(node, allow_graceful=False)
+            try:  # its actor would notice only after a while, and finish shards meanwhile
+                os.kill(summary["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             removed.append(node.node_id)
             at_removal.update(seen)
 

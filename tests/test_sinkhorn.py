@@ -107,3 +107,46 @@ def test_unknown_plan_solver_is_refused():
     with pytest.raises(ValueError, match="unknown plan solver 'lbfgs'"):
         sk.solve_plans(state, geo, epsilon=jnp.asarray(0.1), epsilon_start=1.0,
                        options=sk.PlanOptions(method="lbfgs"))
+
+
+def test_newton_blocks_solve_the_block_diagonal_system():
+    """Above 12 components the Newton system is solved per GMM block, gathered
+    by ``block_index``: the direction must equal a dense solve of the whole
+    block-diagonal system (NumPy), and the default blocks (room for all L)."""
+    rng = np.random.default_rng(5)
+    n, sizes = 5, (7, 8, 4)  # L = 19 real components, one padded: 20 > 12
+    L = sum(sizes) + 1
+    gmm_index = np.concatenate([np.full(k, j) for j, k in enumerate(sizes)] + [[0]]).astype(np.int32)
+    comp = np.arange(L) < sum(sizes)
+    member = (gmm_index[None, :] == np.arange(3)[:, None]) & comp[None, :]
+    block_index = np.full((3, 8), L, np.int32)
+    start = 0
+    for j, k in enumerate(sizes):
+        block_index[j, :k] = np.arange(start, start + k)
+        start += k
+    atom_mask = np.arange(n) < 4
+    log_a = np.where(atom_mask, np.log(1 / 4), 0.0)
+    w = np.where(comp, rng.uniform(0.5, 1.5, L), 0.0)
+    for j in range(3):
+        w[member[j]] /= w[member[j]].sum()
+    log_b = np.where(comp, np.log(np.where(comp, w, 1.0)), 0.0)
+    plan = np.where(atom_mask[:, None] & comp[None, :], rng.uniform(0.01, 0.2, (n, L)), 0.0)
+    log_c = np.where(comp, np.log(np.maximum(plan.sum(axis=0), 1e-300)), 0.0)
+    damping, eps = np.array([1e-3, 0.5, 2.0]), 0.1
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x) for x in (log_a, log_b, gmm_index, member, np.ones(3), atom_mask)]
+        dirs = []
+        for blocks in (jnp.asarray(block_index), None):
+            geo = sk.plan_geometry(*args, block_index=blocks)
+            dirs.append(np.asarray(sk._newton_direction(jnp.asarray(log_c), jnp.asarray(plan),
+                                                        jnp.asarray(damping), eps, geo)))
+    # dense reference: ((1 + tau) I - Q^T Q + u u^T per block) y = u (log b - log c)
+    u = np.where(comp, np.exp(0.5 * log_c), 0.0)
+    q = np.where(comp[None, :], plan / (np.sqrt(np.where(atom_mask, 1 / 4, 1.0))[:, None]
+                                        * np.where(comp, u, 1.0)[None, :]), 0.0)
+    same = (gmm_index[:, None] == gmm_index[None, :]) & comp[:, None] & comp[None, :]
+    m = np.diag(1.0 + damping[gmm_index]) - np.where(same, q.T @ q - np.outer(u, u), 0.0)
+    y = np.linalg.solve(m, u * np.where(comp, log_b - log_c, 0.0))
+    expected = np.where(comp, eps * y / np.where(comp, u, 1.0), 0.0)
+    np.testing.assert_allclose(dirs[0], expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dirs[1], expected, rtol=1e-9, atol=1e-12)

@@ -110,7 +110,7 @@ def ragged():
     rng = np.random.default_rng(7)
     items = []
     for i in range(52):
-        d = (1, 2, 3, 5)[i % 4]
+        d = (1, 2, 3, 5, 4)[i % 5]  # d = 4 is padded to 5 (an N(0, 1) dimension)
         p, n = random_problem(rng, d, ill=(i % 3 == 0))
         m0 = np.concatenate([g.means for g in p.gmms])
         c0 = np.concatenate([g.covs for g in p.gmms])
@@ -257,6 +257,19 @@ def test_restarts_keep_the_best(tutorial):
     assert many.objective <= one.objective * (1 + 1e-6)
     again = raybary.solve(p, bar_size=6, restarts=4, seed=5)[0]
     np.testing.assert_array_equal(again.means, many.means)
+
+
+def test_ids_seed_each_problem_not_its_position(tutorial):
+    """With ``ids``, a problem's draws (hence its result) do not depend on the
+    call or its place in it: alone, or third of three, it is the same."""
+    problems = [p for p, _ in tutorial]
+    together = raybary.solve(problems, bar_size=6, restarts=4, seed=5, ids=[7, 8, 9])
+    alone = raybary.solve(problems[2], bar_size=6, restarts=4, seed=5, ids=[9])[0]
+    np.testing.assert_allclose(alone.objective, together[2].objective, rtol=1e-5)
+    np.testing.assert_allclose(alone.means, together[2].means, rtol=1e-4, atol=1e-4)
+    assert alone.restart == together[2].restart
+    with pytest.raises(ValueError, match="ids has shape"):
+        raybary.solve(problems, bar_size=6, ids=[1, 2])
 
 
 def test_bad_arguments_are_named():

@@ -10,6 +10,7 @@ restarts.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -46,7 +47,12 @@ def configure_jax() -> None:
 SMALL_BATCH = 64  # batches at most this big are solved in one call
 SLOTS = 1024  # slots of the working batch (problems solved at once)
 REFILL_BLOCKS = 4  # loop blocks per call between two refills
-MIN_WIDTH = 128  # the tail of a batch is not moved to a narrower one below this (one compile less)
+MIN_WIDTH = 2  # the narrowest batch a tail moves to
+EAGER_WIDTH = 128  # ... at once down to this width; narrower by the rent-or-buy rule
+TAIL_CALL_SLOTS = 1024  # with none waiting, a call runs REFILL_BLOCKS * this / width blocks
+SHRINK_AFTER_S = 4.0  # a tail moves to a batch not yet compiled after this long (about one compile)
+_COMPILED: set = set()  # (problem shapes, width, config) run in this process
+_TAIL_SECONDS: dict = defaultdict(float)  # time tails spent at a program key, over all calls
 
 
 def _tree_map(fn, *trees):
@@ -80,14 +86,25 @@ class _Queue:
         self.slot_blocks += blocks
 
 
+def _program_key(batch, width: int, config) -> tuple:
+    shapes = tuple((x.shape[1:], x.dtype.str) for x in batch)
+    return shapes, width, config
+
+
 def _lane(queue: _Queue, problems, config, width: int) -> None:
     """Solve rows from ``queue`` in ``width`` slots, refilling finished ones.
 
     Between calls of ``REFILL_BLOCKS`` blocks, finished problems leave and
     waiting ones take their slots (their initial states were computed up
-    front). Once none waits and at most an eighth of the slots are busy, the
-    busy ones move to a batch an eighth the size (sizes stay powers of two:
-    few compiles).
+    front). Once none waits and at most an eighth of the slots are busy (the
+    tail: a few slow problems), the busy ones move to a batch an eighth the
+    size (sizes stay powers of two: few compiles): at once down to
+    ``EAGER_WIDTH`` or if that program already ran in this process, else
+    once tails at this width have taken
+    ``SHRINK_AFTER_S`` in all (over this and earlier calls), about what
+    compiling the narrower program costs: short tails never pay for a
+    compile, and long or repeated ones waste at most about as much as it
+    (the rent-or-buy rule).
     """
     from raybary.solvers import barycenter as bc
 
@@ -100,8 +117,12 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
     state, batch = _take(queue.initial, safe), _take(problems, safe)
     state.done[rows < 0] = True
     while True:
+        started = time.perf_counter()
         before = state.blocks.copy()
-        state = _tree_map(np.array, bc.run_batch(state, batch, config, REFILL_BLOCKS))
+        # Nothing to refill from: run longer per call (narrow batches are cheap per block).
+        blocks = REFILL_BLOCKS * max(1, TAIL_CALL_SLOTS // width if queue.empty() else 1)
+        state = _tree_map(np.array, bc.run_batch(state, batch, config, blocks))
+        _COMPILED.add(_program_key(batch, width, config))
         ended = np.flatnonzero(state.done & (rows >= 0))
         queue.store(rows[ended], state, ended, width * int(np.max(state.blocks - before)))
         rows[ended] = -1
@@ -116,6 +137,12 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         if len(busy) == 0:
             return
         if len(busy) <= width // 8 and width // 8 >= MIN_WIDTH and queue.empty():
+            key = _program_key(batch, width, config)
+            _TAIL_SECONDS[key] += time.perf_counter() - started
+            if (width // 8 < EAGER_WIDTH
+                    and _program_key(batch, width // 8, config) not in _COMPILED
+                    and _TAIL_SECONDS[key] < SHRINK_AFTER_S):
+                continue
             width //= 8
             kept = np.concatenate([busy, np.full(width - len(busy), busy[0])])
             state, batch = _take(state, kept), _take(batch, kept)
@@ -201,6 +228,7 @@ def solve(
     learn_weights: bool = False,
     dtype: str = "float32",
     seed: int = 0,
+    ids: Sequence[int] | None = None,
     max_iterations: int | None = None,
     tol: float | None = None,
     batch_size: int = 4096,
@@ -239,6 +267,10 @@ def solve(
         objective is then at most that of uniform weights).
       dtype: ``"float32"`` (default) or ``"float64"``.
       seed: seed of the k-means++ draws (results are reproducible).
+      ids: a stable integer id per problem (default: its position). The
+        draws of problem ``i`` depend only on ``seed`` and ``ids[i]``, so its
+        initialisation does not depend on the call, batch or position that
+        solved it (``raybary run`` passes the store's ``problem_id``).
       max_iterations, tol: outer iterations and relative objective tolerance
         (defaults of :class:`~raybary.SolverConfig`).
       batch_size: problems per compiled call (rounded to a power of two).
@@ -278,6 +310,9 @@ def solve(
         raise ValueError(f"bar_size must be at least 1, got {min(sizes)}")
     if restarts < 1:
         raise ValueError(f"restarts must be at least 1, got {restarts}")
+    ids = np.arange(P, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    if ids.shape != (P,):
+        raise ValueError(f"ids has shape {ids.shape} for {P} problems")
     inits = [None] * P if init is None else list(init)
     if len(inits) != P:
         raise ValueError(f"init has {len(inits)} entries for {P} problems")
@@ -324,7 +359,7 @@ def solve(
             chunk = items[start : start + batch_size]
             batch = min(next_pow2(len(chunk)), next_pow2(batch_size))
             keys = np.array(
-                [[seed & 0xFFFFFFFF, (i * restarts + r) & 0xFFFFFFFF] for i, r in chunk],
+                [[seed & 0xFFFFFFFF, (int(ids[i]) * restarts + r) & 0xFFFFFFFF] for i, r in chunk],
                 np.uint32,
             )
             arrays, norm = pad_problems(
@@ -341,7 +376,7 @@ def solve(
             )
             out = _solve_arrays(arrays, config, dtype, stats=stats, count=len(chunk))
             for row, (i, r) in enumerate(chunk):
-                res = _to_result(out, row, sizes[i], norm, r)
+                res = _to_result(out, row, sizes[i], problems[i].dim, norm, r)
                 if best[i] is None or _better(res, best[i]):
                     best[i] = res
             finished = len({i for i, _ in chunk})
@@ -351,30 +386,28 @@ def solve(
     return best  # type: ignore[return-value]
 
 
-MERGE_BELOW = 256  # a dimension with fewer rows than this compiles one bucket
+MERGE_BELOW = 4096  # buckets with fewer rows share one program (per dimension and size)
 
 
 def _merge_small(rows: dict) -> dict:
-    """Merge the buckets of each dimension into one (their elementwise max) when
-    that dimension has few rows: for small calls compiling dominates, and the
-    padding costs little."""
-    by_d: dict[int, list[Bucket]] = defaultdict(list)
+    """Merge the small buckets of each dimension into one, their elementwise
+    max: a compile costs about as much as solving a few thousand problems in
+    a bucket twice the needed size, which is about the most the coarse
+    classes of :func:`raybary.batch.padding.bucket_of` pad to."""
+    groups: dict[int, list[Bucket]] = defaultdict(list)
     for b in rows:
-        by_d[b.d].append(b)
+        groups[b.d].append(b)
     merged: dict[Bucket, list] = {}
-    for d, buckets in by_d.items():
-        total = sum(len(rows[b]) for b in buckets)
-        if len(buckets) > 1 and total < MERGE_BELOW:
-            big = Bucket(
-                d,
-                max(b.n for b in buckets),
-                max(b.J for b in buckets),
-                max(b.L for b in buckets),
-            )
-            merged[big] = [item for b in sorted(buckets) for item in rows[b]]
-        else:
-            for b in buckets:
+    for d, buckets in groups.items():
+        small = [b for b in buckets if len(rows[b]) < MERGE_BELOW]
+        for b in buckets:
+            if b not in small or len(small) == 1:
                 merged[b] = rows[b]
+        if len(small) > 1:
+            big = Bucket(d, max(b.n for b in small), max(b.J for b in small),
+                         max(b.L for b in small), max(b.K for b in small))
+            merged.setdefault(big, [])
+            merged[big] = merged[big] + [item for b in sorted(small) for item in rows[b]]
     return merged
 
 
@@ -384,11 +417,11 @@ def _better(a: Result, b: Result) -> bool:
     return bool(a.objective < b.objective)
 
 
-def _to_result(out: dict, row: int, n: int, norm, restart: int) -> Result:
-    c, s = norm.center[row], norm.scale[row]
+def _to_result(out: dict, row: int, n: int, d: int, norm, restart: int) -> Result:
+    c, s = norm.center[row, :d], norm.scale[row]
     weights = out["weights"][row, :n].astype(np.float64)
-    means = out["means"][row, :n].astype(np.float64) * s + c
-    covs = out["covs"][row, :n].astype(np.float64) * s**2
+    means = out["means"][row, :n, :d].astype(np.float64) * s + c
+    covs = out["covs"][row, :n, :d, :d].astype(np.float64) * s**2
     objective = float(out["objective"][row]) * s**2
     finite = (
         np.isfinite(objective)

@@ -1,8 +1,12 @@
 """Padding ragged problems into fixed-shape buckets (NumPy only, no JAX).
 
-A bucket is ``(d, n, J, L)``: dimension, atoms, GMMs and total components,
-each rounded up to ``2^k`` or ``3 * 2^k`` (:func:`bucket_size`), so that a batch of ragged problems compiles
-a handful of programs, not one per problem. Each problem is also centred and
+A bucket is ``(d, n, J, L, K)``: dimension, atoms, GMMs, total components
+and the components of the largest GMM, each rounded up to a coarse class
+(:func:`bucket_of`), so that a batch of ragged problems compiles a handful of
+programs, not one per shape. Padding is exact: padded atoms, components and
+GMMs are masked out, and a padded dimension holds ``N(0, 1)`` in every
+Gaussian, which adds nothing to any Bures cost and leaves the other
+dimensions of the barycenter unchanged. Each problem is also centred and
 scaled (translation and scale equivariance of the barycenter) so that float32
 works on data far from the origin or of any scale: means ``(m - c) / s``,
 covariances ``C / s^2``; costs and objectives scale by ``s^2``.
@@ -37,20 +41,46 @@ def bucket_size(x: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class Bucket:
-    """Padded shape of a group of problems: dimension, atoms, GMMs, components."""
+    """Padded shape of a group of problems: dimension, atoms, GMMs, components
+    in all, components of the largest GMM."""
 
     d: int
     n: int
     J: int
     L: int
+    K: int = 0  # 0: as many as L
+
+
+def dim_class(d: int) -> int:
+    """1, 2 and 3 as they are (closed forms in d <= 2), then 5, 8, 12, 16, 24, ..."""
+    return d if d <= 3 else 5 if d <= 5 else bucket_size(d)
+
+
+def gmm_class(J: int) -> int:
+    """3, 6, then 8, 12, 16, 24, ... (a padded GMM costs little)."""
+    return 3 if J <= 3 else 6 if J <= 6 else bucket_size(J)
+
+
+def components_class(L: int) -> int:
+    """12, 24, 48, 96, ...: up to 12 the Newton system is solved whole, unrolled;
+    above, per GMM block, so the cost grows about linearly in L."""
+    return 12 * next_pow2(-(-L // 12))
+
+
+def block_class(K: int) -> int:
+    """4, 8, 16, ...: the size of the per-GMM Newton blocks."""
+    return max(4, next_pow2(K))
 
 
 def bucket_of(problem: Problem, n: int) -> Bucket:
+    """Padded shape of ``problem`` with ``n`` atoms (coarse classes: few compiles;
+    the padding costs at most ~2x in the Newton solve)."""
     return Bucket(
-        problem.dim,
+        dim_class(problem.dim),
         bucket_size(n),
-        bucket_size(problem.n_gmms),
-        bucket_size(problem.n_components),
+        gmm_class(problem.n_gmms),
+        components_class(problem.n_components),
+        block_class(max(g.n_components for g in problem.gmms)),
     )
 
 
@@ -105,6 +135,7 @@ def pad_problems(
     0). An absolute epsilon is divided by ``scale**2``.
     """
     d, n, J, L = bucket.d, bucket.n, bucket.J, bucket.L
+    K = bucket.K or L
     B = batch
     out = {
         "weights": np.zeros((B, L)),
@@ -119,6 +150,7 @@ def pad_problems(
         "epsilon": np.zeros((B,)),
         "key": np.zeros((B, 2), np.uint32),
         "restart": np.zeros((B,), np.int32),
+        "block_index": np.full((B, J, K), L, np.int32),
     }
     centers = np.zeros((B, d))
     scales = np.ones((B,))
@@ -128,18 +160,21 @@ def pad_problems(
         w, m, c, idx = _flat(p)
         k = len(w)
         center, scale = _normalisation(w, m, c, p.lambdas[idx])
-        centers[b], scales[b] = center, scale
+        e = p.dim  # dimensions past it stay N(0, 1): no cost, no effect on the rest
+        centers[b, :e], scales[b] = center, scale
         out["weights"][b, :k] = w
-        out["means"][b, :k] = (m - center) / scale
-        out["covs"][b, :k] = c / scale**2
+        out["means"][b, :k, :e] = (m - center) / scale
+        out["covs"][b, :k, :e, :e] = c / scale**2
         out["gmm_index"][b, :k] = idx
+        first = np.searchsorted(idx, idx)  # components of a GMM are contiguous
+        out["block_index"][b, idx, np.arange(k) - first] = np.arange(k)
         out["lambdas"][b, : p.n_gmms] = p.lambdas
         out["atom_mask"][b, : bar_sizes[src]] = True
         init = inits[src]
         if init is not None:
             im, ic = init
-            out["init_means"][b, : bar_sizes[src]] = (np.asarray(im) - center) / scale
-            out["init_covs"][b, : bar_sizes[src]] = np.asarray(ic) / scale**2
+            out["init_means"][b, : bar_sizes[src], :e] = (np.asarray(im) - center) / scale
+            out["init_covs"][b, : bar_sizes[src], :e, :e] = np.asarray(ic) / scale**2
             out["has_init"][b] = True
         eps = float(epsilons[src])
         out["epsilon"][b] = eps if relative_epsilon else eps / scale**2

@@ -43,15 +43,19 @@ def _failed(message: str) -> Result:
 
 
 def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
-                   solve_fn: SolveFn | None = None) -> list[Result]:
+                   solve_fn: SolveFn | None = None,
+                   ids: Sequence[int] | None = None) -> list[Result]:
     """Solve ``problems`` (already validated); an exception fails only the
-    problem(s) that raise it (found by bisection), with its message."""
+    problem(s) that raise it (found by bisection), with its message. ``ids``
+    (the problems' ids) seed each problem's initialisation, so a result does
+    not depend on the shard size or the problem's place in the shard."""
     solve_fn = solve_fn or _default_solve
     problems = list(problems)
     if not problems:
         return []
+    ids = list(range(len(problems))) if ids is None else [int(i) for i in ids]
     try:
-        out = list(solve_fn(problems, validate=False, **solver.solve_kwargs()))
+        out = list(solve_fn(problems, validate=False, ids=ids, **solver.solve_kwargs()))
         if len(out) != len(problems):
             raise RuntimeError(f"solver returned {len(out)} results for {len(problems)} problems")
         return out
@@ -59,8 +63,8 @@ def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
         if len(problems) == 1:
             return [_failed(f"solver error: {type(e).__name__}: {e}".strip())]
     half = len(problems) // 2
-    return (solve_isolated(problems[:half], solver, solve_fn)
-            + solve_isolated(problems[half:], solver, solve_fn))
+    return (solve_isolated(problems[:half], solver, solve_fn, ids[:half])
+            + solve_isolated(problems[half:], solver, solve_fn, ids[half:]))
 
 
 # ------------------------------------------------------------------ grids
@@ -165,7 +169,8 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
     errors: list[str | None] = list(shard.errors)
     results: list[Result | None] = [None] * n
     valid = shard.valid()
-    solved = solve_isolated([shard.problems[i] for i in valid], solver, solve_fn)
+    solved = solve_isolated([shard.problems[i] for i in valid], solver, solve_fn,
+                            [shard.problem_ids[i] for i in valid])
     t_solve = time.perf_counter()
     for i, r in zip(valid, solved):
         results[i] = r

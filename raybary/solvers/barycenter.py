@@ -71,6 +71,7 @@ from raybary.solvers.sinkhorn import (
     PlanGeometry,
     PlanLoop,
     PlanOptions,
+    block_slots,
     idle_loop,
     init_state,
     masked_logsumexp,
@@ -100,6 +101,7 @@ __all__ = [
 
 SOLVED_ERROR = 1e-3  # plans with a larger L1 marginal error never count as converged
 UPDATE_DIVISOR = 4  # run_batch updates at most 1/UPDATE_DIVISOR of the batch per block
+UPDATE_CHUNKS = 32  # ... in chunks of 1/UPDATE_CHUNKS of the batch, only as many as are ready
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,10 @@ class PaddedProblem(NamedTuple):
     (int32), ``lambdas (J,)``, ``atom_mask (n,)``, ``init_means (n, d)``,
     ``init_covs (n, d, d)``, ``has_init ()`` (use ``init_*`` rather than
     a drawn initialisation), ``epsilon ()``, ``key`` (PRNG key data, ``(2,)``
-    uint32) and ``restart ()`` (int32: even restarts draw the atoms by
-    k-means++, odd ones by mass, :mod:`raybary.solvers.init`).
+    uint32), ``restart ()`` (int32: even restarts draw the atoms by
+    k-means++, odd ones by mass, :mod:`raybary.solvers.init`) and
+    ``block_index (J, K)`` (int32: flat index of the k-th component of GMM j,
+    ``L`` past its last; K is the largest GMM's size, padded).
     Padded components have weight 0 and identity covariance, padded GMMs
     lambda 0, padded atoms ``atom_mask`` false.
     """
@@ -208,6 +212,7 @@ class PaddedProblem(NamedTuple):
     epsilon: jnp.ndarray
     key: jnp.ndarray
     restart: jnp.ndarray
+    block_index: jnp.ndarray
 
 
 class BarycenterState(NamedTuple):
@@ -299,7 +304,8 @@ class ProblemMasks(NamedTuple):
     GMM j; ``pair_mask (n, L)`` real atom and real component; ``lambdas (J,)``
     normalised over the GMMs that have components; ``component_lambda (L,)``
     the lambda of each component's GMM; ``log_b (L,)`` log-weights of the
-    components (0 on padded ones); ``n_atoms`` real atoms.
+    components (0 on padded ones); ``n_atoms`` real atoms; ``block_slot (L,)``
+    each component's place in the per-GMM blocks (:func:`block_slots`).
     """
 
     comp_mask: jnp.ndarray
@@ -309,6 +315,7 @@ class ProblemMasks(NamedTuple):
     component_lambda: jnp.ndarray
     log_b: jnp.ndarray
     n_atoms: jnp.ndarray
+    block_slot: jnp.ndarray
 
 
 def problem_masks(p: PaddedProblem) -> ProblemMasks:
@@ -328,12 +335,13 @@ def problem_masks(p: PaddedProblem) -> ProblemMasks:
         component_lambda=jnp.where(comp_mask, lam[p.gmm_index], 0.0),
         log_b=jnp.where(comp_mask, jnp.log(jnp.where(comp_mask, p.weights, 1.0)), 0.0),
         n_atoms=jnp.maximum(jnp.sum(p.atom_mask), 1).astype(dtype),
+        block_slot=block_slots(p.block_index, comp_mask),
     )
 
 
 def _geometry(log_a, p: PaddedProblem, masks: ProblemMasks) -> PlanGeometry:
     return plan_geometry(log_a, masks.log_b, p.gmm_index, masks.member, masks.lambdas,
-                         p.atom_mask)
+                         p.atom_mask, p.block_index, masks.block_slot)
 
 
 def _start_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
@@ -595,25 +603,35 @@ def init_batch(batch: PaddedProblem, config: SolverConfig) -> BarycenterState:
     return jax.vmap(init_one, in_axes=(0, None))(batch, config)
 
 
-@partial(jax.jit, static_argnames=("config", "blocks"))
+@partial(jax.jit, static_argnames=("config",))
 def run_batch(
     state: BarycenterState, batch: PaddedProblem, config: SolverConfig, blocks: int
 ) -> BarycenterState:
     """:func:`run_one` over a batch, for at most ``blocks`` blocks per call.
 
     The loop is over the batch (not a ``vmap`` of per-problem loops) so that
-    the barycenter update, which costs a few plan iterations, runs only for
-    the problems whose plans are solved: each block gathers at most
-    ``1 / UPDATE_DIVISOR`` of the batch of those (the rest wait one block),
-    updates them, and scatters them back. Every slot does plan iterations all
-    the time.
+    the barycenter update, which costs a few plan iterations (many more in
+    d >= 3, where it takes eigendecompositions), runs only for the problems
+    whose plans are solved: after each block, the ready ones are gathered
+    ``size / UPDATE_CHUNKS`` at a time (at most ``1 / UPDATE_DIVISOR`` of
+    the batch per block; the rest wait one block), updated and scattered
+    back; a block with none ready does no update at all. Every slot does plan
+    iterations all the time.
     """
     size = batch.weights.shape[0]
-    chosen = max(1, min(size, -(-size // UPDATE_DIVISOR)))
+    chunk = max(1, -(-size // UPDATE_CHUNKS))
+    max_chunks = max(1, UPDATE_CHUNKS // UPDATE_DIVISOR)
     masks = jax.vmap(problem_masks)(batch)
     advance = jax.vmap(_advance, in_axes=(0, 0, 0, None))
     ready = jax.vmap(_ready, in_axes=(0, None))
     finish = jax.vmap(lambda s, p, m: _finish_plans(s, p, m, config))
+
+    def update_chunk(_, s):
+        (rows,) = jnp.nonzero(ready(s, config), size=chunk, fill_value=size)
+        safe = jnp.minimum(rows, size - 1)
+        sub = jax.tree_util.tree_map(lambda x: x[safe], (s, batch, masks))
+        new = finish(*sub)
+        return jax.tree_util.tree_map(lambda x, y: x.at[rows].set(y, mode="drop"), s, new)
 
     def cond(carry):
         s, k = carry
@@ -622,11 +640,8 @@ def run_batch(
     def body(carry):
         s, k = carry
         s = advance(s, batch, masks, config)
-        (rows,) = jnp.nonzero(ready(s, config), size=chosen, fill_value=size)
-        safe = jnp.minimum(rows, size - 1)
-        sub = jax.tree_util.tree_map(lambda x: x[safe], (s, batch, masks))
-        new = finish(*sub)
-        s = jax.tree_util.tree_map(lambda x, y: x.at[rows].set(y, mode="drop"), s, new)
+        count = jnp.sum(ready(s, config))
+        s = jax.lax.fori_loop(0, jnp.minimum(-(-count // chunk), max_chunks), update_chunk, s)
         return s, k + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.asarray(0, jnp.int32)))

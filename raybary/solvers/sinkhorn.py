@@ -68,6 +68,7 @@ __all__ = [
     "plan_done",
     "plan_finish",
     "plan_geometry",
+    "block_slots",
     "plan_init",
     "plan_matrix",
     "plan_step",
@@ -124,7 +125,10 @@ class PlanGeometry(NamedTuple):
     component weights and ``log_b``; ``gmm_index (L,)``; ``member (J, L)``;
     ``gmm_of (J, L)`` the same as numbers; ``comp_mask (L,)``; ``atom_mask
     (n,)``; ``gmm_valid (J,)`` (has components and a positive lambda);
-    ``row_mask (J, n)``.
+    ``row_mask (J, n)``; ``block_index (J, K)`` the flat index of the k-th
+    component of GMM j (``L`` where GMM j has fewer than K) and ``block_slot
+    (L,)`` the inverse, ``j * K + k`` (``J * K`` for padded components): the
+    Newton system is block diagonal over the GMMs and is solved per block.
     """
 
     a: jnp.ndarray
@@ -138,11 +142,31 @@ class PlanGeometry(NamedTuple):
     atom_mask: jnp.ndarray
     gmm_valid: jnp.ndarray
     row_mask: jnp.ndarray
+    block_index: jnp.ndarray
+    block_slot: jnp.ndarray
 
 
-def plan_geometry(log_a, log_b, gmm_index, member, lambdas, atom_mask) -> PlanGeometry:
-    """:class:`PlanGeometry` of one problem."""
+def block_slots(block_index: jnp.ndarray, comp_mask: jnp.ndarray) -> jnp.ndarray:
+    """Inverse of ``block_index (J, K)``: each real component's ``j * K + k``
+    (``J * K`` for padded ones)."""
+    J, K = block_index.shape
+    L = comp_mask.shape[0]
+    slot = jnp.full((L + 1,), J * K, jnp.int32).at[block_index.reshape(-1)].set(
+        jnp.arange(J * K, dtype=jnp.int32))
+    return jnp.where(comp_mask, slot[:L], J * K)
+
+
+def plan_geometry(log_a, log_b, gmm_index, member, lambdas, atom_mask,
+                  block_index=None, block_slot=None) -> PlanGeometry:
+    """:class:`PlanGeometry` of one problem. Without ``block_index`` each GMM's
+    block has room for all L components (correct, but the solve costs
+    ``J L^3`` instead of ``J K^3``)."""
     comp_mask = jnp.any(member, axis=0)
+    if block_index is None:
+        L = member.shape[1]
+        block_index = jnp.where(member, jnp.arange(L, dtype=jnp.int32)[None, :], L)
+    if block_slot is None:
+        block_slot = block_slots(block_index, comp_mask)
     gmm_valid = jnp.any(member, axis=1) & (lambdas > 0)
     a = jnp.where(atom_mask, jnp.exp(jnp.where(atom_mask, log_a, 0.0)), 0.0)
     b = jnp.where(comp_mask, jnp.exp(jnp.where(comp_mask, log_b, 0.0)), 0.0)
@@ -150,6 +174,7 @@ def plan_geometry(log_a, log_b, gmm_index, member, lambdas, atom_mask) -> PlanGe
         a=a, log_a=log_a, b=b, log_b=log_b, gmm_index=gmm_index, member=member,
         gmm_of=member.astype(log_b.dtype), comp_mask=comp_mask, atom_mask=atom_mask,
         gmm_valid=gmm_valid, row_mask=gmm_valid[:, None] & atom_mask[None, :],
+        block_index=block_index, block_slot=block_slot,
     )
 
 
@@ -275,17 +300,30 @@ def _columns(reduced, eps, geo: PlanGeometry):
 
 def _newton_direction(log_c, plan, damping, eps, geo: PlanGeometry):
     r"""Newton step on the log-marginals, in Jacobi-scaled form (see :func:`newton_step`)."""
-    gi = geo.gmm_index
     v = jnp.where(geo.comp_mask, geo.log_b - log_c, 0.0)  # Sinkhorn's step / eps
     root_c = jnp.where(geo.comp_mask, jnp.exp(0.5 * jnp.where(geo.comp_mask, log_c, 0.0)), 0.0)
     tiny = jnp.finfo(plan.dtype).tiny ** 0.5
     live = root_c > tiny
     root_a = jnp.where(geo.atom_mask, jnp.sqrt(geo.a), 1.0)
     q = jnp.where(live[None, :], plan / (root_a[:, None] * jnp.where(live, root_c, 1.0)[None, :]), 0.0)
-    same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
-    coupling = q.T @ q - root_c[:, None] * root_c[None, :]  # K - u u^T (u: the null direction)
-    m = jnp.diag(1.0 + damping[gi]) - jnp.where(same, coupling, 0.0)
-    y = gauss_jordan_solve(m, root_c * v)
+    L = q.shape[1]
+    if L <= UNROLL_SOLVE:  # one unrolled solve of the whole (block diagonal) system
+        gi = geo.gmm_index
+        same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
+        coupling = q.T @ q - root_c[:, None] * root_c[None, :]
+        m = jnp.diag(1.0 + damping[gi]) - jnp.where(same, coupling, 0.0)
+        y = gauss_jordan_solve(m, root_c * v)
+        d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
+        return jnp.where(geo.comp_mask, eps * d, 0.0)
+    # Larger: one solve per GMM block, its columns gathered (slot L reads zeros).
+    J, K = geo.block_index.shape
+    q_b = jnp.pad(q, ((0, 0), (0, 1)))[:, geo.block_index]  # (n, J, K)
+    u_b = jnp.pad(root_c, (0, 1))[geo.block_index]  # (J, K)
+    v_b = jnp.pad(v, (0, 1))[geo.block_index]
+    coupling = jnp.einsum("nja,njb->jab", q_b, q_b) - u_b[:, :, None] * u_b[:, None, :]
+    m = (1.0 + damping)[:, None, None] * jnp.eye(K, dtype=q.dtype) - coupling
+    y_b = gauss_jordan_solve(m, u_b * v_b)  # (J, K)
+    y = jnp.pad(y_b.reshape(-1), (0, 1))[geo.block_slot]
     d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
     return jnp.where(geo.comp_mask, eps * d, 0.0)
 
