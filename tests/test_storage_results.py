@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -159,6 +161,37 @@ def test_uncommitted_shard_is_invisible(tmp_path):
     assert not (tmp_path / "out" / "problems" / "shard-000002.parquet").exists()
 
 
+def test_unreadable_marker_or_table_means_not_committed(tmp_path):
+    """A marker cut to 0 bytes (power loss) or a damaged table: that shard is
+    not committed; reading warns in one line and goes on, a resume redoes it."""
+    out = str(tmp_path / "out")
+    writer = make_writer(out)
+    writer.prepare()
+    for shard in (0, 1, 2):
+        commit(writer, shard)
+    (tmp_path / "out" / "_commits" / "shard-000001.json").write_bytes(b"")
+    table = tmp_path / "out" / "problems" / "shard-000002.parquet"
+    table.write_bytes(table.read_bytes()[:40])
+    with pytest.warns(UserWarning) as caught:
+        res = read_results(out)
+    assert res.committed_shards == [0] and len(res.problems) == 10
+    text = " | ".join(str(w.message) for w in caught)
+    assert "shard-000001.json cannot be read" in text and "shard 1 is not committed" in text
+    assert "shard-000002.parquet cannot be read" in text
+    # the CLI says it in one line each, without a traceback
+    r = subprocess.run([sys.executable, "-m", "raybary", "show", out], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "cannot be read" in ln]
+    assert len(lines) == 2 and all(ln.startswith("raybary: warning: ") for ln in lines), r.stderr
+    with pytest.warns(UserWarning, match="redone by this run"):
+        assert make_writer(out).prepare() == {0}
+    assert not (tmp_path / "out" / "_commits" / "shard-000001.json").exists()
+    commit(writer, 1)
+    commit(writer, 2)
+    assert read_results(out).committed_shards == [0, 1, 2]
+
+
 def test_racing_writers_of_one_shard_count_as_missing_not_as_committed(tmp_path):
     """Writer A's marker lands after writer B's tables: the shard is redone, never half read."""
     out = tmp_path / "out"
@@ -205,9 +238,27 @@ def test_prepare_resumes_or_refuses(tmp_path):
 def test_prepare_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(ResultsConflictError, match="not a raybary results directory"):
-        make_writer(str(tmp_path / "out")).prepare()
+    for overwrite in (False, True):  # --overwrite never deletes what is not ours
+        with pytest.raises(ResultsConflictError, match="not a raybary results directory"):
+            make_writer(str(tmp_path / "out")).prepare(overwrite=overwrite)
     assert (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_prepare_refuses_an_output_that_overlaps_the_input(tmp_path):
+    d = tmp_path / "d"
+    (d / "in.parquet").mkdir(parents=True)
+    (d / "in.parquet" / "part-0.parquet").write_bytes(b"data")
+    inp = str(d / "in.parquet")
+    for out, where in ((str(d), "contains"), (inp, "is"), (inp + "/out", "is inside"),
+                       (str(tmp_path / "link" / "in.parquet"), "is")):
+        if "link" in out:
+            (tmp_path / "link").symlink_to(d)
+        for overwrite in (False, True):
+            with pytest.raises(ResultsConflictError, match=f"{where} the input store"):
+                make_writer(out, input_url=inp).prepare(overwrite=overwrite)
+    assert (d / "in.parquet" / "part-0.parquet").read_bytes() == b"data"
+    # a sibling is fine
+    assert make_writer(str(d / "out"), input_url=inp).prepare() == set()
 
 
 def test_commit_checks_its_inputs(tmp_path):
@@ -263,3 +314,18 @@ def test_show_prints_a_summary(tmp_path):
     assert "failed (3; first 3):" in text and "problem 60: solver produced NaN" in text
     assert "invalid (4" in text
     assert "\n    problem 30, gmm 0, component 0: weight is negative (-1.0)\n" in text
+
+
+def test_run_overwrite_into_the_inputs_folder_is_refused_and_keeps_the_input(tmp_path):
+    """The reproduction from the issue: ``raybary run d/in.parquet d --overwrite``."""
+    from raybary.storage.generate import generate
+
+    d = tmp_path / "d"
+    d.mkdir()
+    generate(str(d / "in.parquet"), 3, family="tutorial", seed=0)
+    before = sorted(p.name for p in d.rglob("*"))
+    r = CliRunner().invoke(main, ["run", str(d / "in.parquet"), str(d), "--overwrite", "-q"])
+    assert r.exit_code != 0
+    assert "contains the input store" in r.output, r.output
+    assert "Traceback" not in r.output
+    assert sorted(p.name for p in d.rglob("*")) == before

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from raybary import __version__
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"raybary: warning: {message}\n"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="raybary")
 def main() -> None:
     """raybary: Wasserstein barycenters of Gaussian mixtures, in batches, on Ray."""
+    warnings.formatwarning = _one_line_warning  # what users see: one line, no source
 
 
 def _register() -> None:

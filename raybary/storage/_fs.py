@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import re
 import uuid
@@ -90,6 +91,20 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return "file" in protocol or "local" in protocol
 
 
+def fs_protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    """The protocols of a filesystem, as a tuple (``("file", "local")``, ``("s3", "s3a")``)."""
+    proto = fs.protocol
+    return tuple(sorted([proto] if isinstance(proto, str) else proto))
+
+
+def canonical_path(fs: AbstractFileSystem, path: str) -> str:
+    """``path`` made comparable: absolute with symlinks resolved on local
+    disks, without a trailing slash elsewhere."""
+    if is_local(fs):
+        return os.path.realpath(path)
+    return strip_url(path)
+
+
 def strip_url(url: str) -> str:
     """``url`` without a trailing slash."""
     url = str(url)
@@ -151,9 +166,28 @@ def atomic_output(url: str, *, overwrite: bool = False) -> Iterator[str]:
 
 
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes, tmp_dir: str) -> None:
-    """Write ``data`` to ``tmp_dir`` and rename it onto ``path`` (replacing it)."""
+    """Write ``data`` to ``tmp_dir`` and rename it onto ``path`` (replacing it).
+
+    On a local disk the data is fsynced before the rename and the folder
+    after it, so that after a power loss ``path`` holds either the old or the
+    new bytes, never an empty or cut-short file.
+    """
     tmp = posixpath.join(tmp_dir, f"{posixpath.basename(path)}.{uuid.uuid4().hex}")
     fs.makedirs(tmp_dir, exist_ok=True)
+    if is_local(fs):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # not every platform can fsync a folder
+            fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)

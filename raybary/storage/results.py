@@ -34,6 +34,7 @@ rows): never a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -211,11 +212,15 @@ class ResultWriter:
 
         If ``url`` holds results written with the same settings, they are kept
         (a re-run skips the committed shards) and the old manifest is removed.
-        Different settings, or a non-empty directory that is not raybary
-        results, raise :class:`ResultsConflictError` (listing the differences)
-        unless ``overwrite=True``, which deletes it and starts afresh.
+        Different settings raise :class:`ResultsConflictError` (listing the
+        differences) unless ``overwrite=True``, which deletes the old results
+        and starts afresh. A non-empty directory that is not raybary results,
+        and an output that is, contains or lies inside the input store, are
+        refused even with ``overwrite=True``: nothing but our own results is
+        ever deleted.
         """
         fs, root = self._paths()
+        self._check_not_input(fs, root)
         if fs.exists(root):
             layout_path = posixpath.join(root, LAYOUT_FILE)
             if fs.exists(layout_path):
@@ -231,10 +236,11 @@ class ResultWriter:
                     if fs.exists(posixpath.join(root, MANIFEST_FILE)):
                         fs.rm(posixpath.join(root, MANIFEST_FILE))
                     return set(_verified_markers(fs, root, repair=True))
-            elif fs.ls(root) and not overwrite:
+            elif fs.ls(root):
                 raise ResultsConflictError(
-                    f"{self.url} exists and is not a raybary results directory; "
-                    "pass overwrite=True (--overwrite) to replace it"
+                    f"{self.url} exists, is not empty and is not a raybary results directory "
+                    f"(no {LAYOUT_FILE}); raybary does not write into or delete it, even with "
+                    "--overwrite: choose a new or empty OUTPUT"
                 )
             fs.rm(root, recursive=True)
         for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR):
@@ -246,6 +252,25 @@ class ResultWriter:
         _fs.write_json_atomic(fs, posixpath.join(root, LAYOUT_FILE), layout,
                               posixpath.join(root, TMP_DIR))
         return set()
+
+    def _check_not_input(self, fs, root: str) -> None:
+        """Refuse an output that is, contains or lies inside the input store."""
+        if not self.input_url:
+            return
+        in_fs, in_root = _fs.url_to_fs(self.input_url)
+        if _fs.fs_protocols(in_fs) != _fs.fs_protocols(fs):
+            return
+        out_p, in_p = _fs.canonical_path(fs, root), _fs.canonical_path(in_fs, in_root)
+        if out_p == in_p or in_p.startswith(out_p.rstrip("/") + "/"):
+            where = "is" if out_p == in_p else "contains"
+        elif out_p.startswith(in_p.rstrip("/") + "/"):
+            where = "is inside"
+        else:
+            return
+        raise ResultsConflictError(
+            f"the output {self.url} {where} the input store {self.input_url}; "
+            "results go to a directory of their own (for example next to the input)"
+        )
 
     def _create_grids(self) -> None:
         h, w = self.grid_shape
@@ -517,14 +542,33 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _read_markers(fs, root: str) -> dict[int, dict]:
+_UNREADABLE = (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, pa.ArrowException)
+
+
+def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
+    """Commit markers by shard. A marker that cannot be read (empty or cut
+    short, e.g. by a power loss) means its shard is not committed: one
+    warning line says so, and with ``repair`` the marker is removed so that
+    a resumed run redoes the shard."""
     out = {}
     for path in fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json")):
         try:
             info = _fs.read_json(fs, path)
+            shard = int(info["shard"])
+            if shard != _shard_of(path) or not isinstance(info.get("commit"), str):
+                raise ValueError("marker does not match its file name")
         except FileNotFoundError:  # removed by a concurrent rewrite
             continue
-        out[int(info["shard"])] = info
+        except _UNREADABLE as e:
+            what = "redone by this run" if repair else "left out (a re-run redoes it)"
+            warnings.warn(f"commit marker {posixpath.basename(path)} cannot be read "
+                          f"({type(e).__name__}): shard {_shard_of(path)} is not committed; "
+                          f"{what}", stacklevel=3)
+            if repair:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(path)
+            continue
+        out[shard] = info
     return out
 
 
@@ -535,7 +579,7 @@ def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
     a resumed run and count as missing in the manifest.
     """
     out = {}
-    for shard, info in _read_markers(fs, root).items():
+    for shard, info in _read_markers(fs, root, repair=repair).items():
         name = _shard_name(shard) + ".parquet"
         ok = True
         for sub in ("problems", "barycenters"):
@@ -543,6 +587,11 @@ def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
                 with fs.open(posixpath.join(root, sub, name), "rb") as f:
                     meta = pq.read_schema(f).metadata or {}
             except FileNotFoundError:
+                meta = {}
+            except _UNREADABLE as e:
+                warnings.warn(f"{sub}/{name} cannot be read ({type(e).__name__}): shard {shard} "
+                              "is not committed" + ("; redone by this run" if repair else ""),
+                              stacklevel=2)
                 meta = {}
             ok = ok and meta.get(COMMIT_KEY, b"").decode() == info.get("commit")
         if ok:
@@ -656,6 +705,11 @@ def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Ta
                 table = pq.read_table(f)
         except FileNotFoundError:
             table = None
+        except _UNREADABLE as e:
+            warnings.warn(f"{sub}/{posixpath.basename(path)} cannot be read "
+                          f"({type(e).__name__}): shard {shard} left out (a re-run redoes it)",
+                          stacklevel=3)
+            return None
         meta = (table.schema.metadata or {}) if table is not None else {}
         if meta.get(COMMIT_KEY, b"").decode() != commit:
             warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
