@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 
@@ -190,6 +191,44 @@ def test_resume_runs_only_missing_shards(data, reference):
     again = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3), exe(),
                 stream=None)
     assert again.shards_run == 0 and again.actors == 0 and again.complete
+
+
+def _rewrite_with_other_ids(path: str, shift: int) -> None:
+    table = pq.read_table(path)
+    ids = pa.compute.add(table["problem_id"], shift)
+    pq.write_table(table.set_column(table.schema.get_field_index("problem_id"), "problem_id", ids),
+                   path)
+
+
+def test_changed_input_is_refused_on_resume_and_stops_a_run(data):
+    """The reproduction from the issue: run, rewrite the input at the same path
+    with other problem ids, run again: refused, saying what changed; and an
+    input rewritten during a run stops it instead of mixing two inputs."""
+    from raybary.storage.errors import InputChangedError, ResultsConflictError
+
+    inp, out = str(data["root"] / "changing.parquet"), str(data["root"] / "changing-out")
+    shutil.copy(data["parquet"], inp)
+    grid = GridOptions(shape=GRID, input_gmms=3)
+    assert run(inp, out, SOLVER, grid, exe(), stream=None).complete
+    _rewrite_with_other_ids(inp, 1000)
+    with pytest.raises(ResultsConflictError, match="changed since the results") as e:
+        run(inp, out, SOLVER, grid, exe(), stream=None)
+    assert "file changing.parquet" in str(e.value) and "problem ids 0..9 then, 1000..1009 now" \
+        in str(e.value) and "--overwrite" in str(e.value)
+    assert read_results(out).problems.problem_id.max() < 1000  # nothing was mixed in
+
+    out2 = str(data["root"] / "changing-out2")
+    changed = []
+
+    def on_shard(summary):
+        if not changed:
+            changed.append(summary["shard"])
+            _rewrite_with_other_ids(inp, 5000)
+
+    with pytest.raises(InputChangedError, match="changed during the run"):
+        run(inp, out2, SOLVER, grid, exe(actors=1, in_flight=1), stream=None, on_shard=on_shard)
+    ids = read_results(out2).problems.problem_id
+    assert ((ids >= 1000) & (ids < 1080)).all()  # only shards of the input the run started on
 
 
 def test_killed_actor_is_replaced_and_its_shards_rerun(data, reference):

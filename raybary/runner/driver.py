@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions, recorded_options
+from raybary.storage.errors import InputChangedError
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
 
@@ -194,9 +195,12 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         stream = None
     t0 = time.perf_counter()
     store = open_store(input_url)  # metadata only
+    ids = store.problem_ids()
+    shard_ids = [(ids[a], ids[b - 1]) for a, b in store.shards(exe.shard_size) if b > a]
     writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
-                          options=recorded_options(solver, grid), input_url=store.url)
+                          options=recorded_options(solver, grid), input_url=store.url,
+                          input_fingerprint=store.fingerprint(), input_shards=shard_ids)
     committed = writer.prepare(overwrite=exe.overwrite)
     report = RunReport(input=store.url, output=writer.url, n_problems=store.n_problems,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
@@ -334,6 +338,8 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                     slots[k] = {"actor": new_actor(), "gen": gen + 1}
                     report.actor_replacements += 1
                     report.requeued_unstarted += len(dead) - 1
+            except InputChangedError as e:  # no retry: every shard would mix two inputs
+                raise InputChangedError(_cause_message(e)) from None
             except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
                 stuck += 1
                 lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
@@ -346,6 +352,12 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                 raise JobIncomplete(
                     f"{stuck} shard attempts in a row failed; giving up. Last errors:\n  "
                     + "\n  ".join(report.errors[-5:]))
+
+
+def _cause_message(e: Exception) -> str:
+    """The message of the exception a Ray task raised, without Ray's traceback."""
+    cause = getattr(e, "cause", None)
+    return str(cause if cause is not None else e).strip()
 
 
 def _record(out: dict, report: RunReport, progress: _Progress, t0: float) -> None:

@@ -163,6 +163,7 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
     t0 = time.perf_counter()
     start, stop = writer.shard_range(shard_index)
     shard = store.read(start, stop)
+    writer.check_input(store, shard_index, shard.problem_ids)
     t_read = time.perf_counter()
     n = len(shard)
     statuses = ["invalid" if e is not None else "ok" for e in shard.errors]
@@ -199,6 +200,7 @@ def fail_shard(store, writer, shard_index: int, message: str) -> dict:
     invalid ones keep their validation message."""
     start, stop = writer.shard_range(shard_index)
     shard = store.read(start, stop)
+    writer.check_input(store, shard_index, shard.problem_ids)
     statuses = ["invalid" if e is not None else "failed" for e in shard.errors]
     errors = [e if e is not None else message for e in shard.errors]
     info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,

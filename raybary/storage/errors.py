@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError"]
+__all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError", "InputChangedError"]
 
 
 class StoreFormatError(ValueError):
@@ -24,3 +24,8 @@ class StoreDataError(ValueError):
 
 class ResultsConflictError(ValueError):
     """An output directory exists and was written with different settings."""
+
+
+class InputChangedError(ResultsConflictError):
+    """The input store changed under a run (or since its results were started):
+    its results would mix two inputs, so the run stops."""

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybary.storage import _fs
-from raybary.storage.errors import ResultsConflictError
+from raybary.storage.errors import InputChangedError, ResultsConflictError
 from raybary.types import Result
 
 __all__ = [
@@ -163,6 +163,9 @@ class ResultWriter:
       options: the solver options (JSON-able); recorded in the layout, the
         manifest and as ``opt_<key>`` columns of ``problems/``.
       input_url: the input store's URL, recorded.
+      input_fingerprint: the input's :meth:`ProblemStore.fingerprint`, and
+      input_shards: each shard's first and last problem id: recorded, and a
+        resume against an input that differs in either is refused.
     """
 
     def __init__(
@@ -175,6 +178,8 @@ class ResultWriter:
         input_grid_gmms: int = 0,
         options: dict | None = None,
         input_url: str | None = None,
+        input_fingerprint: dict | None = None,
+        input_shards: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
@@ -187,6 +192,9 @@ class ResultWriter:
         self.input_grid_gmms = int(input_grid_gmms)
         self.options = _jsonable(options or {})
         self.input_url = input_url
+        self.input_fingerprint = input_fingerprint
+        self.input_shards = None if input_shards is None else [
+            [int(a), int(b)] for a, b in input_shards]
 
     # ------------------------------------------------------------- geometry
     @property
@@ -233,6 +241,7 @@ class ResultWriter:
                         + "\npass overwrite=True (--overwrite) to replace them"
                     )
                 if not overwrite:
+                    self._check_same_input(old)
                     if fs.exists(posixpath.join(root, MANIFEST_FILE)):
                         fs.rm(posixpath.join(root, MANIFEST_FILE))
                     return set(_verified_markers(fs, root, repair=True))
@@ -249,9 +258,47 @@ class ResultWriter:
             self._create_grids()
         layout = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
                   "created": _now(), "n_shards": self.n_shards, **self.settings()}
+        if self.input_fingerprint is not None:
+            layout["input_fingerprint"] = self.input_fingerprint
+        if self.input_shards is not None:
+            layout["input_shards"] = self.input_shards
         _fs.write_json_atomic(fs, posixpath.join(root, LAYOUT_FILE), layout,
                               posixpath.join(root, TMP_DIR))
         return set()
+
+    def _check_same_input(self, old: dict) -> None:
+        """Refuse to resume results of an input that has changed since."""
+        changes = input_changes(old.get("input_fingerprint"), self.input_fingerprint,
+                                old.get("input_shards"), self.input_shards)
+        if changes:
+            raise ResultsConflictError(
+                f"the input {self.input_url} changed since the results in {self.url} were "
+                f"started ({old.get('created', '?')}):\n"
+                + "\n".join(f"  - {c}" for c in changes)
+                + "\nresuming would mix results of two inputs. Start over with --overwrite "
+                "(overwrite=True; deletes the old results), or write to a new OUTPUT."
+            )
+
+    def check_input(self, store, shard_index: int, problem_ids: np.ndarray) -> None:
+        """In an actor, after reading a shard: raise :class:`InputChangedError`
+        if the input is not the one this run started on (its fingerprint, or
+        the shard's first and last problem id, differ)."""
+        changes = []
+        if self.input_shards is not None and len(problem_ids):
+            want = self.input_shards[shard_index]
+            got = [int(problem_ids[0]), int(problem_ids[-1])]
+            if got != want:
+                changes.append(f"shard {shard_index}: problem ids {want[0]}..{want[1]} at the "
+                               f"start, {got[0]}..{got[1]} now")
+        if self.input_fingerprint is not None:
+            changes += input_changes(self.input_fingerprint, store.fingerprint())
+        if changes:
+            raise InputChangedError(
+                f"the input {self.input_url} changed during the run:\n"
+                + "\n".join(f"  - {c}" for c in changes)
+                + "\nthe run stops (results already committed are of the old input); "
+                "start over with --overwrite once the input is final."
+            )
 
     def _check_not_input(self, fs, root: str) -> None:
         """Refuse an output that is, contains or lies inside the input store."""
@@ -569,6 +616,37 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
                     fs.rm(path)
             continue
         out[shard] = info
+    return out
+
+
+def input_changes(old: dict | None, new: dict | None, old_shards=None, new_shards=None,
+                  limit: int = 5) -> list[str]:
+    """What differs between two input fingerprints (and per-shard id ranges);
+    empty if they match or either is unknown (results of older versions)."""
+    out: list[str] = []
+    if old is not None and new is not None:
+        if old.get("n_problems") != new.get("n_problems"):
+            out.append(f"problems: {old.get('n_problems')} then, {new.get('n_problems')} now")
+        before = {f[0]: f[1:] for f in old.get("files", [])}
+        after = {f[0]: f[1:] for f in new.get("files", [])}
+        for name in sorted(set(before) | set(after)):
+            if name not in after:
+                out.append(f"file {name}: removed")
+            elif name not in before:
+                out.append(f"file {name}: added")
+            elif list(before[name]) != list(after[name]):
+                (s0, t0), (s1, t1) = before[name], after[name]
+                what = f"size {s0} -> {s1}" if s0 != s1 else f"modified ({t0} -> {t1})"
+                out.append(f"file {name}: {what}")
+    if old_shards is not None and new_shards is not None:
+        diff = [i for i, (a, b) in enumerate(zip(old_shards, new_shards)) if list(a) != list(b)]
+        if len(old_shards) != len(new_shards):
+            out.append(f"shards: {len(old_shards)} then, {len(new_shards)} now")
+        for i in diff[:limit]:
+            out.append(f"shard {i}: problem ids {old_shards[i][0]}..{old_shards[i][1]} then, "
+                       f"{new_shards[i][0]}..{new_shards[i][1]} now")
+    if len(out) > limit:
+        out = out[:limit] + [f"... and {len(out) - limit} more"]
     return out
 
 

@@ -14,6 +14,7 @@ A store object holds the URL and small metadata only, so it pickles cheaply
 from __future__ import annotations
 
 import math
+import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,6 +114,25 @@ class ProblemStore(ABC):
                 best = max(best, int(np.diff(cols.gmm_offset).max()))
         return best
 
+    def fingerprint(self) -> dict:
+        """What identifies the store's content without reading it: the problem
+        count and every file's path (relative to the store), size and
+        modification stamp (mtime, or the object store's etag / last-modified).
+        Recorded with the results, so that a resume against a changed input
+        is refused (:meth:`raybary.storage.ResultWriter.prepare`)."""
+        fs, root = _fs.url_to_fs(self.url)
+        root = _fs.strip_url(root)
+        if fs.isdir(root):
+            entries = fs.find(root, detail=True)
+        else:
+            entries = {root: fs.info(root)}
+        files = []
+        for path, info in sorted(entries.items()):
+            path = _fs.strip_url(path)
+            rel = path[len(root) + 1:] if path.startswith(root + "/") else posixpath.basename(path)
+            files.append([rel, int(info.get("size") or 0), _stamp(info)])
+        return {"n_problems": int(self.n_problems), "files": files}
+
     def describe(self) -> dict:
         """Small JSON-able facts about the store (used by ``raybary show``)."""
         return {"url": self.url, "format": self.format, "n_problems": self.n_problems,
@@ -131,6 +151,15 @@ class ProblemStore(ABC):
                 f"range {start}:{stop} is outside the store's positions 0:{self.n_problems}"
             )
         return start, stop
+
+
+def _stamp(info: dict) -> str:
+    """A file's modification stamp from fsspec's ``info`` (etag where there is one)."""
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified",
+                "updated", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
 
 
 def detect_format(url: str) -> str:
