@@ -231,6 +231,24 @@ def test_changed_input_is_refused_on_resume_and_stops_a_run(data):
     assert ((ids >= 1000) & (ids < 1080)).all()  # only shards of the input the run started on
 
 
+def test_more_actors_than_the_cluster_can_place(data):
+    """The reproduction from the issue: 3 actors of 1 CPU on a 2-CPU Ray used to
+    stop at 40/60 (shards queued on the actor that never started). Work goes
+    only to running actors; with none placeable the run fails, saying why."""
+    from raybary.runner.driver import JobIncomplete
+
+    store = str(data["root"] / "sixty.parquet")
+    generate(store, 60, family="tutorial", seed=3)
+    out = str(data["root"] / "three-actors")
+    report = run(store, out, SOLVER, GridOptions(shape=None), exe(actors=3), stream=None)
+    assert report.complete and report.counts["ok"] == 60 and len(report.pids) == 2
+    with pytest.raises(JobIncomplete, match=r"no actor could be started in \d+ s: 2 actors asked "
+                       r"for 1 CPU, 1 GPU each; the cluster has .*2 CPU.* in all") as e:
+        run(store, str(data["root"] / "gpu-actors"), SOLVER, GridOptions(shape=None),
+            exe(actors=2, gpus_per_actor=1.0, placement_timeout_s=3.0), stream=None)
+    assert "--gpus-per-actor" in str(e.value)
+
+
 def test_killed_actor_is_replaced_and_its_shards_rerun(data, reference):
     out = str(data["root"] / "actor-kill")
     killed = []

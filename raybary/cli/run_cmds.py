@@ -63,6 +63,10 @@ def _parse(fn, value, param):
               help="Lost attempts (actor/node died) before a shard's problems are marked failed.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs of the embedded local Ray (default: all).")
+@click.option("--placement-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail when no actor has started for this many seconds (default: 60 on "
+                   "the embedded local Ray, 900 on a cluster, where nodes may take minutes "
+                   "to start). Actors that cannot be placed while others run get no work.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT even if it holds results of other options.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
@@ -70,7 +74,7 @@ def _parse(fn, value, param):
 def run_cmd(input_url, output_url, bar_size, epsilon, relative_epsilon, restarts, learn_weights,
             dtype, seed, grid_text, grid_bounds, grid_dims, input_grids, address, actors,
             cpus_per_actor, gpus_per_actor, shard_size, in_flight, max_attempts, num_cpus,
-            overwrite, quiet, as_json) -> None:
+            placement_timeout, overwrite, quiet, as_json) -> None:
     """Solve every problem of INPUT (Parquet or Zarr store) on Ray, into OUTPUT.
 
     Re-running the same command on the same OUTPUT resumes: committed shards
@@ -97,7 +101,8 @@ def run_cmd(input_url, output_url, bar_size, epsilon, relative_epsilon, restarts
         exe = ExecOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
                           gpus_per_actor=gpus_per_actor, shard_size=shard_size,
                           in_flight=in_flight, max_attempts=max_attempts, overwrite=overwrite,
-                          progress=not quiet, num_cpus=num_cpus)
+                          progress=not quiet, num_cpus=num_cpus,
+                          placement_timeout_s=placement_timeout)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 

@@ -224,7 +224,7 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
             def new_actor():
                 return make_actor(exe, store.url, writer, solver, grid)
 
-            slots = [{"actor": new_actor(), "gen": 0} for _ in range(n_actors)]
+            slots = [_slot(new_actor(), 0) for _ in range(n_actors)]
             _schedule(slots, todo, new_actor, exe, report, progress, t0, on_shard)
     finally:
         for s in slots:
@@ -253,9 +253,41 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     return report
 
 
+def _slot(actor, gen: int) -> dict:
+    """An actor slot; ``ready`` is the pending ``info()`` call until the actor
+    runs (it gets shards only then), ``None`` after."""
+    return {"actor": actor, "gen": gen, "ready": actor.info.remote(), "since": time.monotonic(),
+            "warned": False}
+
+
+def _placement_message(exe: ExecOptions, waited: float, n_slots: int) -> str:
+    import ray
+
+    def fmt(res: dict) -> str:
+        keys = [k for k in sorted(res) if not k.startswith(("node:", "memory",
+                                                            "object_store_memory"))]
+        return ", ".join(f"{res[k]:g} {k}" for k in keys) or "nothing"
+
+    try:
+        total, free = fmt(ray.cluster_resources()), fmt(ray.available_resources())
+    except Exception:  # noqa: BLE001 - the message matters more than the numbers
+        total = free = "unknown"
+    return (f"no actor could be started in {waited:.0f} s: {n_slots} actors asked for "
+            f"{exe.actor_request()} each; the cluster has {total} in all, {free} free. "
+            "Ask for fewer or smaller actors (--actors, --cpus-per-actor, "
+            "--gpus-per-actor), add nodes, or wait longer (--placement-timeout).")
+
+
 def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
               progress: _Progress, t0: float, on_shard) -> None:
-    """Keep ``exe.in_flight`` shards queued on each actor until ``todo`` is empty."""
+    """Keep ``exe.in_flight`` shards queued on each running actor until ``todo`` is empty.
+
+    An actor gets shards only once it runs (its ``info()`` call returned), so
+    shards never wait on an actor that cannot be placed. While none runs for
+    ``exe.placement_timeout()`` seconds, the run fails naming what the actors
+    ask for and what the cluster has; actors that stay unplaced while others
+    run are reported once and get no work.
+    """
     import ray
     from ray.exceptions import RayActorError
 
@@ -265,6 +297,44 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
     give_up: collections.Counter = collections.Counter()  # lost attempts to commit it as failed
     stuck = 0  # failures since the last success
     max_stuck = max(10, 3 * len(slots) + exe.max_attempts)
+    timeout = exe.placement_timeout()
+    none_running_since = time.monotonic()
+
+    def replace(k: int) -> None:
+        try:
+            ray.kill(slots[k]["actor"], no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        slots[k] = _slot(new_actor(), slots[k]["gen"] + 1)
+        report.actor_replacements += 1
+
+    def check_placement() -> None:
+        nonlocal none_running_since, stuck
+        pending = {s["ready"]: k for k, s in enumerate(slots) if s["ready"] is not None}
+        if pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in done:
+                k = pending[ref]
+                try:
+                    ray.get(ref)
+                    slots[k]["ready"] = None
+                except RayActorError as e:  # its constructor failed, or its node died
+                    stuck += 1
+                    report.errors.append(f"actor could not start ({str(e).splitlines()[0][:200]})")
+                    if stuck > max_stuck:
+                        raise JobIncomplete("actors keep failing to start; last errors:\n  "
+                                            + "\n  ".join(report.errors[-5:])) from None
+                    replace(k)
+        now = time.monotonic()
+        if any(s["ready"] is None for s in slots):
+            none_running_since = now
+            for s in slots:
+                if s["ready"] is not None and not s["warned"] and now - s["since"] > timeout:
+                    s["warned"] = True
+                    log.warning("an actor (%s) could not be placed in %.0f s; going on without it",
+                                exe.actor_request(), now - s["since"])
+        elif now - none_running_since > timeout:
+            raise JobIncomplete(_placement_message(exe, now - none_running_since, len(slots)))
 
     def submit(k: int) -> None:
         shard, kind = todo.popleft()
@@ -295,10 +365,17 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
             todo.append((shard, "fail:" + msg))
 
     while todo or inflight:
+        check_placement()
         for k in range(len(slots)):
+            if slots[k]["ready"] is not None:
+                continue
             while todo and sum(1 for v in inflight.values() if v[0] == k) < exe.in_flight:
                 submit(k)
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        waiting = list(inflight) + [s["ready"] for s in slots if s["ready"] is not None]
+        if not waiting:
+            continue
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+        ready = [r for r in ready if r in inflight]
         progress.update()
         for ref in ready:
             if ref not in inflight:  # dropped when its actor was replaced
@@ -331,12 +408,7 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                 for _, s2, kind2 in reversed(dead[1:]):
                     todo.appendleft((s2, kind2))
                 if slots[k]["gen"] == gen:  # replace the actor
-                    try:
-                        ray.kill(slots[k]["actor"], no_restart=True)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    slots[k] = {"actor": new_actor(), "gen": gen + 1}
-                    report.actor_replacements += 1
+                    replace(k)
                     report.requeued_unstarted += len(dead) - 1
             except InputChangedError as e:  # no retry: every shard would mix two inputs
                 raise InputChangedError(_cause_message(e)) from None

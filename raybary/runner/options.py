@@ -101,6 +101,10 @@ class ExecOptions:
     num_cpus: int | None = None  # embedded Ray's CPUs (default: os.cpu_count())
     actor_env: dict = field(default_factory=dict)  # extra env vars for the actors
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor
+    # Fail when no actor is running for this long (None: 60 s on the embedded
+    # local Ray, which cannot grow; 900 s on a cluster, where an autoscaler may
+    # take minutes to start a node).
+    placement_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -111,6 +115,21 @@ class ExecOptions:
             raise ValueError("resources per actor must be >= 0")
         if self.in_flight < 1 or self.max_attempts < 1:
             raise ValueError("in_flight and max_attempts must be at least 1")
+        if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
+            raise ValueError("placement_timeout_s must be positive")
+
+    def placement_timeout(self) -> float:
+        if self.placement_timeout_s is not None:
+            return float(self.placement_timeout_s)
+        return 900.0 if self.address else 60.0
+
+    def actor_request(self) -> str:
+        """What one actor asks for, in words."""
+        parts = [f"{self.cpus_per_actor:g} CPU"]
+        if self.gpus_per_actor:
+            parts.append(f"{self.gpus_per_actor:g} GPU")
+        parts += [f"{v:g} {k}" for k, v in sorted(self.resources.items())]
+        return ", ".join(parts)
 
     def local_cpus(self) -> int:
         return int(self.num_cpus or os.cpu_count() or 1)
