@@ -7,6 +7,7 @@ process (the persistent compilation cache makes later actors load instead).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -343,3 +344,49 @@ def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, referenc
     rest = [p for p in range(N) if p not in lost]
     ref = read_results(reference[0]).problems.set_index("position")
     np.testing.assert_allclose(df.loc[rest, "objective"], ref.loc[rest, "objective"], rtol=1e-9)
+    # the marker and the manifest say it gave up; a re-run solves it again
+    marker = json.loads(Path(out, "_commits", "shard-000002.json").read_text())
+    assert marker["gave_up"].startswith("not solved: 2 attempts")
+    assert res.manifest["gave_up_shards"] == [2]
+    again = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID), exe(actors=1), stream=None)
+    assert again.shards_run == 1 and again.shards_skipped == N // SHARD - 1
+    assert again.counts == {"ok": N, "invalid": 0, "failed": 0}
+    res = read_results(out)
+    check_exactly_once(res)
+    assert res.manifest["gave_up_shards"] == []
+    np.testing.assert_allclose(res.problems.set_index("position").loc[lost, "objective"],
+                               ref.loc[lost, "objective"], rtol=1e-9)
+
+
+class _BlockCommitsOnce(io.StringIO):
+    """A progress stream that makes OUTPUT/_tmp a file when the run starts (every
+    commit then fails with a storage error, in the actor) and clears it once the
+    driver reports a retry: a transient fault."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.tmp, self.blocked, self.cleared = Path(out, "_tmp"), False, False
+
+    def write(self, text: str) -> int:
+        if not self.blocked:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.write_text("in the way")
+            self.blocked = True
+        elif "retried" in text and not self.cleared:
+            self.tmp.unlink()
+            self.cleared = True
+        return super().write(text)
+
+
+def test_transient_storage_fault_is_retried_with_backoff(data, reference):
+    out = str(data["root"] / "transient")
+    stream = _BlockCommitsOnce(out)
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
+                 exe(actors=1, max_attempts=4), stream=stream)
+    assert stream.blocked and stream.cleared
+    assert report.retries >= 1 and report.shards_given_up == 0, report
+    assert any("FileExistsError" in e or "NotADirectory" in e for e in report.errors), report.errors
+    assert report.complete and report.counts == {"ok": N, "invalid": 0, "failed": 0}
+    res = read_results(out)
+    check_exactly_once(res)
+    assert res.manifest["gave_up_shards"] == []

@@ -60,7 +60,9 @@ def _parse(fn, value, param):
 @click.option("--in-flight", type=click.IntRange(min=1), default=2, show_default=True,
               help="Shards queued per actor.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Lost attempts (actor/node died) before a shard's problems are marked failed.")
+              help="Attempts at a shard lost to dead actors or nodes before its problems are "
+                   "committed failed (errors raised by the task, e.g. storage faults, get at "
+                   "least 6, with waits of 1, 2, 4, ... s); a re-run solves such shards again.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs of the embedded local Ray (default: all).")
 @click.option("--placement-timeout", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -212,6 +212,9 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     if stream is not None and committed:
         stream.write(f"[raybary] resuming: {len(committed)} of {writer.n_shards} shards "
                      f"({done_before} problems) already committed in {writer.url}\n")
+    if stream is not None and writer.retried_gave_up:
+        stream.write(f"[raybary] solving again {len(writer.retried_gave_up)} shards that gave up "
+                     f"last time (shards {writer.retried_gave_up[:10]})\n")
 
     started = False
     slots: list[dict] = []
@@ -251,6 +254,11 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
             f"last errors: {report.errors[-3:]}; run the same command again to finish the job",
         ) from None
     return report
+
+
+RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again
+FAULT_ATTEMPTS = 6  # attempts at a shard whose task raises (waits 1+2+4+8+16 s in all)
+STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
 
 
 def _slot(actor, gen: int) -> dict:
@@ -297,6 +305,8 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
     give_up: collections.Counter = collections.Counter()  # lost attempts to commit it as failed
     stuck = 0  # failures since the last success
     max_stuck = max(10, 3 * len(slots) + exe.max_attempts)
+    last_success = time.monotonic()
+    fault_attempts = max(exe.max_attempts, FAULT_ATTEMPTS)
     timeout = exe.placement_timeout()
     none_running_since = time.monotonic()
 
@@ -345,18 +355,28 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
             ref = actor.fail_shard.remote(shard, kind[len("fail:"):])
         inflight[ref] = (k, slots[k]["gen"], shard, kind, next(counter))
 
-    def lost(shard: int, kind: str, why: str) -> None:
+    delayed: list[tuple[float, int, str]] = []  # (due time, shard, kind): retries backing off
+
+    def again(shard: int, kind: str, backoff: bool) -> None:
+        if backoff:  # a fault that may pass (storage, memory): wait 1, 2, 4, ... 30 s
+            n = attempts[shard] + give_up[shard]
+            delayed.append((time.monotonic() + min(RETRY_BACKOFF_S * 2 ** (n - 1), 30.0),
+                            shard, kind))
+        else:
+            todo.append((shard, kind))
+
+    def lost(shard: int, kind: str, why: str, backoff: bool = False) -> None:
         report.errors.append(f"shard {shard}: {why}")
         if kind != "solve":  # committing it as failed did not work either
             give_up[shard] += 1
-            if give_up[shard] < exe.max_attempts:
-                todo.append((shard, kind))
+            if give_up[shard] < (fault_attempts if backoff else exe.max_attempts):
+                again(shard, kind, backoff)
             else:
                 log.error("shard %d could not be committed: %s", shard, why)
             return
         attempts[shard] += 1
-        if attempts[shard] < exe.max_attempts:
-            todo.append((shard, "solve"))
+        if attempts[shard] < (fault_attempts if backoff else exe.max_attempts):
+            again(shard, "solve", backoff)
             report.retries += 1
             progress.update(retries=1)
         else:
@@ -364,7 +384,10 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                    f"(last: {why[:300]})")
             todo.append((shard, "fail:" + msg))
 
-    while todo or inflight:
+    while todo or inflight or delayed:
+        now = time.monotonic()
+        todo.extend((shard, kind) for due, shard, kind in delayed if due <= now)
+        delayed[:] = [d for d in delayed if d[0] > now]
         check_placement()
         for k in range(len(slots)):
             if slots[k]["ready"] is not None:
@@ -373,6 +396,7 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                 submit(k)
         waiting = list(inflight) + [s["ready"] for s in slots if s["ready"] is not None]
         if not waiting:
+            time.sleep(0.05)  # only backed-off retries left
             continue
         ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
         ready = [r for r in ready if r in inflight]
@@ -414,13 +438,15 @@ def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
                 raise InputChangedError(_cause_message(e)) from None
             except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
                 stuck += 1
-                lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+                lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}",
+                     backoff=True)
             else:
                 stuck = 0
+                last_success = time.monotonic()
                 _record(out, report, progress, t0)
                 if on_shard is not None:
                     on_shard(out)
-            if stuck > max_stuck:
+            if stuck > max_stuck and time.monotonic() - last_success > STUCK_AFTER_S:
                 raise JobIncomplete(
                     f"{stuck} shard attempts in a row failed; giving up. Last errors:\n  "
                     + "\n  ".join(report.errors[-5:]))

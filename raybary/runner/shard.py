@@ -204,7 +204,7 @@ def fail_shard(store, writer, shard_index: int, message: str) -> dict:
     statuses = ["invalid" if e is not None else "failed" for e in shard.errors]
     errors = [e if e is not None else message for e in shard.errors]
     info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
-                               [None] * len(shard), None)
+                               [None] * len(shard), None, gave_up=message)
     return {"shard": shard_index, "start": start, "stop": stop, "counts": info["counts"],
             "read_s": 0.0, "solve_s": 0.0, "grid_s": 0.0, "commit_s": 0.0, "total_s": 0.0,
             "pid": os.getpid(), "gave_up": True}

@@ -192,6 +192,7 @@ class ResultWriter:
         self.input_grid_gmms = int(input_grid_gmms)
         self.options = _jsonable(options or {})
         self.input_url = input_url
+        self.retried_gave_up: list[int] = []  # set by prepare()
         self.input_fingerprint = input_fingerprint
         self.input_shards = None if input_shards is None else [
             [int(a), int(b)] for a, b in input_shards]
@@ -219,7 +220,9 @@ class ResultWriter:
         """Create the layout (driver, once); return the shards already committed.
 
         If ``url`` holds results written with the same settings, they are kept
-        (a re-run skips the committed shards) and the old manifest is removed.
+        (a re-run skips the committed shards, except those that gave up, whose
+        problems were committed ``failed`` after infrastructure faults: they
+        are solved again) and the old manifest is removed.
         Different settings raise :class:`ResultsConflictError` (listing the
         differences) unless ``overwrite=True``, which deletes the old results
         and starts afresh. A non-empty directory that is not raybary results,
@@ -244,7 +247,11 @@ class ResultWriter:
                     self._check_same_input(old)
                     if fs.exists(posixpath.join(root, MANIFEST_FILE)):
                         fs.rm(posixpath.join(root, MANIFEST_FILE))
-                    return set(_verified_markers(fs, root, repair=True))
+                    markers = _verified_markers(fs, root, repair=True)
+                    # shards that gave up (infrastructure faults) are solved again
+                    self.retried_gave_up = sorted(k for k, m in markers.items()
+                                                  if m.get("gave_up"))
+                    return {k for k, m in markers.items() if not m.get("gave_up")}
             elif fs.ls(root):
                 raise ResultsConflictError(
                     f"{self.url} exists, is not empty and is not a raybary results directory "
@@ -363,6 +370,7 @@ class ResultWriter:
         grids: np.ndarray | None = None,
         grid_extents: np.ndarray | None = None,
         input_grids: np.ndarray | None = None,
+        gave_up: str | None = None,
     ) -> dict:
         """Write and atomically commit one shard (in an actor); return its marker.
 
@@ -381,6 +389,10 @@ class ResultWriter:
           grid_extents: ``[n, 4]`` (xmin, xmax, ymin, ymax) per problem.
           input_grids: ``[n, J, H, W]`` input GMMs' log-densities, ``J <=
             input_grid_gmms`` (padded with NaN).
+          gave_up: the shard was not solved (every attempt was lost to
+            infrastructure faults) and its valid problems are ``failed`` with
+            this reason; recorded in the marker, so that a resumed run solves
+            it again (:meth:`prepare`).
 
         Rewriting a committed shard replaces it.
         """
@@ -406,6 +418,8 @@ class ResultWriter:
         info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
                 "counts": counts, "seconds": float(np.nansum(secs)),
                 "barycenter_rows": barycenters.num_rows, "committed": _now()}
+        if gave_up is not None:
+            info["gave_up"] = str(gave_up)
         _fs.write_json_atomic(fs, marker, info, tmp)
         return info
 
@@ -489,6 +503,7 @@ class ResultWriter:
             "n_shards": self.n_shards,
             "committed_shards": len(committed),
             "missing_shards": missing,
+            "gave_up_shards": sorted(k for k, m in markers.items() if m.get("gave_up")),
             "complete": not missing,
             "counts": counts,
             "solver_seconds": float(sum(m.get("seconds", 0.0) for m in markers.values())),
