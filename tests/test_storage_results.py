@@ -329,3 +329,61 @@ def test_run_overwrite_into_the_inputs_folder_is_refused_and_keeps_the_input(tmp
     assert "contains the input store" in r.output, r.output
     assert "Traceback" not in r.output
     assert sorted(p.name for p in d.rglob("*")) == before
+
+
+def test_one_writer_per_output_lease(tmp_path):
+    """Two runs on one OUTPUT: the second is refused while the first heartbeats;
+    a lease gone silent is taken over; each run cleans only its own temporary files."""
+    import time
+
+    from raybary.storage import results as rs
+
+    out = str(tmp_path / "out")
+    first, second = make_writer(out), make_writer(out)
+    first.acquire_lease()
+    assert first.prepare() == set()
+    with pytest.raises(ResultsConflictError, match="another run is writing .*last heartbeat"):
+        second.acquire_lease()
+    assert first.heartbeat()
+    commit(first, 0)
+    other_tmp = tmp_path / "out" / "_tmp" / "someone-else"
+    other_tmp.mkdir(parents=True)
+    (other_tmp / "part").write_text("theirs")
+    first.finalize()
+    assert (other_tmp / "part").read_text() == "theirs"
+    assert not (tmp_path / "out" / "_tmp" / first.run_id).exists()
+    first.release_lease()
+    assert not (tmp_path / "out" / "_lease.json").exists()
+    second.acquire_lease()  # free now
+    assert second.prepare() == {0}
+    second.release_lease()
+    # a lease whose heartbeat stopped long ago is taken over, with a warning
+    lease = {"run_id": "dead", "host": "h", "pid": 1, "heartbeat": time.time() - 10 * rs.LEASE_STALE_S}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
+    third = make_writer(out)
+    with pytest.warns(UserWarning, match="taking over .* from run dead"):
+        third.acquire_lease()
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == third.run_id
+    # ... and the silent run, if it comes back, learns that it lost the lease
+    zombie = make_writer(out)
+    zombie.run_id, zombie._leased = "dead", True
+    assert zombie.heartbeat() is False
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == third.run_id
+
+
+def test_run_refuses_an_output_another_run_is_writing(tmp_path):
+    """``raybary run`` on an OUTPUT whose lease is alive: refused, nothing touched."""
+    import time
+
+    from raybary.storage.generate import generate
+
+    generate(str(tmp_path / "in.parquet"), 3, family="tutorial", seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    lease = {"run_id": "busy", "host": "elsewhere", "pid": 42, "heartbeat": time.time()}
+    (out / "_lease.json").write_text(json.dumps(lease))
+    for extra in ([], ["--overwrite"]):
+        r = CliRunner().invoke(main, ["run", str(tmp_path / "in.parquet"), str(out), "-q", *extra])
+        assert r.exit_code != 0 and "another run is writing" in r.output, r.output
+        assert "run busy on elsewhere (pid 42)" in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]

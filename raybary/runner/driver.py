@@ -183,9 +183,6 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     ``on_shard(summary)`` is called on the driver after each committed shard
     (the summary has the shard, counts, timings, ``pid`` and ``node``).
     """
-    import ray
-
-    from raybary.runner.actor import make_actor
     from raybary.storage import ResultWriter, open_store
 
     solver = (solver or SolverOptions()).resolved()
@@ -201,6 +198,21 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,
                           input_fingerprint=store.fingerprint(), input_shards=shard_ids)
+    writer.acquire_lease()  # one run per OUTPUT
+    keeper = _LeaseKeeper(writer)
+    try:
+        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0)
+    finally:
+        keeper.stop()
+        writer.release_lease()
+
+
+def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
+                stream, on_shard, t0: float) -> RunReport:
+    import ray
+
+    from raybary.runner.actor import make_actor
+
     committed = writer.prepare(overwrite=exe.overwrite)
     report = RunReport(input=store.url, output=writer.url, n_problems=store.n_problems,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
@@ -259,6 +271,34 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
 RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again
 FAULT_ATTEMPTS = 6  # attempts at a shard whose task raises (waits 1+2+4+8+16 s in all)
 STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
+
+
+class _LeaseKeeper:
+    """Refreshes the run's lease on OUTPUT from a daemon thread."""
+
+    def __init__(self, writer) -> None:
+        import threading
+
+        from raybary.storage.results import LEASE_HEARTBEAT_S
+
+        self.writer, self.period = writer, LEASE_HEARTBEAT_S
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="raybary-lease", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.period):
+            try:
+                if not self.writer.heartbeat():
+                    log.error("another run has taken over %s; this run's commits may be "
+                              "overwritten", self.writer.url)
+                    return
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried
+                log.warning("could not refresh the lease on %s: %s", self.writer.url, e)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def _slot(actor, gen: int) -> dict:

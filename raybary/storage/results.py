@@ -39,8 +39,11 @@ import datetime as _dt
 import io
 import json
 import math
+import os
 import posixpath
 import re
+import socket
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -74,6 +77,10 @@ LAYOUT_FILE = "_layout.json"
 MANIFEST_FILE = "_manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
+LEASE_FILE = "_lease.json"
+LEASE_HEARTBEAT_S = 20.0  # the driver refreshes its lease this often
+LEASE_STALE_S = 120.0  # a lease without a heartbeat for this long is taken over
+LEASE_SETTLE_S = 0.3  # wait before reading a new lease back
 COMMIT_KEY = b"raybary.commit"
 _SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
 
@@ -193,6 +200,8 @@ class ResultWriter:
         self.options = _jsonable(options or {})
         self.input_url = input_url
         self.retried_gave_up: list[int] = []  # set by prepare()
+        self.run_id = uuid.uuid4().hex[:16]  # this run's temporary files and lease
+        self._leased = False
         self.input_fingerprint = input_fingerprint
         self.input_shards = None if input_shards is None else [
             [int(a), int(b)] for a, b in input_shards]
@@ -214,6 +223,83 @@ class ResultWriter:
 
     def _paths(self) -> tuple[Any, str]:
         return _fs.url_to_fs(self.url)
+
+    def _tmp(self, root: str) -> str:
+        """This run's temporary folder (other runs' are never touched)."""
+        return posixpath.join(root, TMP_DIR, self.run_id)
+
+    # ---------------------------------------------------------------- lease
+    def acquire_lease(self) -> None:
+        """Take OUTPUT's lease (``_lease.json``: run id, host, pid, heartbeat),
+        driver side, before :meth:`prepare`.
+
+        Another run's lease with a heartbeat younger than ``LEASE_STALE_S``
+        raises :class:`ResultsConflictError`; an older one is taken over (its
+        run is presumed dead). The lease is written, then read back after a
+        moment: of two runs starting at once, the one that reads another id
+        gives up. Works alike on local disks and object stores (no locks, one
+        small object). A folder that is not raybary results is left alone
+        (:meth:`prepare` refuses it)."""
+        fs, root = self._paths()
+        if fs.exists(root) and self._foreign(fs, root):
+            return
+        held = _read_lease(fs, root)
+        if held is not None and held.get("run_id") != self.run_id:
+            age = time.time() - float(held.get("heartbeat", 0.0))
+            if age < LEASE_STALE_S:
+                raise ResultsConflictError(
+                    f"another run is writing {self.url}: run {held.get('run_id')} on "
+                    f"{held.get('host')} (pid {held.get('pid')}), last heartbeat {age:.0f} s "
+                    f"ago. Wait for it to finish or stop it (a lease without a heartbeat for "
+                    f"{LEASE_STALE_S:.0f} s is taken over), or write to another OUTPUT."
+                )
+            warnings.warn(f"taking over {self.url} from run {held.get('run_id')}, whose last "
+                          f"heartbeat was {age:.0f} s ago", stacklevel=2)
+        self._write_lease(fs, root)
+        time.sleep(LEASE_SETTLE_S)
+        now = _read_lease(fs, root)
+        if now is None or now.get("run_id") != self.run_id:
+            raise ResultsConflictError(
+                f"another run (run {None if now is None else now.get('run_id')}) took "
+                f"{self.url} at the same moment; wait for it or write to another OUTPUT")
+        self._leased = True
+
+    def heartbeat(self) -> bool:
+        """Refresh the lease (driver, every ``LEASE_HEARTBEAT_S``); ``False`` if
+        another run has taken it over (this one should stop writing)."""
+        if not self._leased:
+            return True
+        fs, root = self._paths()
+        held = _read_lease(fs, root)
+        if held is not None and held.get("run_id") != self.run_id:
+            self._leased = False
+            return False
+        self._write_lease(fs, root)
+        return True
+
+    def release_lease(self) -> None:
+        """Give the lease back (driver, at the end, whatever happened)."""
+        if not self._leased:
+            return
+        self._leased = False
+        fs, root = self._paths()
+        held = _read_lease(fs, root)
+        if held is not None and held.get("run_id") == self.run_id:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(posixpath.join(root, LEASE_FILE))
+
+    def _write_lease(self, fs, root: str) -> None:
+        lease = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "heartbeat": time.time(), "written": _now()}
+        _fs.write_json_atomic(fs, posixpath.join(root, LEASE_FILE), lease, self._tmp(root))
+
+    @staticmethod
+    def _foreign(fs, root: str) -> bool:
+        """A non-empty folder without our layout: not raybary results."""
+        if fs.exists(posixpath.join(root, LAYOUT_FILE)):
+            return False
+        names = {posixpath.basename(_fs.strip_url(p)) for p in fs.ls(root, detail=False)}
+        return bool(names - {LEASE_FILE, TMP_DIR})
 
     # -------------------------------------------------------------- prepare
     def prepare(self, *, overwrite: bool = False) -> set[int]:
@@ -252,13 +338,15 @@ class ResultWriter:
                     self.retried_gave_up = sorted(k for k, m in markers.items()
                                                   if m.get("gave_up"))
                     return {k for k, m in markers.items() if not m.get("gave_up")}
-            elif fs.ls(root):
+            elif self._foreign(fs, root):
                 raise ResultsConflictError(
                     f"{self.url} exists, is not empty and is not a raybary results directory "
                     f"(no {LAYOUT_FILE}); raybary does not write into or delete it, even with "
                     "--overwrite: choose a new or empty OUTPUT"
                 )
             fs.rm(root, recursive=True)
+            if self._leased:  # it went with the old results
+                self._write_lease(fs, root)
         for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
         if self.grid_shape is not None:
@@ -269,8 +357,7 @@ class ResultWriter:
             layout["input_fingerprint"] = self.input_fingerprint
         if self.input_shards is not None:
             layout["input_shards"] = self.input_shards
-        _fs.write_json_atomic(fs, posixpath.join(root, LAYOUT_FILE), layout,
-                              posixpath.join(root, TMP_DIR))
+        _fs.write_json_atomic(fs, posixpath.join(root, LAYOUT_FILE), layout, self._tmp(root))
         return set()
 
     def _check_same_input(self, old: dict) -> None:
@@ -400,7 +487,7 @@ class ResultWriter:
         ids = np.asarray(problem_ids, dtype=np.int64)
         statuses, errors, secs = _check_rows(n, ids, statuses, errors, results, seconds)
         fs, root = self._paths()
-        tmp = posixpath.join(root, TMP_DIR)
+        tmp = self._tmp(root)
         name = _shard_name(shard_index)
         marker = posixpath.join(root, COMMITS_DIR, name + ".json")
         if fs.exists(marker):
@@ -509,10 +596,13 @@ class ResultWriter:
             "solver_seconds": float(sum(m.get("seconds", 0.0) for m in markers.values())),
             "summary": _jsonable(summary or {}),
         }
-        _fs.write_json_atomic(fs, posixpath.join(root, MANIFEST_FILE), manifest,
-                              posixpath.join(root, TMP_DIR))
-        if fs.exists(posixpath.join(root, TMP_DIR)):
-            fs.rm(posixpath.join(root, TMP_DIR), recursive=True)
+        _fs.write_json_atomic(fs, posixpath.join(root, MANIFEST_FILE), manifest, self._tmp(root))
+        if fs.exists(self._tmp(root)):  # only this run's temporary files
+            fs.rm(self._tmp(root), recursive=True)
+        tmp = posixpath.join(root, TMP_DIR)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if fs.exists(tmp) and not fs.ls(tmp):
+                fs.rm(tmp, recursive=True)
         return manifest
 
     @staticmethod
@@ -632,6 +722,16 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
             continue
         out[shard] = info
     return out
+
+
+def _read_lease(fs, root: str) -> dict | None:
+    try:
+        lease = _fs.read_json(fs, posixpath.join(root, LEASE_FILE))
+    except FileNotFoundError:
+        return None
+    except _UNREADABLE:  # cut short: treat as stale
+        return {"run_id": "?", "heartbeat": 0.0}
+    return lease if isinstance(lease, dict) else {"run_id": "?", "heartbeat": 0.0}
 
 
 def input_changes(old: dict | None, new: dict | None, old_shards=None, new_shards=None,
