@@ -364,6 +364,17 @@ def test_one_writer_per_output_lease(tmp_path):
     with pytest.warns(UserWarning, match="taking over .* from run dead"):
         third.acquire_lease()
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == third.run_id
+    third.release_lease()
+    # a fresh lease of a driver on this machine that has exited: taken over at once
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lease = {"run_id": "killed", "host": socket.gethostname(), "pid": int(dead),
+             "heartbeat": time.time()}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
+    with pytest.warns(UserWarning, match="from run killed"):
+        third.acquire_lease()
     # ... and the silent run, if it comes back, learns that it lost the lease
     zombie = make_writer(out)
     zombie.run_id, zombie._leased = "dead", True

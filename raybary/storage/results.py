@@ -234,8 +234,9 @@ class ResultWriter:
         driver side, before :meth:`prepare`.
 
         Another run's lease with a heartbeat younger than ``LEASE_STALE_S``
-        raises :class:`ResultsConflictError`; an older one is taken over (its
-        run is presumed dead). The lease is written, then read back after a
+        raises :class:`ResultsConflictError`; an older one, or one whose
+        driver ran on this machine and has exited, is taken over (its run is
+        presumed dead). The lease is written, then read back after a
         moment: of two runs starting at once, the one that reads another id
         gives up. Works alike on local disks and object stores (no locks, one
         small object). A folder that is not raybary results is left alone
@@ -246,6 +247,9 @@ class ResultWriter:
         held = _read_lease(fs, root)
         if held is not None and held.get("run_id") != self.run_id:
             age = time.time() - float(held.get("heartbeat", 0.0))
+            gone = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))
+            if gone:  # its driver ran on this machine and has exited (killed, crashed)
+                age = max(age, LEASE_STALE_S)
             if age < LEASE_STALE_S:
                 raise ResultsConflictError(
                     f"another run is writing {self.url}: run {held.get('run_id')} on "
@@ -722,6 +726,16 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
             continue
         out[shard] = info
     return out
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True  # someone else's process, or no pid: assume alive
+    return True
 
 
 def _read_lease(fs, root: str) -> dict | None:
