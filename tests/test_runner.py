@@ -248,6 +248,10 @@ def test_more_actors_than_the_cluster_can_place(data):
         run(store, str(data["root"] / "gpu-actors"), SOLVER, GridOptions(shape=None),
             exe(actors=2, gpus_per_actor=1.0, placement_timeout_s=3.0), stream=None)
     assert "--gpus-per-actor" in str(e.value)
+    stopped = read_results(str(data["root"] / "gpu-actors"))  # the manifest was still written
+    assert stopped.manifest is not None and not stopped.complete
+    assert stopped.manifest["missing_shards"] == list(range(6))
+    assert any("no actor could be started" in x for x in stopped.manifest["summary"]["errors"])
 
 
 def test_killed_actor_is_replaced_and_its_shards_rerun(data, reference):

@@ -310,7 +310,7 @@ def test_show_prints_a_summary(tmp_path):
     text = result.output
     assert "status: ok 18, invalid 4, failed 3" in text
     assert "objective quantiles: min 10.0" in text or "objective quantiles: min 10," in text
-    assert "slowest 2:" in text and "problem 90: 1.0000 s, status ok, iterations 95" in text
+    assert "slowest 2 (" in text and "problem 90: 1.0000 s, status ok, iterations 95" in text
     assert "failed (3; first 3):" in text and "problem 60: solver produced NaN" in text
     assert "invalid (4" in text
     assert "\n    problem 30, gmm 0, component 0: weight is negative (-1.0)\n" in text
@@ -398,3 +398,16 @@ def test_run_refuses_an_output_another_run_is_writing(tmp_path):
         assert r.exit_code != 0 and "another run is writing" in r.output, r.output
         assert "run busy on elsewhere (pid 42)" in r.output and "Traceback" not in r.output
     assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]
+
+
+def test_credentials_in_urls_are_never_recorded(tmp_path):
+    from raybary.storage._fs import redact_url
+
+    assert redact_url("s3://AKIA:s3cret@bucket/in.zarr") == "s3://***@bucket/in.zarr"
+    assert redact_url("https://user:pw@host:9000/x") == "https://***@host:9000/x"
+    assert redact_url("/data/a@b/in.parquet") == "/data/a@b/in.parquet"
+    assert redact_url("gs://bucket/we@ird") == "gs://bucket/we@ird"
+    writer = make_writer(str(tmp_path / "out"), input_url="s3://AKIA:s3cret@bucket/in.zarr")
+    writer.prepare()
+    layout = (tmp_path / "out" / "_layout.json").read_text()
+    assert "s3cret" not in layout and "s3://***@bucket/in.zarr" in layout

@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -94,8 +95,16 @@ class JobsClient:
         from raybary import __version__
 
         job_id = job_id or new_job_id()
+        from raybary.storage._fs import has_credentials, redact_url
+
         meta = {"raybary_version": __version__, "raybary_command": "run",
-                "input": str(input_url), "output": str(output_url)}
+                "input": redact_url(input_url), "output": redact_url(output_url)}
+        for url in (input_url, output_url):
+            if has_credentials(url):
+                warnings.warn(f"{redact_url(url)}: credentials in a URL are visible in the job's "
+                              "entrypoint on the cluster (dashboard, job list); give them to the "
+                              "storage's own credential chain instead (environment, instance "
+                              "role, config file)", stacklevel=2)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         env = dict(runtime_env) if runtime_env is not None else build_runtime_env()
         with self._errors(job_id):

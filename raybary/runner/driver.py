@@ -17,6 +17,7 @@ shards (:meth:`ResultWriter.prepare`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions, recorded_options
+from raybary.storage._fs import redact_url
 from raybary.storage.errors import InputChangedError
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
@@ -214,7 +216,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     from raybary.runner.actor import make_actor
 
     committed = writer.prepare(overwrite=exe.overwrite)
-    report = RunReport(input=store.url, output=writer.url, n_problems=store.n_problems,
+    report = RunReport(input=redact_url(store.url), output=redact_url(writer.url),
+                       n_problems=store.n_problems,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
                        shards_skipped=len(committed))
     todo: collections.deque[tuple[int, str]] = collections.deque(
@@ -241,6 +244,10 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
 
             slots = [_slot(new_actor(), 0) for _ in range(n_actors)]
             _schedule(slots, todo, new_actor, exe, report, progress, t0, on_shard)
+    except (JobIncomplete, InputChangedError) as e:
+        stopped = e
+    else:
+        stopped = None
     finally:
         for s in slots:
             try:
@@ -251,6 +258,23 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
         if started:
             ray.shutdown()
 
+    if stopped is not None:  # the run stops, but the manifest says where it stands
+        report.errors.append(str(stopped).splitlines()[0][:300])
+        with contextlib.suppress(Exception):
+            _finish_report(report, writer, t0)
+        raise stopped
+    _finish_report(report, writer, t0)
+    if not report.complete:
+        raise JobIncomplete(
+            f"{len(report.shards_lost)} of {report.n_shards} shards could not be committed "
+            f"(shards {report.shards_lost[:10]}{'...' if len(report.shards_lost) > 10 else ''}); "
+            f"last errors: {report.errors[-3:]}; run the same command again to finish the job",
+        ) from None
+    return report
+
+
+def _finish_report(report: RunReport, writer, t0: float) -> None:
+    """Timings into ``report``, then the manifest (counts, missing shards) back into it."""
     report.wall_s = time.perf_counter() - t0
     report.problems_per_s = report.problems_run / report.wall_s if report.wall_s > 0 else 0.0
     report.driver_peak_rss_mb = _peak_rss_mb()
@@ -259,13 +283,6 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     report.counts = manifest["counts"]
     report.complete = bool(manifest["complete"])
     report.shards_lost = list(manifest["missing_shards"])
-    if not report.complete:
-        raise JobIncomplete(
-            f"{len(report.shards_lost)} of {report.n_shards} shards could not be committed "
-            f"(shards {report.shards_lost[:10]}{'...' if len(report.shards_lost) > 10 else ''}); "
-            f"last errors: {report.errors[-3:]}; run the same command again to finish the job",
-        ) from None
-    return report
 
 
 RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again

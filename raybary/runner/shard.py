@@ -177,8 +177,7 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
         results[i] = r
         if r.status != "ok":
             statuses[i], errors[i] = "failed", r.error or "solver failed (no message)"
-    per_problem = (t_solve - t_read) / max(len(valid), 1)
-    seconds = np.where(np.array([s != "invalid" for s in statuses], bool), per_problem, np.nan)
+    seconds = problem_seconds(t_solve - t_read, results, statuses)
     grids = extents = inputs = None
     if writer.grid_shape is not None:
         grids, extents, inputs = shard_grids(shard.problems, results, statuses, grid)
@@ -192,6 +191,22 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
         "read_s": t_read - t0, "solve_s": t_solve - t_read, "grid_s": t_grid - t_solve,
         "commit_s": t_end - t_grid, "total_s": t_end - t0, "pid": os.getpid(),
     }
+
+
+def problem_seconds(total: float, results: Sequence[Result | None],
+                    statuses: Sequence[str]) -> np.ndarray:
+    """Each solved problem's share of a batch's solver time: ``total`` split in
+    proportion to the plan iterations it needed (the unit of work of the
+    batched solver; a problem's own wall time does not exist when a thousand
+    are solved at once). NaN for invalid problems."""
+    work = np.array([float(max((r.extra or {}).get("sinkhorn_iterations", 0), 1))
+                     if r is not None and s != "invalid" else 0.0
+                     for r, s in zip(results, statuses)])
+    out = np.full(len(statuses), np.nan)
+    if work.sum() > 0:
+        mask = work > 0
+        out[mask] = total * work[mask] / work.sum()
+    return out
 
 
 def fail_shard(store, writer, shard_index: int, message: str) -> dict:

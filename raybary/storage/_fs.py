@@ -105,6 +105,19 @@ def canonical_path(fs: AbstractFileSystem, path: str) -> str:
     return strip_url(path)
 
 
+_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]+)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with credentials (``scheme://user:secret@host/...``) replaced by
+    ``***``: what is recorded in layouts, reports, logs and job metadata."""
+    return _CREDENTIALS.sub(r"\1***@", str(url))
+
+
+def has_credentials(url: str) -> bool:
+    return bool(_CREDENTIALS.match(str(url)))
+
+
 def strip_url(url: str) -> str:
     """``url`` without a trailing slash."""
     url = str(url)

@@ -219,7 +219,10 @@ class ResultWriter:
         return start, min(start + self.shard_size, self.n_problems)
 
     def settings(self) -> dict:
-        return _jsonable({k: getattr(self, k) for k in _SETTINGS})
+        out = {k: getattr(self, k) for k in _SETTINGS}
+        if out.get("input_url"):  # never record credentials
+            out["input_url"] = _fs.redact_url(out["input_url"])
+        return _jsonable(out)
 
     def _paths(self) -> tuple[Any, str]:
         return _fs.url_to_fs(self.url)
@@ -402,7 +405,10 @@ class ResultWriter:
         """Refuse an output that is, contains or lies inside the input store."""
         if not self.input_url:
             return
-        in_fs, in_root = _fs.url_to_fs(self.input_url)
+        try:
+            in_fs, in_root = _fs.url_to_fs(self.input_url)
+        except ImportError:  # no driver for the input's protocol here: not the output's
+            return
         if _fs.fs_protocols(in_fs) != _fs.fs_protocols(fs):
             return
         out_p, in_p = _fs.canonical_path(fs, root), _fs.canonical_path(in_fs, in_root)
@@ -444,6 +450,7 @@ class ResultWriter:
     def committed_shards(self) -> set[int]:
         """Indices of the shards whose commit marker exists."""
         fs, root = self._paths()
+        _fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
         names = fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json"))
         return {_shard_of(n) for n in names}
 
@@ -676,6 +683,10 @@ def _barycenters_table(ids, statuses, results) -> pa.Table:
     cov_values = np.concatenate([c.reshape(-1) for c in covs])
     mean_len = np.repeat([m.shape[1] if m.ndim == 2 else 0 for m in means], sizes)
     cov_len = mean_len * mean_len
+    if int(cov_len.sum()) >= 2**31:  # list offsets are int32
+        raise ValueError(f"a shard's barycenter covariances hold {int(cov_len.sum())} numbers, "
+                         "more than a Parquet list column of one shard can; use a smaller "
+                         "--shard-size")
     return pa.table(
         {
             "problem_id": pa.array(np.repeat([i for i, _ in rows], sizes), pa.int64()),
@@ -707,6 +718,7 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
     warning line says so, and with ``repair`` the marker is removed so that
     a resumed run redoes the shard."""
     out = {}
+    _fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
     for path in fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json")):
         try:
             info = _fs.read_json(fs, path)
@@ -726,6 +738,13 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
             continue
         out[shard] = info
     return out
+
+
+def _fresh_listing(fs, path: str) -> None:
+    """Drop fsspec's cached listing of ``path`` (object stores cache listings;
+    a marker written by an actor must not be missed)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
 
 
 def _pid_alive(pid) -> bool:
@@ -956,7 +975,7 @@ def summarize(path: str, *, top: int = 5) -> str:
     if len(solved) and solved["seconds"].notna().any():
         lines.append(f"  solver time: {p['seconds'].sum():.3f} s in all")
         slow = solved.nlargest(top, "seconds")
-        lines.append(f"  slowest {len(slow)}:")
+        lines.append(f"  slowest {len(slow)} (their share of the solver time, by plan iterations):")
         for _, r in slow.iterrows():
             its = "-" if r.iterations != r.iterations else int(r.iterations)
             lines.append(f"    problem {r.problem_id}: {r.seconds:.4f} s, status {r.status}, "
