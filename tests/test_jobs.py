@@ -33,7 +33,12 @@ from click.testing import CliRunner
 
 from raybary.cli import main
 from raybary.jobs import auth, runtime
-from raybary.jobs.client import JobsError, failure_reason, normalize_address
+from raybary.jobs.client import (
+    JobsError,
+    failure_reason,
+    insecure_token_warning,
+    normalize_address,
+)
 from raybary.jobs.entrypoint import with_address
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +86,11 @@ def test_runtime_env_defaults_and_merging():
     assert env["pip"] == ["zarr", "s3fs"]
     assert env["py_modules"] == [str(runtime.raybary_package_dir())]
     assert "__pycache__" in env["excludes"]
+    # a shipped working directory never takes secrets along
+    env = runtime.build_runtime_env(working_dir=".")
+    assert env["working_dir"] == "."
+    for secret in (".env", "*.pem", ".aws/", ".ssh/", ".netrc", "auth_token", "*token*.txt"):
+        assert secret in env["excludes"], secret
     with pytest.raises(ValueError, match="conda"):
         runtime.build_runtime_env(base={"conda": {"dependencies": []}}, pip=["x"])
 
@@ -103,6 +113,17 @@ def test_jobs_dir_matches_code_and_pyproject():
     assert not missing, f"jobs/runtime_env.source.yaml lacks {missing}"
     assert any(r.startswith("jax[cuda12]") for r in source["pip"])
     assert "main()" in (ROOT / "jobs" / "barycenters.py").read_text()
+
+
+def test_a_token_over_plain_http_to_another_host_is_warned_about():
+    tok = auth.Token("secret", "--token")
+    msg = insecure_token_warning("http://10.0.0.5:8265", tok)
+    assert msg and "unencrypted over http:// to 10.0.0.5" in msg and "secret" not in msg
+    assert "--token" in msg
+    for quiet in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265",
+                  "https://ray.example.org"):
+        assert insecure_token_warning(quiet, tok) is None, quiet
+    assert insecure_token_warning("http://10.0.0.5:8265", None) is None
 
 
 def test_entrypoint_joins_the_jobs_cluster():

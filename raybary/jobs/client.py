@@ -225,6 +225,29 @@ def _translate(e: Exception, address: str, token: Token | None, job_id: str | No
     return JobsError(f"{name} from the Ray Jobs API at {address}: {text}")
 
 
+def insecure_token_warning(address: str, token: Token | None) -> str | None:
+    """A warning when a token would cross the network unencrypted: plain
+    ``http://`` to a host that is not this machine's loopback."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if token is None:
+        return None
+    parts = urlsplit(address)
+    if parts.scheme != "http":
+        return None
+    host = parts.hostname or ""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local:
+        return None
+    return (f"the Ray token (from {token.source}) is sent unencrypted over http:// to {host}; "
+            "anyone on the path can read it. Use https:// (a TLS proxy in front of the "
+            "dashboard) or an SSH tunnel to localhost.")
+
+
 def connect(address: str | None = None, *, token: str | None = None,
             token_file: str | None = None) -> JobsClient:
     """A :class:`JobsClient` for the dashboard at ``address`` (see :func:`normalize_address`).
@@ -236,6 +259,9 @@ def connect(address: str | None = None, *, token: str | None = None,
         tok = resolve_token(token, token_file)
     except TokenError as e:
         raise JobsError(str(e)) from None
+    insecure = insecure_token_warning(address, tok)
+    if insecure:
+        warnings.warn(insecure, stacklevel=2)
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:  # pragma: no cover - ray[default] is a dependency

@@ -44,10 +44,19 @@ DEFAULT_ENV_VARS: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
+#: Secrets that must never be uploaded to a cluster (gitignore syntax).
+SECRET_EXCLUDES = [
+    ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "*.p12", "*.pfx",
+    ".aws/", ".ssh/", ".gcloud/", ".config/gcloud/", ".azure/", ".kube/", ".docker/config.json",
+    ".netrc", ".pypirc", ".git-credentials", "auth_token", "*token*.txt", "*.token",
+    "credentials*.json", "service-account*.json",
+]
+
 #: Never shipped with ``py_modules`` / ``working_dir`` (gitignore syntax, as Ray uses).
 SOURCE_EXCLUDES = [
     "__pycache__", "*.pyc", ".git", ".venv", ".pytest_cache", ".ruff_cache", ".hypothesis",
     ".jax_cache", "*.egg-info", "/build", "/dist", "/data", "/out*", "*.parquet", "*.zarr",
+    *SECRET_EXCLUDES,
 ]
 
 ENTRYPOINT_MODULE = "raybary.jobs.entrypoint"
