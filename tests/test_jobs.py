@@ -224,6 +224,9 @@ def _stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
+_GCS: dict = {}  # the head's GCS address (for `raybary run --address`)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head with dashboard and token auth; yields (address, token, tmp dir)."""
@@ -251,6 +254,7 @@ def head(tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=temp_dir)
     address = f"http://127.0.0.1:{ports[1]}"
+    _GCS["address"] = f"127.0.0.1:{ports[0]}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -299,6 +303,29 @@ def test_token_is_required(head, home):
     assert r.exit_code == 1 and "refused the token from --token" in r.output
     r = _cli(["status", "--address", address], home=home)
     assert r.exit_code == 1 and "authentication token" in r.output
+
+
+def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
+    """``raybary run --address HOST:PORT`` resolves the token as submit does (no
+    RAY_AUTH_MODE needed); without one it says so in one line."""
+    import raybary
+
+    _, token, data = head
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    out = data / "run-out"
+    cmd = [sys.executable, "-m", "raybary", "run", str(data / "in.parquet"), str(out),
+           "--address", _GCS["address"], "--bar-size", "3", "--grid", "none", "--actors", "1",
+           "-q"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=home)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "could not join the Ray cluster" in r.stderr, r.stderr[-2000:]
+    assert "uses token authentication" in r.stderr and "no token was found" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True,
+                       timeout=300, cwd=home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert raybary.read_results(str(out)).complete
 
 
 def test_submit_wait_and_read_results(head, home):

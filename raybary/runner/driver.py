@@ -144,7 +144,22 @@ def _connect(exe: ExecOptions) -> bool:
     if ray.is_initialized():
         return False
     if exe.address:
-        ray.init(address=exe.address, logging_level=logging.WARNING)
+        token = _token_for_cluster()
+        try:
+            ray.init(address=exe.address, logging_level=logging.WARNING)
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}"
+            if not any(k in text for k in ("InvalidAuthToken", "UNAUTHENTICATED",
+                                           "uthentication", "Failed to connect")):
+                raise
+            where = (f"the token from {token.source} was sent; is it this cluster's?"
+                     if token is not None else
+                     "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
+                     "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
+            raise ConnectionError(
+                f"could not join the Ray cluster at {exe.address}. Is it up and reachable? "
+                "If it uses token authentication (the default of `ray start --head` since "
+                f"Ray 2.59): {where}") from None
     else:
         # address="local": always a fresh, private Ray, never one found via
         # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
@@ -154,6 +169,24 @@ def _connect(exe: ExecOptions) -> bool:
                  logging_level=logging.WARNING, log_to_driver=False,
                  _system_config={"worker_niceness": 0})
     return True
+
+
+def _token_for_cluster():
+    """Resolve the Ray auth token as ``raybary submit`` does and, when there is
+    one and ``RAY_AUTH_MODE`` is unset, turn on Ray's token mode for this
+    process (Ray sends a token only in that mode). Returns the token or None."""
+    import os
+
+    from raybary.jobs.auth import TokenError, resolve_token
+
+    try:
+        token = resolve_token()
+    except TokenError as e:
+        raise ConnectionError(str(e)) from None
+    if token is not None and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", token.value)
+    return token
 
 
 def _default_actors(exe: ExecOptions) -> int:
@@ -190,6 +223,8 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
+    if exe.address:  # before Ray is imported: it reads RAY_AUTH_MODE once
+        _token_for_cluster()
     if not exe.progress:
         stream = None
     t0 = time.perf_counter()
