@@ -100,11 +100,10 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
     tail: a few slow problems), the busy ones move to a batch an eighth the
     size (sizes stay powers of two: few compiles): at once down to
     ``EAGER_WIDTH`` or if that program already ran in this process, else
-    once tails at this width have taken
-    ``SHRINK_AFTER_S`` in all (over this and earlier calls), about what
-    compiling the narrower program costs: short tails never pay for a
-    compile, and long or repeated ones waste at most about as much as it
-    (the rent-or-buy rule).
+    once tails at this width have taken ``SHRINK_AFTER_S`` in all (over this
+    and earlier calls), about what compiling the narrower program costs:
+    short tails never pay for a compile, and long or repeated ones waste at
+    most about as much as it (the rent-or-buy rule).
     """
     from raybary.solvers import barycenter as bc
 
@@ -359,7 +358,7 @@ def solve(
             chunk = items[start : start + batch_size]
             batch = min(next_pow2(len(chunk)), next_pow2(batch_size))
             keys = np.array(
-                [[seed & 0xFFFFFFFF, (int(ids[i]) * restarts + r) & 0xFFFFFFFF] for i, r in chunk],
+                [_key_words(seed, int(ids[i]), restarts, r) for i, r in chunk],
                 np.uint32,
             )
             arrays, norm = pad_problems(
@@ -386,7 +385,15 @@ def solve(
     return best  # type: ignore[return-value]
 
 
-MERGE_BELOW = 4096  # buckets with fewer rows share one program (per dimension and size)
+def _key_words(seed: int, problem_id: int, restarts: int, restart: int) -> list[int]:
+    """PRNG key data of one (problem, restart): the seed with the id's high
+    bits, and the id's low bits with the restart."""
+    low = (problem_id * restarts + restart) & 0xFFFFFFFF
+    high = (problem_id * restarts + restart) >> 32
+    return [(seed + high * 0x9E3779B1) & 0xFFFFFFFF, low]
+
+
+MERGE_BELOW = 4096  # buckets of one dimension with fewer rows than this share one program
 
 
 def _merge_small(rows: dict) -> dict:
