@@ -137,14 +137,14 @@ def _peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------ Ray
-def _connect(exe: ExecOptions) -> bool:
-    """Start or join Ray; return whether this call started it (and must stop it)."""
+def _connect(exe: ExecOptions, token=None) -> bool:
+    """Start or join Ray; return whether this call started it (and must stop it).
+    ``token`` (from :func:`_token_for_cluster`) only names the token in a failure."""
     import ray
 
     if ray.is_initialized():
         return False
     if exe.address:
-        token = _token_for_cluster()
         try:
             ray.init(address=exe.address, logging_level=logging.WARNING)
         except Exception as e:
@@ -223,8 +223,8 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
-    if exe.address:  # before Ray is imported: it reads RAY_AUTH_MODE once
-        _token_for_cluster()
+    # before Ray is imported: it reads RAY_AUTH_MODE once
+    token = _token_for_cluster() if exe.address else None
     if not exe.progress:
         stream = None
     t0 = time.perf_counter()
@@ -238,14 +238,14 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     writer.acquire_lease()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer)
     try:
-        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0)
+        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token)
     finally:
         keeper.stop()
         writer.release_lease()
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
-                stream, on_shard, t0: float) -> RunReport:
+                stream, on_shard, t0: float, token=None) -> RunReport:
     import ray
 
     from raybary.runner.actor import make_actor
@@ -270,7 +270,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     slots: list[dict] = []
     try:
         if todo:
-            started = _connect(exe)
+            started = _connect(exe, token)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
 

@@ -306,26 +306,32 @@ def _newton_direction(log_c, plan, damping, eps, geo: PlanGeometry):
     live = root_c > tiny
     root_a = jnp.where(geo.atom_mask, jnp.sqrt(geo.a), 1.0)
     q = jnp.where(live[None, :], plan / (root_a[:, None] * jnp.where(live, root_c, 1.0)[None, :]), 0.0)
-    L = q.shape[1]
-    if L <= UNROLL_SOLVE:  # one unrolled solve of the whole (block diagonal) system
-        gi = geo.gmm_index
-        same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
-        coupling = q.T @ q - root_c[:, None] * root_c[None, :]
-        m = jnp.diag(1.0 + damping[gi]) - jnp.where(same, coupling, 0.0)
-        y = gauss_jordan_solve(m, root_c * v)
-        d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
-        return jnp.where(geo.comp_mask, eps * d, 0.0)
-    # Larger: one solve per GMM block, its columns gathered (slot L reads zeros).
-    J, K = geo.block_index.shape
-    q_b = jnp.pad(q, ((0, 0), (0, 1)))[:, geo.block_index]  # (n, J, K)
-    u_b = jnp.pad(root_c, (0, 1))[geo.block_index]  # (J, K)
-    v_b = jnp.pad(v, (0, 1))[geo.block_index]
-    coupling = jnp.einsum("nja,njb->jab", q_b, q_b) - u_b[:, :, None] * u_b[:, None, :]
-    m = (1.0 + damping)[:, None, None] * jnp.eye(K, dtype=q.dtype) - coupling
-    y_b = gauss_jordan_solve(m, u_b * v_b)  # (J, K)
-    y = jnp.pad(y_b.reshape(-1), (0, 1))[geo.block_slot]
+    solve = _solve_whole if q.shape[1] <= UNROLL_SOLVE else _solve_blocks
+    y = solve(q, root_c, root_c * v, damping, geo)
     d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
     return jnp.where(geo.comp_mask, eps * d, 0.0)
+
+
+def _solve_whole(q, u, rhs, damping, geo: PlanGeometry):
+    """``((1 + tau) I - Q^T Q + u u^T) y = rhs`` as one unrolled solve of the whole
+    (block diagonal) system: fastest up to :data:`UNROLL_SOLVE` components."""
+    gi = geo.gmm_index
+    same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
+    coupling = q.T @ q - u[:, None] * u[None, :]
+    return gauss_jordan_solve(jnp.diag(1.0 + damping[gi]) - jnp.where(same, coupling, 0.0), rhs)
+
+
+def _solve_blocks(q, u, rhs, damping, geo: PlanGeometry):
+    """The same system solved per GMM block, each block's columns gathered by
+    ``geo.block_index`` (slot L reads zeros): about ``J K^3`` instead of ``L^3``."""
+    K = geo.block_index.shape[1]
+    q_b = jnp.pad(q, ((0, 0), (0, 1)))[:, geo.block_index]  # (n, J, K)
+    u_b = jnp.pad(u, (0, 1))[geo.block_index]  # (J, K)
+    rhs_b = jnp.pad(rhs, (0, 1))[geo.block_index]
+    coupling = jnp.einsum("nja,njb->jab", q_b, q_b) - u_b[:, :, None] * u_b[:, None, :]
+    m = (1.0 + damping)[:, None, None] * jnp.eye(K, dtype=q.dtype) - coupling
+    y_b = gauss_jordan_solve(m, rhs_b)  # (J, K)
+    return jnp.pad(y_b.reshape(-1), (0, 1))[geo.block_slot]
 
 
 def _start(state: SinkhornState, epsilon, epsilon_start):
