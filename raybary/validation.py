@@ -24,7 +24,11 @@ Rules and tolerances (also in ``docs/storage.md``):
 * covariances are symmetric within :data:`SYMMETRY_RTOL` relative to their
   largest entry (float32 rounding is ~6e-8; they are then symmetrised), and
   positive definite: the smallest eigenvalue must be positive and exceed
-  :data:`PD_RTOL` times the largest (else "numerically singular").
+  :func:`pd_rtol` times the largest (else "numerically singular"). That
+  ratio depends on the precision the problem is solved in: :data:`PD_RTOL`
+  (1e-12) in float64, ``10 * eps`` (about 1.2e-6) in float32, where rounding
+  each entry to float32 already moves the eigenvalues by about ``eps`` times
+  the largest, so a smaller one has no reliable sign.
 
 Shape errors (a mean of the wrong length, ...) cannot occur in a ``Problem``
 (its constructor refuses them); the storage readers report those themselves,
@@ -45,6 +49,7 @@ __all__ = [
     "WEIGHT_SUM_ATOL",
     "SYMMETRY_RTOL",
     "PD_RTOL",
+    "pd_rtol",
     "MAX_MESSAGES",
     "problem_errors",
     "problems_errors",
@@ -61,6 +66,18 @@ WEIGHT_SUM_ATOL = 1e-6
 SYMMETRY_RTOL = 1e-6
 #: A covariance is positive definite when ``0 < eig_min`` and ``eig_min > PD_RTOL * eig_max``.
 PD_RTOL = 1e-12
+
+
+def pd_rtol(dtype: str | np.dtype = "float64") -> float:
+    r"""Smallest accepted ``eig_min / eig_max`` of a covariance solved in ``dtype``.
+
+    :math:`\max(\text{PD\_RTOL}, 10\,\varepsilon_{\text{dtype}})`: 1e-12 in float64,
+    about 1.2e-6 in float32 (a covariance rounded to float32 has its
+    eigenvalues moved by about :math:`\varepsilon \lambda_{max}`).
+    """
+    return max(PD_RTOL, 10.0 * float(np.finfo(np.dtype(dtype)).eps))
+
+
 #: At most this many messages are joined (with ``"; "``) into one error string.
 MAX_MESSAGES = 3
 
@@ -101,6 +118,7 @@ def problem_errors(
     renormalize: bool = False,
     gmm_labels: Sequence[int] | None = None,
     max_messages: int = MAX_MESSAGES,
+    dtype: str = "float64",
 ) -> tuple[Problem | None, str | None]:
     """Validate one problem; return ``(clean_problem, None)`` or ``(None, message)``.
 
@@ -114,6 +132,8 @@ def problem_errors(
       max_messages: at most this many messages are joined with ``"; "``
         (then ``"and N more errors"``); each starts with its location, e.g.
         ``problem 17, gmm 2, component 0: weight is negative (-0.5)``.
+      dtype: the precision the problem will be solved in; it sets how
+        ill-conditioned a covariance may be (:func:`pd_rtol`).
 
     Returns:
       For a valid problem a cleaned copy (lambdas and weights divided by their
@@ -127,6 +147,7 @@ def problem_errors(
         gmm_labels=None if gmm_labels is None else np.asarray(gmm_labels),
         renormalize=renormalize,
         max_messages=max_messages,
+        dtype=dtype,
     )
     if checked.errors[0] is not None:
         return None, checked.errors[0]
@@ -149,10 +170,10 @@ def _csr_arrays(problems: Sequence[Problem], problem_ids: Sequence[int]) -> dict
     )
 
 
-def problems_errors(problems: Sequence[Problem]) -> list[str | None]:
+def problems_errors(problems: Sequence[Problem], dtype: str = "float64") -> list[str | None]:
     """The message of each invalid problem (``None`` for a valid one), ids = positions.
 
-    Same rules as :func:`problem_errors`, but one vectorised
+    Same rules as :func:`problem_errors` (``dtype`` as there), but one vectorised
     :func:`validate_arrays` call per dimension: a per-problem loop costs about
     a millisecond each.
     """
@@ -164,7 +185,7 @@ def problems_errors(problems: Sequence[Problem]) -> list[str | None]:
         else:
             by_dim[p.dim].append(i)
     for idx in by_dim.values():
-        checked = validate_arrays(**_csr_arrays([problems[i] for i in idx], idx))
+        checked = validate_arrays(**_csr_arrays([problems[i] for i in idx], idx), dtype=dtype)
         for i, err in zip(idx, checked.errors):
             errors[i] = err
     return errors
@@ -209,6 +230,7 @@ def validate_arrays(
     gmm_labels: np.ndarray | None = None,
     renormalize: bool = False,
     max_messages: int = MAX_MESSAGES,
+    dtype: str = "float64",
 ) -> ValidatedArrays:
     """Validate many problems of one dimension ``d`` at once (CSR layout).
 
@@ -216,13 +238,14 @@ def validate_arrays(
     components ``comp_offset[g]:comp_offset[g+1]``; ``means`` is ``(N, d)``
     and ``covs`` ``(N, d, d)``. The rules are those of :func:`problem_errors`;
     the work is vectorised and messages are built only for bad problems.
+    ``dtype`` is the precision the problems will be solved in (:func:`pd_rtol`).
     """
     n_gmms = len(lambdas)
     n_comp = len(weights)
     d = means.shape[1] if means.ndim == 2 else 0
     if gmm_labels is None:
         gmm_labels = np.arange(n_gmms) - np.repeat(gmm_offset[:-1], np.diff(gmm_offset))
-    comp_flags = _component_flags(weights, means, covs)
+    comp_flags = _component_flags(weights, means, covs, pd_rtol(dtype))
     w_ok = np.isfinite(weights) & (weights >= 0)
     w_clean = np.where(w_ok, weights, 0.0)
     w_sum = _segment_sum(w_clean, comp_offset)
@@ -289,7 +312,8 @@ def _segment_sum(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return csum[offsets[1:]] - csum[offsets[:-1]]
 
 
-def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> dict:
+def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray,
+                     rtol: float) -> dict:
     """Per-component failure flags, plus the numbers the messages quote."""
     n = len(weights)
     w_nonfinite = ~np.isfinite(weights)
@@ -309,7 +333,7 @@ def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -
         eig_min[check] = eig[:, 0]
         eig_max[check] = eig[:, -1]
     not_pd = check & (eig_min <= 0)
-    singular = check & ~not_pd & (eig_min <= PD_RTOL * eig_max)
+    singular = check & ~not_pd & (eig_min <= rtol * eig_max)
     return {
         "w_nonfinite": w_nonfinite,
         "w_negative": w_negative,
@@ -322,6 +346,7 @@ def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -
         "scale": scale,
         "eig_min": eig_min,
         "eig_max": eig_max,
+        "rtol": np.float64(rtol),
     }
 
 
@@ -390,5 +415,14 @@ def _component_messages(c: int, loc: str, weights: np.ndarray, f: dict) -> list[
         messages.append(
             f"{loc}: covariance is numerically singular (smallest eigenvalue "
             f"{fmt_number(f['eig_min'][c])}, largest {fmt_number(f['eig_max'][c])})"
+            + _precision_hint(f["rtol"], f["eig_min"][c] / f["eig_max"][c])
         )
     return messages
+
+
+def _precision_hint(rtol: float, ratio: float) -> str:
+    """What to do when a covariance is fine in float64 but too ill-conditioned for float32."""
+    if rtol <= PD_RTOL or ratio <= PD_RTOL:
+        return ""
+    return (f"; float32 needs a ratio above {fmt_number(rtol)}: solve in float64 "
+            "(dtype='float64', raybary run --dtype float64)")

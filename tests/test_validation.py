@@ -11,7 +11,9 @@ from raybary.validation import (
     SYMMETRY_RTOL,
     WEIGHT_SUM_ATOL,
     fmt_number,
+    pd_rtol,
     problem_errors,
+    problems_errors,
     validate_arrays,
 )
 
@@ -208,3 +210,28 @@ def test_validate_arrays_agrees_with_problem_errors():
         if err is None:
             np.testing.assert_allclose(out.problem(i).gmms[0].covs, clean.gmms[0].covs)
     assert 0 < n_bad < 30
+
+
+def test_pd_tolerance_depends_on_the_solve_dtype():
+    # Ratio 1e-8: representable in float64, not in float32 (entries rounded to
+    # float32 move the eigenvalues by ~6e-8 x the largest).
+    ill = Problem((GMM(np.ones(1), np.zeros((1, 2)), np.array([[[1.0, 0.0], [0.0, 1e-8]]])),),
+                  np.ones(1))
+    assert pd_rtol("float64") == PD_RTOL
+    assert 1e-6 < pd_rtol("float32") < 1e-5
+    assert problem_errors(ill, 3)[1] is None
+    err = problem_errors(ill, 3, dtype="float32")[1]
+    assert err.startswith("problem 3, gmm 0, component 0: covariance is numerically singular")
+    assert "float64" in err
+    assert problems_errors([ill, problem()], dtype="float32")[1] is None
+    assert problems_errors([ill], dtype="float32")[0] == err.replace("problem 3", "problem 0")
+    # Singular even in float64: no advice to switch precision.
+    hopeless = problem_errors(
+        Problem((GMM(np.ones(1), np.zeros((1, 2)), np.array([[[1.0, 0.0], [0.0, 1e-14]]])),),
+                np.ones(1)), 3, dtype="float32")[1]
+    assert "numerically singular" in hopeless and "float64" not in hopeless
+    # raybary.solve checks with its own dtype before compiling anything.
+    import raybary
+
+    with pytest.raises(ValueError, match="problem 0, gmm 0, component 0: covariance is numerically"):
+        raybary.solve([ill], bar_size=1, dtype="float32")

@@ -1,5 +1,5 @@
-"""The public solver API: ``solve`` over lists of ragged problems, and the
-array fast path ``solve_padded`` that the runner calls on whole shards.
+"""The public solver API: ``solve`` over lists of ragged problems (the runner
+calls it on whole shards).
 
 This is the glue between NumPy problems and the jitted JAX solver: it buckets
 problems by padded shape, pads, runs :func:`raybary.solvers.barycenter.solve_batch`
@@ -20,7 +20,7 @@ import numpy as np
 from raybary.batch.padding import Bucket, bucket_of, next_pow2, pad_problems
 from raybary.types import Problem, Result
 
-__all__ = ["solve", "solve_padded", "DEFAULT_RELATIVE_EPSILON", "configure_jax"]
+__all__ = ["solve", "DEFAULT_RELATIVE_EPSILON", "configure_jax"]
 
 DEFAULT_RELATIVE_EPSILON = 3e-4
 _JAX_CONFIGURED = False
@@ -193,15 +193,6 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
         return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 
-def solve_padded(arrays: dict[str, np.ndarray], config, *, dtype: str = "float32"):
-    """Fast path: solve a batch already padded by :func:`raybary.batch.padding.pad_problems`.
-
-    Returns the :class:`raybary.solvers.barycenter.BarycenterOutput` fields as
-    NumPy arrays in solver (normalised) coordinates.
-    """
-    return _solve_arrays(arrays, config, dtype)
-
-
 def _check_dtype(dtype: str) -> str:
     dtype = np.dtype(dtype).name
     if dtype not in ("float32", "float64"):
@@ -209,11 +200,11 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-def _validate(problems: Sequence[Problem]) -> list[str]:
-    """Messages of the invalid problems (ids = positions)."""
+def _validate(problems: Sequence[Problem], dtype: str) -> list[str]:
+    """Messages of the invalid problems (ids = positions), for a solve in ``dtype``."""
     from raybary.validation import problems_errors
 
-    return [e for e in problems_errors(problems) if e is not None]
+    return [e for e in problems_errors(problems, dtype=dtype) if e is not None]
 
 
 def solve(
@@ -273,9 +264,14 @@ def solve(
       max_iterations, tol: outer iterations and relative objective tolerance
         (defaults of :class:`~raybary.SolverConfig`).
       batch_size: problems per compiled call (rounded to a power of two).
-      config: a full :class:`~raybary.SolverConfig` (overrides the above).
-      validate: check the inputs first and raise ``ValueError`` naming every
-        bad problem.
+      config: a :class:`~raybary.SolverConfig` to start from instead of the
+        defaults (which depend on ``dtype``). Its ``relative_epsilon`` flag is
+        always set from ``epsilon``/``relative_epsilon``, and
+        ``learn_weights=True``, ``max_iterations`` and ``tol``, when given,
+        replace its fields.
+      validate: check the inputs first (:mod:`raybary.validation`, with the
+        conditioning ``dtype`` can represent) and raise ``ValueError`` naming
+        every bad problem.
       progress: called with the number of problems finished after each chunk.
       stats: if a dict, it receives the solver's work counters: ``slot_blocks``
         (loop blocks run, summed over batch slots, busy or idle) and
@@ -324,7 +320,7 @@ def solve(
                     f"({n}, {p.dim}, {p.dim}), got {m.shape} and {c.shape}"
                 )
     if validate:
-        errors = _validate(problems)
+        errors = _validate(problems, dtype)
         if errors:
             raise ValueError("invalid problems:\n  " + "\n  ".join(errors))
 
