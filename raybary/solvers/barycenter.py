@@ -71,10 +71,10 @@ from raybary.solvers.sinkhorn import (
     PlanGeometry,
     PlanLoop,
     PlanOptions,
+    SinkhornState,
     block_slots,
     idle_loop,
     init_state,
-    masked_logsumexp,
     plan_done,
     plan_finish,
     plan_geometry,
@@ -82,6 +82,7 @@ from raybary.solvers.sinkhorn import (
     plan_matrix,
     plan_step,
 )
+from raybary.solvers.weights import WeightState, weights_init, weights_keep, weights_update
 
 __all__ = [
     "SolverConfig",
@@ -220,9 +221,10 @@ class BarycenterState(NamedTuple):
 
     ``objective`` is the transport objective of the last plans against the
     atoms they were computed for; ``reference`` the one it is compared with
-    (the previous iteration's in phase 0, the best kept one in phase 1, when
-    the weights are learned). ``cost`` is the last cost matrix ``(n, L)``;
-    ``best_log_a``, ``grad`` and ``step`` drive the weight updates.
+    (the previous iteration's while the weights are fixed, the best kept one
+    while they are learned). ``cost`` is the last cost matrix ``(n, L)``;
+    ``weights`` the state of the weight learning
+    (:class:`raybary.solvers.weights.WeightState`).
     ``cross (n, L, d, d)`` and ``inv_sqrt (n, d, d)`` are the Bures cross
     terms and :math:`S^{-1/2}` of the atoms ``cost`` was computed for (the
     atom update needs them); ``plans`` is the plan solve in progress for
@@ -238,11 +240,8 @@ class BarycenterState(NamedTuple):
     cost: jnp.ndarray
     objective: jnp.ndarray
     reference: jnp.ndarray
-    best_log_a: jnp.ndarray
-    grad: jnp.ndarray
-    step: jnp.ndarray
+    weights: WeightState
     iteration: jnp.ndarray
-    phase: jnp.ndarray
     done: jnp.ndarray
     converged: jnp.ndarray
     error: jnp.ndarray
@@ -357,7 +356,7 @@ def _start_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, masks.pair_mask)
     eps = s.epsilon
     moved = jnp.max(jnp.where(masks.pair_mask, jnp.abs(cost - s.cost), 0.0))
-    reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.best_log_a), 0.0))
+    reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.weights.best_log_a), 0.0))
     moved = jnp.maximum(moved, s.scale * reweighted)
     top = jnp.maximum(s.scale, eps)
     eps_start = jnp.where(
@@ -415,11 +414,8 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         cost=cost0,
         objective=inf,
         reference=inf,
-        best_log_a=log_a0,
-        grad=jnp.zeros((n,), dtype),
-        step=jnp.asarray(config.weight_step, dtype),
+        weights=weights_init(log_a0, config.weight_step),
         iteration=jnp.asarray(0, jnp.int32),
-        phase=jnp.asarray(0, jnp.int32),
         done=jnp.asarray(False),
         converged=jnp.asarray(False),
         error=inf,
@@ -435,89 +431,86 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
     return _start_plans(state, p, masks, config)
 
 
-def _normalise_log(log_a: jnp.ndarray, atom_mask: jnp.ndarray) -> jnp.ndarray:
-    """``log a - log sum a`` over the real atoms (0 on padded ones); floored at -30."""
-    out = log_a - masked_logsumexp(log_a, atom_mask, axis=0)
-    return jnp.where(atom_mask, jnp.maximum(out, -30.0), 0.0)
+class PlanMeasure(NamedTuple):
+    """The solved plans of one outer iteration, measured.
+
+    ``result``: the plan solver's output; ``weight_il (n, L)``: the plans
+    weighted by each component's lambda; ``objective``; ``slack``: how much
+    the objective may move and still count as unchanged; ``solved``: the
+    plans' marginal error is small enough for them to count.
+    """
+
+    result: SinkhornState
+    weight_il: jnp.ndarray
+    objective: jnp.ndarray
+    slack: jnp.ndarray
+    solved: jnp.ndarray
 
 
-def _weight_gradient(f, lam, atom_mask, log_a):
-    r"""Centred :math:`\sum_j \lambda_j f_j` and its spread over the real atoms."""
-    grad = jnp.einsum("j,ji->i", lam, f)
-    a = jnp.where(atom_mask, jnp.exp(log_a), 0.0)
-    grad = jnp.where(atom_mask, grad - jnp.sum(a * grad), 0.0)
-    big = jnp.max(jnp.where(atom_mask, grad, -jnp.inf))
-    small = jnp.min(jnp.where(atom_mask, grad, jnp.inf))
-    return grad, jnp.maximum(big - small, 0.0)
+def _measure_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
+                   config: SolverConfig) -> PlanMeasure:
+    r"""Objective :math:`\sum_{il} \lambda_{j(l)} P_{il} C_{il}` of the solved plans.
+
+    Its noise floor: plans with an L1 marginal error ``e`` move the objective
+    by up to about ``e`` times the typical cost (the scale), so the slack is
+    ``tol * |objective| + e * scale``.
+    """
+    tiny = jnp.finfo(p.means.dtype).tiny
+    result = plan_finish(s.plans, _geometry(s.log_a, p, masks), config.plan_options())
+    plan = plan_matrix(result.reduced, result.epsilon, p.atom_mask, masks.comp_mask)
+    weight_il = masks.component_lambda[None, :] * plan
+    objective = jnp.sum(weight_il * s.cost)
+    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
+    solved = result.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
+    return PlanMeasure(result, weight_il, objective, slack, solved)
+
+
+def _move_atoms(s: BarycenterState, p: PaddedProblem, weight_il: jnp.ndarray, move: jnp.ndarray,
+                config: SolverConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The atoms after the update (:func:`_atom_update`) where ``move``, else unchanged."""
+    new_means, new_covs = _atom_update(
+        s.means, s.covs, s.inv_sqrt, s.cross, p.means, p.covs, weight_il,
+        config.fixed_point_steps,
+    )
+    return jnp.where(move, new_means, s.means), jnp.where(move, new_covs, s.covs)
 
 
 def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
                   config: SolverConfig) -> BarycenterState:
     """The barycenter update once the plans for ``s.cost`` are solved.
 
-    Objective of the plans, the convergence test, the weight step (with
-    ``learn_weights``), the atom update, then the next plan solve.
+    Measure the plans, test convergence, take the weight step (with
+    ``learn_weights``: :mod:`raybary.solvers.weights`), move the atoms, then
+    start the next plan solve.
     """
-    dtype = p.means.dtype
-    tiny = jnp.finfo(dtype).tiny
-    options = config.plan_options()
-    result = plan_finish(s.plans, _geometry(s.log_a, p, masks), options)
-    plan = plan_matrix(result.reduced, result.epsilon, p.atom_mask, masks.comp_mask)
-    weight_il = masks.component_lambda[None, :] * plan
-    objective = jnp.sum(weight_il * s.cost)
+    m = _measure_plans(s, p, masks, config)
     ref = s.reference
-    # Noise floor of the objective: plans with an L1 marginal error e move
-    # it by up to about e times the typical cost (the scale).
-    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
-    solved = result.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
-    small = (jnp.abs(ref - objective) <= slack) & solved
-    last = s.iteration + 1 >= config.max_iterations
-
-    # Phase 0: fixed weights. Phase 1: weights learned; a trial log_a is kept
-    # only when the objective did not go up (beyond the tolerance).
-    learning = s.phase == 1
-    keep = ~learning | ((objective <= ref + slack) & solved)
-    conv_now = small & (s.iteration > 0) & keep
-    switch = conv_now & config.learn_weights & ~learning
-    if config.learn_weights:  # static: no gradient in the fixed-weight program
-        grad, spread = _weight_gradient(result.f, masks.lambdas, p.atom_mask, s.log_a)
-    else:
-        grad, spread = s.grad, jnp.ones((), dtype)
-    step_scale = 1.0 / jnp.maximum(spread, tiny)
-    step = jnp.where(
-        switch, config.weight_step,
-        jnp.where(learning, jnp.where(keep, s.step * 1.5, s.step * 0.5), s.step),
+    keep = weights_keep(s.weights, m.objective, ref, m.slack, m.solved)
+    unchanged = (jnp.abs(ref - m.objective) <= m.slack) & m.solved
+    w = weights_update(
+        s.weights, s.log_a, m.result.f, masks.lambdas, p.atom_mask,
+        keep=keep,
+        converged=unchanged & (s.iteration > 0) & keep,
+        last=s.iteration + 1 >= config.max_iterations,
+        learn=config.learn_weights,
+        first_step=config.weight_step,
+        tol=config.tol,
     )
-    stalled = learning & (step < config.tol)
-    finished = (conv_now & ~switch) | stalled
-    stop = finished | last
-    best_log_a = jnp.where(keep, s.log_a, s.best_log_a)
-    use_grad = jnp.where(keep, grad * step_scale, s.grad)
-    trial = _normalise_log(best_log_a - step * use_grad, p.atom_mask)
-    next_log_a = jnp.where(switch | (learning & ~stop), trial, best_log_a)
-
-    new_means, new_covs = _atom_update(
-        s.means, s.covs, s.inv_sqrt, s.cross, p.means, p.covs, weight_il,
-        config.fixed_point_steps,
-    )
-    move_atoms = keep & ~stop
+    means, covs = _move_atoms(s, p, m.weight_il, keep & ~w.stop, config)
     out = s._replace(
-        means=jnp.where(move_atoms, new_means, s.means),
-        covs=jnp.where(move_atoms, new_covs, s.covs),
-        log_a=next_log_a,
-        f=result.f,
-        g=result.g,
-        objective=jnp.where(keep, objective, ref),
-        reference=jnp.where(keep, objective, ref),
-        best_log_a=best_log_a,
-        grad=use_grad,
-        step=step,
+        means=means,
+        covs=covs,
+        log_a=w.log_a,
+        f=m.result.f,
+        g=m.result.g,
+        objective=jnp.where(keep, m.objective, ref),
+        reference=jnp.where(keep, m.objective, ref),
+        weights=w.state,
         iteration=s.iteration + 1,
-        phase=jnp.where(switch, 1, s.phase),
-        done=stop,
-        converged=finished,
-        error=result.error,
-        sinkhorn_iterations=s.sinkhorn_iterations + result.iteration,
+        done=w.stop,
+        converged=w.finished,
+        error=m.result.error,
+        sinkhorn_iterations=s.sinkhorn_iterations + m.result.iteration,
     )
     return _start_plans(out, p, masks, config)
 
