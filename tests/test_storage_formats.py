@@ -307,3 +307,66 @@ def test_directory_without_suffix_as_written_by_spark(tmp_path):
     r = CliRunner().invoke(main, ["convert", str(out), str(tmp_path / "z.zarr")])
     assert r.exit_code == 0, r.output
     assert_same(open_store(str(tmp_path / "z.zarr")).read_columns(0, 20), cols)
+
+
+def test_format_table_covers_both_formats_and_both_entry_points_use_it(tmp_path, monkeypatch):
+    """One table (raybary.storage.formats) says which class opens and which
+    writer writes a format: open_store and write_store / convert both use it,
+    and an unknown format gets the same message from both."""
+    import dataclasses
+
+    from raybary.storage import StoreFormatError, detect_format, formats
+    from raybary.storage.conversion import output_format
+    from raybary.storage.parquet_store import ParquetProblemStore
+
+    assert sorted(formats.FORMATS) == ["parquet", "zarr"]
+    cols = tutorial_columns(3, seed=1)
+    for name, fmt in formats.FORMATS.items():
+        url = str(tmp_path / f"t{fmt.suffixes[0]}")
+        written = write_store(url, [cols])
+        assert type(written) is fmt.store and type(open_store(url)) is fmt.store
+        assert written.format == fmt.format_id
+        assert detect_format(url) == output_format(url) == name
+
+    hint = formats.naming_hint()
+    assert "name it *.parquet or *.zarr" in hint
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(StoreFormatError) as opened:
+        open_store(str(tmp_path / "x.csv"))
+    with pytest.raises(StoreFormatError) as written:
+        write_store(str(tmp_path / "y.csv"), [cols])
+    with pytest.raises(StoreFormatError) as converted:
+        convert(str(tmp_path / "t.zarr"), str(tmp_path / "z.csv"))
+    for e in (opened, written, converted):
+        assert str(e.value).endswith(hint), str(e.value)
+    assert not (tmp_path / "y.csv").exists() and not (tmp_path / "z.csv").exists()
+    with pytest.raises(StoreFormatError, match="unknown problem-store format 'csv'.*parquet, zarr"):
+        formats.store_format("csv")
+
+    # a format added to the table is written, recognised and opened by both
+    extra = dataclasses.replace(formats.FORMATS["parquet"], name="pqt", suffixes=(".pqt",))
+    monkeypatch.setitem(formats.FORMATS, "pqt", extra)
+    url = str(tmp_path / "more.pqt")
+    assert isinstance(convert(str(tmp_path / "t.zarr"), url), ParquetProblemStore)
+    assert detect_format(url) == "pqt"
+    assert_same(open_store(url).read_columns(0, 3), cols)
+
+
+def test_store_modules_never_import_the_code_that_opens_them():
+    """Imports run one way: base <- parquet_store, zarr_store <- formats <- store, conversion."""
+    import ast
+    from pathlib import Path
+
+    import raybary.storage
+
+    here = Path(raybary.storage.__file__).parent
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((here / f"{module}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    opening = {"raybary.storage.store", "raybary.storage.formats", "raybary.storage.conversion"}
+    for module in ("base", "parquet_store", "zarr_store"):
+        assert not imports(module) & opening, module
+    assert not imports("store") & {"raybary.storage.parquet_store", "raybary.storage.zarr_store"}
+    assert "raybary.storage.formats" in imports("store") & imports("conversion")

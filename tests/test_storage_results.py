@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -112,10 +114,14 @@ def test_grids_rows_are_store_positions_and_chunks_align(tmp_path):
     out = str(tmp_path / "out")
     writer = make_writer(out)
     writer.prepare()
-    commit(writer, 1)
-    group = zarr.open_group(f"{out}/grids.zarr", mode="r")
+    info = commit(writer, 1)
+    root = zarr.open_group(f"{out}/grids.zarr", mode="r")
+    assert root.attrs["format"] == "raybary.grids" and root.attrs["format_version"] == 2
+    assert info["grids"] == f"shard-000001-{info['commit']}"  # the marker names its grids
+    group = zarr.open_group(f"{out}/grids.zarr/{info['grids']}", mode="r")
+    assert group.attrs["start"] == 10 and group.attrs["commit"] == info["commit"]
     assert group["barycenter"].chunks == (10, H, W)
-    assert group["inputs"].shape == (25, 3, H, W)
+    assert group["inputs"].shape == (10, 3, H, W)
     assert group["barycenter"].dtype == np.float32
     res = read_results(out)
     g = res.grids(5, 25, inputs=True)
@@ -411,3 +417,127 @@ def test_credentials_in_urls_are_never_recorded(tmp_path):
     writer.prepare()
     layout = (tmp_path / "out" / "_layout.json").read_text()
     assert "s3cret" not in layout and "s3://***@bucket/in.zarr" in layout
+
+
+def _shard_files(out, shard: int) -> dict:
+    name = f"shard-{shard:06d}"
+    paths = [out / "problems" / f"{name}.parquet", out / "barycenters" / f"{name}.parquet",
+             out / "_commits" / f"{name}.json"]
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_zombie_grids_never_replace_the_committed_attempts(tmp_path):
+    """Attempt A of shard 1 commits; a zombie attempt B of the same shard (a
+    presumed-dead actor) writes other grids, tables and marker, and A's tables
+    and marker land last. The reader takes A's rows and A's grids, never B's
+    grids under A's rows; finalize removes B's grids."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        commit(writer, shard)                           # attempt A of every shard
+    attempt_a = _shard_files(out, 1)
+    zombie = pickle.loads(pickle.dumps(writer))         # the same writer, in another actor
+    commit(zombie, 1, shift=100.0)                      # attempt B: grids, tables, marker
+    for path, data in attempt_a.items():                # A's tables and marker land last
+        path.write_bytes(data)
+
+    res = read_results(str(out))
+    assert res.committed_shards == [0, 1, 2]
+    rows = res.problems[res.problems["shard"] == 1]
+    assert rows.set_index("problem_id").loc[110, "objective"] == 120.0   # A's table rows
+    g = res.grids(10, 20, inputs=True)
+    assert g.problem_id.tolist() == rows.problem_id.tolist()
+    want = np.arange(10 * H * W, dtype=np.float32).reshape(10, H, W) + 10  # A's grids (shift 0)
+    np.testing.assert_array_equal(g.barycenter, want)
+    assert (g.inputs[:, :2] == 10.0).all()
+
+    manifest = writer.finalize()
+    assert manifest["complete"] and manifest["missing_shards"] == []
+    after = read_results(str(out))
+    np.testing.assert_array_equal(after.grids(10, 20).barycenter, want)
+    markers = [json.loads(p.read_text()) for p in sorted((out / "_commits").iterdir())]
+    groups = sorted(p.name for p in (out / "grids.zarr").iterdir() if p.is_dir())
+    assert groups == sorted(m["grids"] for m in markers)   # B's grids are gone
+
+
+def test_zombie_that_stops_after_its_grids_leaves_the_shard_committed(tmp_path):
+    """A zombie that writes its grids and is then stopped (before it touches the
+    shard's marker or tables) changes nothing a reader sees: the shard stays
+    committed with A's grids. One stopped while writing its tables leaves the
+    shard not committed (redone), never A's rows with B's grids."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    commit(writer, 0)
+    before = read_results(str(out)).grids(0, 10, inputs=True)
+    zombie = pickle.loads(pickle.dumps(writer))
+    n = 10
+    block = zombie._grid_block(n, np.arange(n) * 10, np.full((n, H, W), 7.0),
+                               np.zeros((n, 4)), np.full((n, 2, H, W), 7.0))
+    zombie._write_grids(0, 0, n, uuid.uuid4().hex, block)   # the step it got through
+    res = read_results(str(out))
+    assert res.committed_shards == [0]
+    for a, b in zip(res.grids(0, 10, inputs=True), before):
+        np.testing.assert_array_equal(a, b)
+
+    blocked = out / "_tmp" / zombie.run_id
+    shutil.rmtree(blocked, ignore_errors=True)
+    blocked.write_text("not a folder")                      # its tables cannot be written
+    with pytest.raises(OSError):
+        commit(zombie, 0, shift=100.0)
+    blocked.unlink()
+    res = read_results(str(out))
+    assert res.committed_shards == [] and np.isnan(res.grids(0, 10).barycenter).all()
+    assert len([p for p in (out / "grids.zarr").iterdir() if p.is_dir()]) == 3
+    assert writer.finalize()["missing_shards"] == [0, 1, 2]
+    assert [p for p in (out / "grids.zarr").iterdir() if p.is_dir()] == []
+
+
+def test_results_of_the_old_grids_layout_are_read_as_before(tmp_path):
+    """Results written before grids were tied to commits (raybary.grids/1: arrays
+    at the root of grids.zarr, markers without ``grids``) still read back."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    for shard in (0, 2):
+        commit(writer, shard)
+    new = read_results(str(out)).grids(0, 25, inputs=True)
+    root = zarr.open_group(str(out / "grids.zarr"), mode="r+")   # rewrite it as version 1
+    root.attrs["format_version"] = 1
+    shapes = {"problem_id": (25,), "extent": (25, 4), "barycenter": (25, H, W),
+              "inputs": (25, 3, H, W)}
+    for key, shape in shapes.items():
+        arr = root.create_array(key, shape=shape, chunks=(10, *shape[1:]),
+                                dtype=new._asdict()[key].dtype,
+                                fill_value=-1 if key == "problem_id" else float("nan"))
+        for marker in (out / "_commits").iterdir():
+            info = json.loads(marker.read_text())
+            arr[info["start"]:info["stop"]] = zarr.open_group(
+                str(out / "grids.zarr" / info["grids"]), mode="r")[key][:]
+    for marker in (out / "_commits").iterdir():
+        info = json.loads(marker.read_text())
+        shutil.rmtree(out / "grids.zarr" / info.pop("grids"))
+        marker.write_text(json.dumps(info))
+    old = read_results(str(out)).grids(0, 25, inputs=True)
+    for a, b in zip(old, new):
+        np.testing.assert_array_equal(a, b)
+    assert old.problem_id.tolist()[:10] == list(range(0, 100, 10))
+    assert old.problem_id.tolist()[10:20] == [-1] * 10
+
+
+def test_committed_shard_whose_grids_are_gone_is_redone(tmp_path):
+    """A marker naming a grids group that is not there (removed by hand, a
+    damaged disk): its rows read as NaN with a warning, and a resume redoes it."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    infos = [commit(writer, shard) for shard in range(writer.n_shards)]
+    shutil.rmtree(out / "grids.zarr" / infos[1]["grids"])
+    res = read_results(str(out))
+    with pytest.warns(UserWarning, match="the grids of shard 1 .* are missing"):
+        g = res.grids(0, 25)
+    assert np.isnan(g.barycenter[10:20]).all() and (g.problem_id[10:20] == -1).all()
+    assert g.barycenter[0, 0, 0] == 0.0 and g.barycenter[20, 0, 0] == 20.0
+    with pytest.warns(UserWarning, match="shard 1 is not committed; redone by this run"):
+        assert make_writer(str(out)).prepare() == {0, 2}

@@ -8,6 +8,8 @@ Main entry points (imported lazily, so ``import raybary.storage`` is cheap):
 
 * :func:`open_store` -> :class:`ProblemStore` with ``.read(start, stop)`` -> :class:`ShardInput`
 * :func:`convert`, :func:`write_store`, :func:`write_problems`
+* the table of formats (name -> store class, writer, URL suffixes) in
+  :mod:`raybary.storage.formats`
 * :class:`ResultWriter`, :func:`read_results`
 * generators in :mod:`raybary.storage.generate`
 """
@@ -21,9 +23,9 @@ from raybary.storage.errors import ResultsConflictError, StoreDataError, StoreFo
 
 _LAZY = {
     "open_store": "raybary.storage.store",
-    "detect_format": "raybary.storage.store",
-    "ProblemStore": "raybary.storage.store",
-    "ShardInput": "raybary.storage.store",
+    "detect_format": "raybary.storage.formats",
+    "ProblemStore": "raybary.storage.base",
+    "ShardInput": "raybary.storage.base",
     "ProblemColumns": "raybary.storage.columns",
     "convert": "raybary.storage.conversion",
     "write_store": "raybary.storage.conversion",
@@ -40,11 +42,13 @@ _LAZY = {
 __all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from raybary.storage.base import ProblemStore, ShardInput
     from raybary.storage.columns import ProblemColumns
     from raybary.storage.conversion import convert, write_problems, write_store
+    from raybary.storage.formats import detect_format
     from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
     from raybary.storage.results import Results, ResultWriter, read_results
-    from raybary.storage.store import ProblemStore, ShardInput, detect_format, open_store
+    from raybary.storage.store import open_store
     from raybary.storage.zarr_store import ZARR_FORMAT_ID, ZarrProblemStore
 
 

@@ -3,6 +3,8 @@
 Both go through :func:`write_store`, which writes to a temporary sibling and
 moves it into place at the end: a refused or crashed conversion leaves
 nothing behind, and an existing output is only replaced with ``overwrite``.
+The output's format (its writer) comes from the table in
+:mod:`~raybary.storage.formats`; :func:`output_format` is re-exported from there.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from raybary.storage import _fs
+from raybary.storage.base import ProblemStore
 from raybary.storage.columns import ProblemColumns
 from raybary.storage.errors import StoreDataError
-from raybary.storage.store import ProblemStore, open_store
+from raybary.storage.formats import output_format, store_format
+from raybary.storage.store import open_store
 from raybary.types import Problem
 from raybary.validation import join_messages
 
@@ -22,16 +26,6 @@ __all__ = ["write_store", "write_problems", "convert", "output_format"]
 
 #: Problems per block when converting.
 BLOCK_PROBLEMS = 65536
-
-
-def output_format(url: str) -> str:
-    """``"parquet"`` or ``"zarr"`` from an output URL's suffix (raises otherwise)."""
-    name = _fs.strip_url(url).lower()
-    if name.endswith(".zarr"):
-        return "zarr"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    raise ValueError(f"cannot tell the output format of {url}: name it *.parquet or *.zarr")
 
 
 def write_store(
@@ -51,9 +45,9 @@ def write_store(
     are refused (:class:`StoreDataError`). ``progress(n)`` is called with the
     number of problems of each batch written.
     """
-    kind = output_format(url)
+    fmt = store_format(output_format(url))
     with _fs.atomic_output(url, overwrite=overwrite) as tmp:
-        writer = _writer(kind, tmp, dim, chunk_problems)
+        writer = fmt.writer(tmp, dim=dim, chunk_problems=chunk_problems)
         try:
             for cols in batches:
                 _refuse_issues(cols, url)
@@ -65,16 +59,6 @@ def write_store(
             raise
         writer.close()
     return open_store(url)
-
-
-def _writer(kind: str, url: str, dim: int | None, chunk_problems: int | None):
-    if kind == "zarr":
-        from raybary.storage.zarr_store import CHUNK_PROBLEMS, ZarrProblemWriter
-
-        return ZarrProblemWriter(url, dim=dim, chunk_problems=chunk_problems or CHUNK_PROBLEMS)
-    from raybary.storage.parquet_store import ParquetProblemWriter
-
-    return ParquetProblemWriter(url)
 
 
 def _refuse_issues(cols: ProblemColumns, url: str) -> None:

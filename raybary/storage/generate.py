@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from raybary.storage.base import ProblemStore
 from raybary.storage.columns import ProblemColumns, segment_indices
 from raybary.storage.conversion import output_format, write_store
 from raybary.storage.errors import StoreDataError
-from raybary.storage.store import ProblemStore
 from raybary.types import Problem
 
 __all__ = [

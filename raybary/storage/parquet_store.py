@@ -37,9 +37,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raybary.storage import _fs
+from raybary.storage.base import ProblemStore
 from raybary.storage.columns import ProblemColumns
 from raybary.storage.errors import StoreDataError, StoreFormatError
-from raybary.storage.store import ProblemStore
 from raybary.validation import fmt_number, where
 
 __all__ = [

@@ -9,201 +9,35 @@
 
 A store object holds the URL and small metadata only, so it pickles cheaply
 (it is sent to Ray actors, each of which then reads its own shards).
+
+This module owns opening a URL; the interface (:class:`ProblemStore`,
+:class:`ShardInput`) lives in :mod:`~raybary.storage.base` and the table of
+formats (which class opens which URL) in :mod:`~raybary.storage.formats`.
+Both are re-exported here, so ``raybary.storage.store.ProblemStore`` and
+``raybary.storage.store.detect_format`` keep working.
 """
 
 from __future__ import annotations
 
-import math
-import posixpath
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
-
-import numpy as np
-
 from raybary.storage import _fs
-from raybary.storage.columns import ProblemColumns
-from raybary.storage.errors import StoreFormatError
-from raybary.types import Problem
+from raybary.storage.base import ProblemStore, ShardInput
+from raybary.storage.formats import detect_format, store_format
 
 __all__ = ["ShardInput", "ProblemStore", "open_store", "detect_format"]
-
-
-@dataclass
-class ShardInput:
-    """The problems of positions ``start:stop`` of a store, validated.
-
-    Attributes:
-      start, stop: the range of store positions.
-      problem_ids: ``int64 (stop - start,)``, the ids in store order.
-      problems: the validated (cleaned) :class:`Problem`, or ``None`` where invalid.
-      errors: ``None``, or the message of an invalid problem (it names the
-        problem id, the GMM, the component and the field).
-    """
-
-    start: int
-    stop: int
-    problem_ids: np.ndarray
-    problems: list[Problem | None]
-    errors: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    @property
-    def n_invalid(self) -> int:
-        return sum(e is not None for e in self.errors)
-
-    def valid(self) -> list[int]:
-        """Indices (within the shard) of the valid problems."""
-        return [i for i, p in enumerate(self.problems) if p is not None]
-
-
-class ProblemStore(ABC):
-    """A read-only store of problems; positions ``0..n_problems-1`` index them in store order.
-
-    Attributes:
-      url: the store's URL or path.
-      format: the format id, ``raybary.problems.parquet/1`` or ``raybary.problems.zarr/1``.
-      n_problems: number of problems.
-      dim: the dimension ``d`` if the store has a single one (always for Zarr),
-        else ``None``.
-    """
-
-    url: str
-    format: str
-    n_problems: int
-    dim: int | None
-
-    @abstractmethod
-    def read_columns(self, start: int, stop: int) -> ProblemColumns:
-        """Problems ``start:stop`` as raw (unvalidated) :class:`ProblemColumns`."""
-
-    @abstractmethod
-    def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The ids of the problems at positions ``start:stop`` (``int64``)."""
-
-    def read(self, start: int, stop: int, *, renormalize: bool = False) -> ShardInput:
-        """Read and validate the problems at positions ``start:stop``.
-
-        Memory is proportional to the shard (plus, for Parquet, a row group),
-        never to the store. Invalid problems come back as ``None`` with a
-        message; ``renormalize=True`` rescales weights that do not sum to one.
-        """
-        start, stop = self._check_range(start, stop)
-        cols = self.read_columns(start, stop)
-        problems, errors = cols.to_problems(renormalize=renormalize)
-        return ShardInput(start, stop, cols.problem_id, problems, errors)
-
-    def iter_columns(self, block_problems: int = 65536) -> Iterator[tuple[int, int, ProblemColumns]]:
-        """Yield ``(start, stop, columns)`` over the whole store in blocks."""
-        for start in range(0, self.n_problems, block_problems):
-            stop = min(start + block_problems, self.n_problems)
-            yield start, stop, self.read_columns(start, stop)
-
-    def shards(self, shard_size: int) -> list[tuple[int, int]]:
-        """The ranges ``(start, stop)`` of consecutive shards of ``shard_size`` problems."""
-        n = math.ceil(self.n_problems / shard_size)
-        return [(i * shard_size, min((i + 1) * shard_size, self.n_problems)) for i in range(n)]
-
-    def max_gmms(self, block_problems: int = 65536) -> int:
-        """The largest number of GMMs of a problem (a scan in blocks; memory stays bounded)."""
-        best = 0
-        for _, _, cols in self.iter_columns(block_problems):
-            if cols.n_problems:
-                best = max(best, int(np.diff(cols.gmm_offset).max()))
-        return best
-
-    def fingerprint(self) -> dict:
-        """What identifies the store's content without reading it: the problem
-        count and every file's path (relative to the store), size and
-        modification stamp (mtime, or the object store's etag / last-modified).
-        Recorded with the results, so that a resume against a changed input
-        is refused (:meth:`raybary.storage.ResultWriter.prepare`)."""
-        fs, root = _fs.url_to_fs(self.url)
-        root = _fs.strip_url(root)
-        if fs.isdir(root):
-            entries = fs.find(root, detail=True)
-        else:
-            entries = {root: fs.info(root)}
-        files = []
-        for path, info in sorted(entries.items()):
-            path = _fs.strip_url(path)
-            rel = path[len(root) + 1:] if path.startswith(root + "/") else posixpath.basename(path)
-            files.append([rel, int(info.get("size") or 0), _stamp(info)])
-        return {"n_problems": int(self.n_problems), "files": files}
-
-    def describe(self) -> dict:
-        """Small JSON-able facts about the store (used by ``raybary show``)."""
-        return {"url": self.url, "format": self.format, "n_problems": self.n_problems,
-                "dim": self.dim}
-
-    def __len__(self) -> int:
-        return self.n_problems
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r}, n_problems={self.n_problems}, dim={self.dim})"
-
-    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
-        start, stop = int(start), int(stop)
-        if not 0 <= start <= stop <= self.n_problems:
-            raise IndexError(
-                f"range {start}:{stop} is outside the store's positions 0:{self.n_problems}"
-            )
-        return start, stop
-
-
-def _stamp(info: dict) -> str:
-    """A file's modification stamp from fsspec's ``info`` (etag where there is one)."""
-    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified",
-                "updated", "created"):
-        if info.get(key) is not None:
-            return str(info[key])
-    return ""
-
-
-def detect_format(url: str) -> str:
-    """``"parquet"`` or ``"zarr"`` from the URL's suffix, or from a directory's contents.
-
-    ``*.parquet`` / ``*.pq`` (a file or a directory of Parquet files) is
-    Parquet, ``*.zarr`` is Zarr; another directory is Zarr if it holds a
-    ``zarr.json`` and Parquet if it holds ``*.parquet`` files.
-    """
-    name = _fs.strip_url(url).lower()
-    if name.endswith(".zarr"):
-        return "zarr"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    fs, path = _fs.url_to_fs(url)
-    if fs.isdir(path):
-        if fs.exists(path + "/zarr.json"):
-            return "zarr"
-        if fs.glob(path + "/**/*.parquet"):
-            return "parquet"
-    raise StoreFormatError(
-        f"cannot tell the format of {url}: name it *.parquet (a Parquet file or a directory "
-        "of Parquet files, format raybary.problems.parquet/1) or *.zarr (format "
-        "raybary.problems.zarr/1)"
-    )
 
 
 def open_store(url: str) -> ProblemStore:
     """Open a problem store; its schema is checked here, before any work starts.
 
-    The format comes from the suffix (see :func:`detect_format`). Raises
+    The format comes from the suffix or the directory's contents (see
+    :func:`~raybary.storage.formats.detect_format`). Raises
     ``FileNotFoundError`` if nothing is there and
     :class:`~raybary.storage.errors.StoreFormatError` (listing what is wrong
-    and what was expected) if the schema, format name or version is wrong.
+    and what was expected) if the format cannot be told, or the schema,
+    format name or version is wrong.
     """
     url = _fs.strip_url(str(url))
     fs, path = _fs.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"no problem store at {url}")
-    kind = detect_format(url)
-    if kind == "zarr":
-        from raybary.storage.zarr_store import ZarrProblemStore
-
-        return ZarrProblemStore(url)
-    from raybary.storage.parquet_store import ParquetProblemStore
-
-    return ParquetProblemStore(url)
+    return store_format(detect_format(url)).store(url)

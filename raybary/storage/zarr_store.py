@@ -26,9 +26,9 @@ import numpy as np
 import zarr
 
 from raybary.storage import _fs
+from raybary.storage.base import ProblemStore
 from raybary.storage.columns import ProblemColumns
 from raybary.storage.errors import StoreDataError, StoreFormatError
-from raybary.storage.store import ProblemStore
 
 __all__ = [
     "ZARR_FORMAT",

@@ -1,14 +1,7 @@
-"""Results: an output directory written shard by shard, atomically (``raybary.results/1``).
+"""The writer of a results directory: :class:`ResultWriter` (lease, prepare, commits, finalize).
 
-Layout of ``OUT/``::
-
-    _layout.json                   settings of the run (written by prepare)
-    problems/shard-000012.parquet   one row per problem of shard 12
-    barycenters/shard-000012.parquet  one row per barycenter component
-    grids.zarr/                     log-density grids, rows = store positions
-    _commits/shard-000012.json     commit marker of shard 12 (written last)
-    _manifest.json                 what was run, counts by status (written last of all)
-    _tmp/                          temporary files (removed by finalize)
+This module owns everything that writes ``OUT/`` (the names, schemas and
+markers it follows are in :mod:`~raybary.storage.results.layout`).
 
 Usage (the runner)::
 
@@ -24,31 +17,32 @@ Usage (the runner)::
                             grids=g, grid_extents=e, input_grids=gi)
     writer.finalize({"wall_seconds": ...})     # driver, once, last
 
-A commit removes the shard's old marker, writes its grid rows (chunks are
-``shard_size`` problems, so writers never share a chunk), writes each table to
-``_tmp/`` and renames it onto its fixed name, then writes the marker. A
-reader that follows the markers (:func:`read_results`) never sees half a
-shard, and a rewritten shard replaces the old one (same file names, same grid
-rows): never a duplicate.
+A commit draws a commit id, writes the shard's grids into a group named by
+it (``grids.zarr/shard-000012-<commit>``: no other attempt writes there, and
+the committed attempt's grids are not touched), removes the shard's old
+marker, writes each table (its footer carries the commit id) to ``_tmp/`` and
+renames it onto its fixed name, then writes the marker (the commit id and the
+grids group). A reader that follows the markers
+(:func:`~raybary.storage.results.read_results`) never sees half a shard, a
+rewritten shard replaces the old one (same file names; the marker names the
+new grids): never a duplicate, and a shard's grids always come from the
+attempt whose tables are read. :meth:`ResultWriter.finalize` removes the
+grids of attempts that did not commit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import io
-import json
 import math
 import os
 import posixpath
-import re
 import socket
 import time
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,106 +50,43 @@ import pyarrow.parquet as pq
 
 from raybary.storage import _fs
 from raybary.storage.errors import InputChangedError, ResultsConflictError
+from raybary.storage.results.layout import (
+    _SETTINGS,
+    COMMIT_KEY,
+    COMMITS_DIR,
+    GRIDS_DIR,
+    GRIDS_FORMAT,
+    GRIDS_VERSION,
+    LAYOUT_FILE,
+    LEASE_FILE,
+    LEASE_SETTLE_S,
+    LEASE_STALE_S,
+    MANIFEST_FILE,
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    STATUSES,
+    TMP_DIR,
+    _attempt_grids,
+    _differences,
+    _fresh_listing,
+    _jsonable,
+    _now,
+    _option_columns,
+    _pid_alive,
+    _read_lease,
+    _shard_name,
+    _shard_of,
+    _verified_markers,
+    barycenters_schema,
+    grid_group_name,
+    input_changes,
+    problems_schema,
+)
 from raybary.types import Result
 
-__all__ = [
-    "RESULTS_FORMAT",
-    "RESULTS_VERSION",
-    "STATUSES",
-    "ResultWriter",
-    "Results",
-    "Grids",
-    "read_results",
-    "summarize",
-]
-
-RESULTS_FORMAT = "raybary.results"
-RESULTS_VERSION = 1
-GRIDS_FORMAT = "raybary.grids"
-STATUSES = ("ok", "invalid", "failed")
-LAYOUT_FILE = "_layout.json"
-MANIFEST_FILE = "_manifest.json"
-COMMITS_DIR = "_commits"
-TMP_DIR = "_tmp"
-LEASE_FILE = "_lease.json"
-LEASE_HEARTBEAT_S = 20.0  # the driver refreshes its lease this often
-LEASE_STALE_S = 120.0  # a lease without a heartbeat for this long is taken over
-LEASE_SETTLE_S = 0.3  # wait before reading a new lease back
-COMMIT_KEY = b"raybary.commit"
-_SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
+__all__ = ["ResultWriter"]
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (so settings compare equal after a round trip)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=_fs._json_default))
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:06d}"
-
-
-def _shard_of(path: str) -> int:
-    """The shard index in a file name ``.../shard-000012.<ext>``."""
-    return int(posixpath.basename(path).split(".")[0][len("shard-"):])
-
-
-# ------------------------------------------------------------------ schemas
-def _option_columns(options: dict) -> dict[str, tuple[pa.DataType, Any]]:
-    """``opt_<key>`` columns: scalar options typed, others as JSON text."""
-    out = {}
-    for key, value in sorted(options.items()):
-        name = "opt_" + re.sub(r"\W", "_", str(key))
-        if isinstance(value, bool):
-            out[name] = (pa.bool_(), value)
-        elif isinstance(value, int):
-            out[name] = (pa.int64(), value)
-        elif isinstance(value, float):
-            out[name] = (pa.float64(), value)
-        elif isinstance(value, str):
-            out[name] = (pa.string(), value)
-        else:
-            out[name] = (pa.string(), json.dumps(value, sort_keys=True))
-    return out
-
-
-def problems_schema(options: dict | None = None) -> pa.Schema:
-    """Schema of ``problems/``: one row per problem."""
-    fields = [
-        ("problem_id", pa.int64()),
-        ("position", pa.int64()),
-        ("shard", pa.int32()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("objective", pa.float64()),
-        ("iterations", pa.int32()),
-        ("converged", pa.bool_()),
-        ("marginal_error", pa.float64()),
-        ("restart", pa.int32()),
-        ("n_components", pa.int32()),
-        ("seconds", pa.float64()),
-    ]
-    fields += [(k, t) for k, (t, _) in _option_columns(options or {}).items()]
-    return pa.schema(fields)
-
-
-def barycenters_schema() -> pa.Schema:
-    """Schema of ``barycenters/``: one row per barycenter component."""
-    return pa.schema(
-        [
-            ("problem_id", pa.int64()),
-            ("component", pa.int32()),
-            ("weight", pa.float64()),
-            ("mean", pa.list_(pa.float64())),
-            ("cov", pa.list_(pa.float64())),
-        ]
-    )
-
-
-# ------------------------------------------------------------------ writer
 class ResultWriter:
     """Writes one run's results; picklable (holds the URL and settings only).
 
@@ -424,25 +355,20 @@ class ResultWriter:
         )
 
     def _create_grids(self) -> None:
+        """Create ``grids.zarr``: a group whose attributes describe the grids;
+        each attempt at a shard adds a group of its own (:meth:`_write_grids`)."""
         h, w = self.grid_shape
-        p, s = max(self.n_problems, 0), self.shard_size
-        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "w")
-        nan = float("nan")
-        group.create_array("problem_id", shape=(p,), chunks=(s,), dtype="int64", fill_value=-1)
-        group.create_array("extent", shape=(p, 4), chunks=(s, 4), dtype="float64", fill_value=nan,
-                           dimension_names=["problem", "xmin_xmax_ymin_ymax"])
-        group.create_array("barycenter", shape=(p, h, w), chunks=(s, h, w), dtype="float32",
-                           fill_value=nan, dimension_names=["problem", "y", "x"])
-        if self.input_grid_gmms:
-            j = self.input_grid_gmms
-            group.create_array("inputs", shape=(p, j, h, w), chunks=(s, j, h, w),
-                               dtype="float32", fill_value=nan,
-                               dimension_names=["problem", "gmm", "y", "x"])
+        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR), "w")
         group.attrs.update({
-            "format": GRIDS_FORMAT, "format_version": RESULTS_VERSION,
+            "format": GRIDS_FORMAT, "format_version": GRIDS_VERSION,
             "values": "log-density",
-            "layout": "row i = store position i; grid[i, r, c] is the log-density at "
-                      "(x_c, y_r), x = linspace(xmin, xmax, W), y = linspace(ymin, ymax, H)",
+            "layout": "one group per attempt at a shard, shard-NNNNNN-<commit>; the shard's "
+                      "commit marker (_commits/shard-NNNNNN.json) names the group of the "
+                      "committed attempt, the others are never read. In a group, row k is store "
+                      "position start + k (its attributes give start and stop); grid[k, r, c] "
+                      "is the log-density at (x_c, y_r), x = linspace(xmin, xmax, W), "
+                      "y = linspace(ymin, ymax, H)",
+            "grid_shape": [h, w], "input_grid_gmms": self.input_grid_gmms,
             "extent_columns": ["xmin", "xmax", "ymin", "ymax"],
         })
 
@@ -492,30 +418,36 @@ class ResultWriter:
             this reason; recorded in the marker, so that a resumed run solves
             it again (:meth:`prepare`).
 
-        Rewriting a committed shard replaces it.
+        Rewriting a committed shard replaces it. The grids go into a group of
+        this commit's own (named in the marker), written before the old marker
+        is removed: an attempt that stops after its grids leaves the committed
+        shard as it was, and its grids are never read.
         """
         n = self._check_shard(shard_index, start, stop)
         ids = np.asarray(problem_ids, dtype=np.int64)
         statuses, errors, secs = _check_rows(n, ids, statuses, errors, results, seconds)
+        block = None if self.grid_shape is None else self._grid_block(
+            n, ids, grids, grid_extents, input_grids)
         fs, root = self._paths()
         tmp = self._tmp(root)
         name = _shard_name(shard_index)
+        commit = uuid.uuid4().hex
+        grid_group = None
+        if block is not None:  # into a group of this commit's own: the committed one is untouched
+            grid_group = self._write_grids(shard_index, start, stop, commit, block)
         marker = posixpath.join(root, COMMITS_DIR, name + ".json")
         if fs.exists(marker):
             fs.rm(marker)
-        if self.grid_shape is not None:
-            self._write_grids(start, stop, ids, grids, grid_extents, input_grids)
-        commit = uuid.uuid4().hex
         problems = self._problems_table(shard_index, start, ids, statuses, errors, results, secs)
         barycenters = _barycenters_table(ids, statuses, results)
-        for sub, table in (("problems", problems), ("barycenters", barycenters)):
-            table = table.replace_schema_metadata({COMMIT_KEY: commit.encode()})
-            _fs.write_bytes_atomic(fs, posixpath.join(root, sub, name + ".parquet"),
-                                   _parquet_bytes(table), tmp)
+        _write_tables(fs, root, name, commit, tmp,
+                      {"problems": problems, "barycenters": barycenters})
         counts = {s: statuses.count(s) for s in STATUSES}
         info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
                 "counts": counts, "seconds": float(np.nansum(secs)),
                 "barycenter_rows": barycenters.num_rows, "committed": _now()}
+        if grid_group is not None:
+            info["grids"] = grid_group
         if gave_up is not None:
             info["gave_up"] = str(gave_up)
         _fs.write_json_atomic(fs, marker, info, tmp)
@@ -530,26 +462,40 @@ class ResultWriter:
             )
         return want[1] - want[0]
 
-    def _write_grids(self, start, stop, ids, grids, extents, input_grids) -> None:
-
-        n, (h, w) = stop - start, self.grid_shape
-        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "r+")
-        group["problem_id"][start:stop] = ids
-        group["barycenter"][start:stop] = _grid_rows(grids, (n, h, w), "grids")
-        group["extent"][start:stop] = _grid_rows(extents, (n, 4), "grid_extents", np.float64)
+    def _grid_block(self, n, ids, grids, extents, input_grids) -> dict[str, np.ndarray]:
+        """The shard's grid arrays, checked (before anything is written)."""
+        h, w = self.grid_shape
+        block = {
+            "problem_id": np.asarray(ids, dtype=np.int64),
+            "extent": _grid_rows(extents, (n, 4), "grid_extents", np.float64),
+            "barycenter": _grid_rows(grids, (n, h, w), "grids"),
+        }
         if self.input_grid_gmms:
             j = self.input_grid_gmms
-            block = np.full((n, j, h, w), np.nan, dtype=np.float32)
+            block["inputs"] = np.full((n, j, h, w), np.nan, dtype=np.float32)
             if input_grids is not None:
                 arr = np.asarray(input_grids, dtype=np.float32)
                 if arr.ndim != 4 or arr.shape[0] != n or arr.shape[2:] != (h, w) or arr.shape[1] > j:
                     raise ValueError(
                         f"input_grids must have shape ({n}, J <= {j}, {h}, {w}), got {arr.shape}"
                     )
-                block[:, : arr.shape[1]] = arr
-            group["inputs"][start:stop] = block
+                block["inputs"][:, : arr.shape[1]] = arr
         elif input_grids is not None:
             raise ValueError("input_grids given but the writer has input_grid_gmms=0")
+        return block
+
+    def _write_grids(self, shard_index: int, start: int, stop: int, commit: str,
+                     block: dict[str, np.ndarray]) -> str:
+        """Write the grids of commit ``commit`` into a new group of their own; return its name."""
+        name = grid_group_name(shard_index, commit)
+        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR, name), "w")
+        for key, arr in block.items():
+            fill = -1 if key == "problem_id" else float("nan")
+            out = group.create_array(key, shape=arr.shape, chunks=arr.shape, dtype=arr.dtype,
+                                     fill_value=fill, dimension_names=_GRID_DIMS[key])
+            out[...] = arr
+        group.attrs.update({"shard": shard_index, "start": start, "stop": stop, "commit": commit})
+        return name
 
     def _problems_table(self, shard_index, start, ids, statuses, errors, results, secs) -> pa.Table:
         n = len(ids)
@@ -581,8 +527,8 @@ class ResultWriter:
 
         The manifest records the settings, the counts by status (from the
         commit markers), the committed and missing shards, ``complete``, and
-        the runner's ``summary``. Temporary files and files of shards without a
-        marker are removed. A marker whose tables carry another commit id (two
+        the runner's ``summary``. Temporary files, files of shards without a
+        marker and grids groups that no marker names are removed. A marker whose tables carry another commit id (two
         writers of one shard raced, e.g. a presumed-dead actor finishing late)
         is removed too, so the shard counts as missing rather than as
         committed-but-unreadable.
@@ -590,7 +536,7 @@ class ResultWriter:
         fs, root = self._paths()
         markers = _verified_markers(fs, root, repair=True)
         committed = sorted(markers)
-        self._clean(fs, root, set(committed))
+        self._clean(fs, root, markers)
         counts = {s: sum(m["counts"].get(s, 0) for m in markers.values()) for s in STATUSES}
         missing = sorted(set(range(self.n_shards)) - set(committed))
         manifest = {
@@ -617,25 +563,26 @@ class ResultWriter:
         return manifest
 
     @staticmethod
-    def _clean(fs, root: str, committed: set[int]) -> None:
+    def _clean(fs, root: str, markers: dict[int, dict]) -> None:
+        """Remove the tables of shards without a (verified) marker, and the grids
+        groups that no marker names (attempts that did not commit)."""
         for sub in ("problems", "barycenters"):
             for path in fs.glob(posixpath.join(root, sub, "shard-*.parquet")):
-                if _shard_of(path) not in committed:
+                if _shard_of(path) not in markers:
                     fs.rm(path)
+        named = {m.get("grids") for m in markers.values()}
+        for name in _attempt_grids(fs, root):
+            if name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(posixpath.join(root, GRIDS_DIR, name), recursive=True)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    diffs = []
-    for key in _SETTINGS:
-        a, b = old.get(key), new.get(key)
-        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if a.get(k, "<unset>") != b.get(k, "<unset>"):
-                    diffs.append(f"options.{k}: {a.get(k, '<unset>')!r} (existing) "
-                                 f"vs {b.get(k, '<unset>')!r} (now)")
-        elif a != b:
-            diffs.append(f"{key}: {a!r} (existing) vs {b!r} (now)")
-    return diffs
+_GRID_DIMS = {
+    "problem_id": ["problem"],
+    "extent": ["problem", "xmin_xmax_ymin_ymax"],
+    "barycenter": ["problem", "y", "x"],
+    "inputs": ["problem", "gmm", "y", "x"],
+}
 
 
 def _check_rows(n, ids, statuses, errors, results, seconds):
@@ -703,288 +650,16 @@ def _barycenters_table(ids, statuses, results) -> pa.Table:
     )
 
 
+def _write_tables(fs, root: str, name: str, commit: str, tmp: str,
+                  tables: dict[str, pa.Table]) -> None:
+    """Write ``sub/name.parquet`` for each table, its footer carrying ``commit``."""
+    for sub, table in tables.items():
+        table = table.replace_schema_metadata({COMMIT_KEY: commit.encode()})
+        _fs.write_bytes_atomic(fs, posixpath.join(root, sub, name + ".parquet"),
+                               _parquet_bytes(table), tmp)
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
-
-
-_UNREADABLE = (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, pa.ArrowException)
-
-
-def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
-    """Commit markers by shard. A marker that cannot be read (empty or cut
-    short, e.g. by a power loss) means its shard is not committed: one
-    warning line says so, and with ``repair`` the marker is removed so that
-    a resumed run redoes the shard."""
-    out = {}
-    _fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
-    for path in fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json")):
-        try:
-            info = _fs.read_json(fs, path)
-            shard = int(info["shard"])
-            if shard != _shard_of(path) or not isinstance(info.get("commit"), str):
-                raise ValueError("marker does not match its file name")
-        except FileNotFoundError:  # removed by a concurrent rewrite
-            continue
-        except _UNREADABLE as e:
-            what = "redone by this run" if repair else "left out (a re-run redoes it)"
-            warnings.warn(f"commit marker {posixpath.basename(path)} cannot be read "
-                          f"({type(e).__name__}): shard {_shard_of(path)} is not committed; "
-                          f"{what}", stacklevel=3)
-            if repair:
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(path)
-            continue
-        out[shard] = info
-    return out
-
-
-def _fresh_listing(fs, path: str) -> None:
-    """Drop fsspec's cached listing of ``path`` (object stores cache listings;
-    a marker written by an actor must not be missed)."""
-    with contextlib.suppress(Exception):
-        fs.invalidate_cache(path)
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        return True  # someone else's process, or no pid: assume alive
-    return True
-
-
-def _read_lease(fs, root: str) -> dict | None:
-    try:
-        lease = _fs.read_json(fs, posixpath.join(root, LEASE_FILE))
-    except FileNotFoundError:
-        return None
-    except _UNREADABLE:  # cut short: treat as stale
-        return {"run_id": "?", "heartbeat": 0.0}
-    return lease if isinstance(lease, dict) else {"run_id": "?", "heartbeat": 0.0}
-
-
-def input_changes(old: dict | None, new: dict | None, old_shards=None, new_shards=None,
-                  limit: int = 5) -> list[str]:
-    """What differs between two input fingerprints (and per-shard id ranges);
-    empty if they match or either is unknown (results of older versions)."""
-    out: list[str] = []
-    if old is not None and new is not None:
-        if old.get("n_problems") != new.get("n_problems"):
-            out.append(f"problems: {old.get('n_problems')} then, {new.get('n_problems')} now")
-        before = {f[0]: f[1:] for f in old.get("files", [])}
-        after = {f[0]: f[1:] for f in new.get("files", [])}
-        for name in sorted(set(before) | set(after)):
-            if name not in after:
-                out.append(f"file {name}: removed")
-            elif name not in before:
-                out.append(f"file {name}: added")
-            elif list(before[name]) != list(after[name]):
-                (s0, t0), (s1, t1) = before[name], after[name]
-                what = f"size {s0} -> {s1}" if s0 != s1 else f"modified ({t0} -> {t1})"
-                out.append(f"file {name}: {what}")
-    if old_shards is not None and new_shards is not None:
-        diff = [i for i, (a, b) in enumerate(zip(old_shards, new_shards)) if list(a) != list(b)]
-        if len(old_shards) != len(new_shards):
-            out.append(f"shards: {len(old_shards)} then, {len(new_shards)} now")
-        for i in diff[:limit]:
-            out.append(f"shard {i}: problem ids {old_shards[i][0]}..{old_shards[i][1]} then, "
-                       f"{new_shards[i][0]}..{new_shards[i][1]} now")
-    if len(out) > limit:
-        out = out[:limit] + [f"... and {len(out) - limit} more"]
-    return out
-
-
-def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
-    """The markers whose two tables carry the marker's commit id (footers only are read).
-
-    With ``repair``, the other markers are removed: their shards are redone by
-    a resumed run and count as missing in the manifest.
-    """
-    out = {}
-    for shard, info in _read_markers(fs, root, repair=repair).items():
-        name = _shard_name(shard) + ".parquet"
-        ok = True
-        for sub in ("problems", "barycenters"):
-            try:
-                with fs.open(posixpath.join(root, sub, name), "rb") as f:
-                    meta = pq.read_schema(f).metadata or {}
-            except FileNotFoundError:
-                meta = {}
-            except _UNREADABLE as e:
-                warnings.warn(f"{sub}/{name} cannot be read ({type(e).__name__}): shard {shard} "
-                              "is not committed" + ("; redone by this run" if repair else ""),
-                              stacklevel=2)
-                meta = {}
-            ok = ok and meta.get(COMMIT_KEY, b"").decode() == info.get("commit")
-        if ok:
-            out[shard] = info
-        elif repair:
-            marker = posixpath.join(root, COMMITS_DIR, _shard_name(shard) + ".json")
-            if fs.exists(marker):
-                fs.rm(marker)
-    return out
-
-
-# ------------------------------------------------------------------ reading
-class Grids(NamedTuple):
-    """Grid rows of positions ``start:stop``; rows of uncommitted shards are NaN / -1."""
-
-    problem_id: np.ndarray
-    extent: np.ndarray
-    barycenter: np.ndarray
-    inputs: np.ndarray | None
-
-
-@dataclass
-class Results:
-    """What :func:`read_results` returns.
-
-    Attributes:
-      url: the output directory.
-      problems: one row per problem of the committed shards, in store order.
-      barycenters: one row per barycenter component (ok problems only).
-      layout: the run's settings (``_layout.json``).
-      manifest: ``_manifest.json``, or ``None`` while the run is not finished.
-      committed_shards: indices of the shards read.
-    """
-
-    url: str
-    problems: Any
-    barycenters: Any
-    layout: dict
-    manifest: dict | None
-    committed_shards: list[int]
-
-    @property
-    def complete(self) -> bool:
-        """Whether the run finished with every shard committed."""
-        return bool(self.manifest and self.manifest.get("complete"))
-
-    def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
-        """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``."""
-
-        if self.layout.get("grid_shape") is None:
-            raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
-        group = _fs.open_zarr_group(_fs.join_url(self.url, "grids.zarr"), "r")
-        stop = self.layout["n_problems"] if stop is None else stop
-        ids = group["problem_id"][start:stop]
-        extent = group["extent"][start:stop]
-        bary = group["barycenter"][start:stop]
-        inp = group["inputs"][start:stop] if inputs and "inputs" in group else None
-        shard = np.arange(start, stop) // self.layout["shard_size"]
-        stale = ~np.isin(shard, self.committed_shards)
-        if stale.any():
-            ids[stale], extent[stale], bary[stale] = -1, np.nan, np.nan
-            if inp is not None:
-                inp[stale] = np.nan
-        return Grids(ids, extent, bary, inp)
-
-
-def read_results(path: str, *, as_: str = "pandas") -> Results:
-    """Read the committed shards of an output directory.
-
-    Args:
-      path: the output directory (local path or fsspec URL).
-      as_: ``"pandas"`` (DataFrames) or ``"pyarrow"`` (Tables).
-
-    Only shards with a commit marker are read, and only files whose commit id
-    matches the marker (a shard being rewritten meanwhile is left out), so a
-    reader never sees half a shard or a duplicate. The directories can also be
-    read directly, e.g. ``duckdb.sql("SELECT * FROM 'OUT/problems/*.parquet'")``,
-    once the manifest exists.
-    """
-    if as_ not in ("pandas", "pyarrow"):
-        raise ValueError("as_ must be 'pandas' or 'pyarrow'")
-    url = _fs.strip_url(str(path))
-    fs, root = _fs.url_to_fs(url)
-    layout_path = posixpath.join(root, LAYOUT_FILE)
-    if not fs.exists(layout_path):
-        raise FileNotFoundError(f"{url} is not a raybary results directory (no {LAYOUT_FILE})")
-    layout = _fs.read_json(fs, layout_path)
-    manifest_path = posixpath.join(root, MANIFEST_FILE)
-    manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
-    problems, barycenters, committed = [], [], []
-    for shard, info in sorted(_read_markers(fs, root).items()):
-        tables = _read_shard(fs, root, shard, info["commit"])
-        if tables is None:
-            continue
-        committed.append(shard)
-        problems.append(tables[0])
-        barycenters.append(tables[1])
-    p = _concat(problems, problems_schema(layout.get("options") or {}))
-    b = _concat(barycenters, barycenters_schema())
-    if as_ == "pandas":
-        p, b = p.to_pandas(), b.to_pandas()
-    return Results(url, p, b, layout, manifest, committed)
-
-
-def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
-    out = []
-    for sub in ("problems", "barycenters"):
-        path = posixpath.join(root, sub, _shard_name(shard) + ".parquet")
-        try:
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
-        except FileNotFoundError:
-            table = None
-        except _UNREADABLE as e:
-            warnings.warn(f"{sub}/{posixpath.basename(path)} cannot be read "
-                          f"({type(e).__name__}): shard {shard} left out (a re-run redoes it)",
-                          stacklevel=3)
-            return None
-        meta = (table.schema.metadata or {}) if table is not None else {}
-        if meta.get(COMMIT_KEY, b"").decode() != commit:
-            warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
-            return None
-        out.append(table.replace_schema_metadata(None))
-    return out[0], out[1]
-
-
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-# ------------------------------------------------------------------ summary
-def summarize(path: str, *, top: int = 5) -> str:
-    """A text summary of an output directory (what ``raybary show`` prints)."""
-    res = read_results(path)
-    p = res.problems
-    lines = [f"results {res.url} ({RESULTS_FORMAT}/{RESULTS_VERSION})"]
-    lay = res.layout
-    state = "finished" if res.manifest else "not finished (no manifest)"
-    lines.append(f"  input: {lay.get('input_url')}  problems: {lay['n_problems']}  "
-                 f"shards: {len(res.committed_shards)}/{lay.get('n_shards')} committed, {state}")
-    counts = p["status"].value_counts().to_dict() if len(p) else {}
-    lines.append("  status: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES))
-    if lay.get("options"):
-        lines.append("  options: " + json.dumps(lay["options"], sort_keys=True))
-    obj = p.loc[p["status"] == "ok", "objective"].dropna() if len(p) else p.get("objective")
-    if obj is not None and len(obj):
-        qs = obj.quantile([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-        lines.append("  objective quantiles: " + ", ".join(
-            f"{label} {v:.6g}" for label, v in zip(["min", "5%", "25%", "50%", "75%", "95%", "max"], qs)))
-        conv = p.loc[p["status"] == "ok", "converged"]
-        lines.append(f"  converged: {int(conv.sum())} of {len(conv)} ok")
-    solved = p[p["status"] != "invalid"] if len(p) else p
-    if len(solved) and solved["seconds"].notna().any():
-        lines.append(f"  solver time: {p['seconds'].sum():.3f} s in all")
-        slow = solved.nlargest(top, "seconds")
-        lines.append(f"  slowest {len(slow)} (their share of the solver time, by plan iterations):")
-        for _, r in slow.iterrows():
-            its = "-" if r.iterations != r.iterations else int(r.iterations)
-            lines.append(f"    problem {r.problem_id}: {r.seconds:.4f} s, status {r.status}, "
-                         f"iterations {its}")
-    for status in ("failed", "invalid"):
-        bad = p[p["status"] == status] if len(p) else p
-        if len(bad):
-            lines.append(f"  {status} ({len(bad)}; first {min(len(bad), 2 * top)}):")
-            for _, r in bad.head(2 * top).iterrows():
-                named = str(r.error).startswith(f"problem {r.problem_id}")
-                lines.append(f"    {r.error}" if named else f"    problem {r.problem_id}: {r.error}")
-    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Results: an output directory written shard by shard, atomically (``raybary.results/1``).
+
+Three modules, re-exported here (``from raybary.storage.results import ...``
+works as it always did):
+
+* :mod:`~raybary.storage.results.layout`: the names, schemas, commit markers,
+  lease file and input fingerprint comparison that writer and reader share;
+* :mod:`~raybary.storage.results.writer`: :class:`ResultWriter` (driver:
+  lease, prepare, finalize; actors: commit a shard);
+* :mod:`~raybary.storage.results.reader`: :func:`read_results`,
+  :class:`Results`, :class:`Grids`, :func:`summarize`.
+
+See ``docs/storage.md`` for the layout and the commit protocol.
+"""
+
+from __future__ import annotations
+
+from raybary.storage.results.layout import (
+    COMMIT_KEY,
+    COMMITS_DIR,
+    GRIDS_FORMAT,
+    LAYOUT_FILE,
+    LEASE_FILE,
+    LEASE_HEARTBEAT_S,
+    LEASE_SETTLE_S,
+    LEASE_STALE_S,
+    MANIFEST_FILE,
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    STATUSES,
+    TMP_DIR,
+    barycenters_schema,
+    input_changes,
+    problems_schema,
+)
+from raybary.storage.results.reader import Grids, Results, read_results, summarize
+from raybary.storage.results.writer import ResultWriter
+
+__all__ = [
+    "RESULTS_FORMAT",
+    "RESULTS_VERSION",
+    "GRIDS_FORMAT",
+    "STATUSES",
+    "LAYOUT_FILE",
+    "MANIFEST_FILE",
+    "COMMITS_DIR",
+    "TMP_DIR",
+    "LEASE_FILE",
+    "LEASE_HEARTBEAT_S",
+    "LEASE_STALE_S",
+    "LEASE_SETTLE_S",
+    "COMMIT_KEY",
+    "ResultWriter",
+    "Results",
+    "Grids",
+    "read_results",
+    "summarize",
+    "problems_schema",
+    "barycenters_schema",
+    "input_changes",
+]

@@ -1,0 +1,262 @@
+"""The reader of a results directory: :func:`read_results`, :class:`Results`, :class:`Grids`, :func:`summarize`.
+
+This module owns reading ``OUT/``: it follows the commit markers (see
+:mod:`~raybary.storage.results.layout`), so a reader never sees half a shard
+or a duplicate, whatever the writers are doing meanwhile. It writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybary.storage import _fs
+from raybary.storage.results.layout import (
+    _UNREADABLE,
+    COMMIT_KEY,
+    GRIDS_DIR,
+    LAYOUT_FILE,
+    MANIFEST_FILE,
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    STATUSES,
+    _read_markers,
+    _shard_name,
+    barycenters_schema,
+    problems_schema,
+)
+
+__all__ = ["Grids", "Results", "read_results", "summarize"]
+
+
+class Grids(NamedTuple):
+    """Grid rows of positions ``start:stop``; rows of uncommitted shards are NaN / -1."""
+
+    problem_id: np.ndarray
+    extent: np.ndarray
+    barycenter: np.ndarray
+    inputs: np.ndarray | None
+
+
+@dataclass
+class Results:
+    """What :func:`read_results` returns.
+
+    Attributes:
+      url: the output directory.
+      problems: one row per problem of the committed shards, in store order.
+      barycenters: one row per barycenter component (ok problems only).
+      layout: the run's settings (``_layout.json``).
+      manifest: ``_manifest.json``, or ``None`` while the run is not finished.
+      committed_shards: indices of the shards read.
+      grid_groups: for each committed shard, the ``grids.zarr`` group its
+        commit wrote (``None``: results of an older layout, whose grids are
+        arrays at the root of ``grids.zarr``).
+    """
+
+    url: str
+    problems: Any
+    barycenters: Any
+    layout: dict
+    manifest: dict | None
+    committed_shards: list[int]
+    grid_groups: dict[int, str | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished with every shard committed."""
+        return bool(self.manifest and self.manifest.get("complete"))
+
+    def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
+        """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``.
+
+        A committed shard's rows come from the grids its commit wrote (the
+        group its marker names), so they always match its rows in
+        :attr:`problems`; rows of other shards are NaN / -1.
+        """
+        shape = self.layout.get("grid_shape")
+        if shape is None:
+            raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
+        n, size = int(self.layout["n_problems"]), int(self.layout["shard_size"])
+        start, stop, _ = slice(start, stop).indices(n)
+        stop = max(start, stop)
+        j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
+        out = _empty_grids(stop - start, (int(shape[0]), int(shape[1])), j)
+        legacy = _LegacyGrids(self.url)
+        for shard in self.committed_shards:
+            lo, hi = max(shard * size, start), min((shard + 1) * size, n, stop)
+            if lo >= hi:
+                continue
+            name = self.grid_groups.get(shard)
+            source = _attempt_group(self.url, shard, name) if name else legacy.group()
+            first = shard * size if name else 0  # the store position of the source's row 0
+            if source is not None:
+                _copy_rows(out, source, slice(lo - start, hi - start), slice(lo - first, hi - first))
+        return out
+
+
+class _LegacyGrids:
+    """Grids of results written before grids were tied to commits (``raybary.grids/1``):
+    arrays at the root of ``grids.zarr``, rows = store positions; opened once, if needed."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self._group, self._opened = url, None, False
+
+    def group(self):
+        if not self._opened:
+            self._opened = True
+            with contextlib.suppress(*_missing()):
+                group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR), "r")
+                self._group = group if "barycenter" in group else None
+        return self._group
+
+
+def _attempt_group(url: str, shard: int, name: str):
+    """The grids group ``name`` of shard ``shard``'s committed attempt (``None``, with a
+    warning, if it has gone: its rows stay NaN)."""
+    try:
+        return _fs.open_zarr_group(_fs.join_url(url, GRIDS_DIR, name), "r")
+    except _missing():
+        warnings.warn(f"the grids of shard {shard} ({GRIDS_DIR}/{name}) are missing: its grid "
+                      "rows are left NaN (a re-run redoes the shard)", stacklevel=3)
+        return None
+
+
+def _missing() -> tuple[type[Exception], ...]:
+    """What opening a zarr group that is not there raises (zarr is imported only for grids)."""
+    import zarr.errors
+
+    return (FileNotFoundError, zarr.errors.NodeNotFoundError)
+
+
+def _empty_grids(m: int, shape: tuple[int, int], j: int) -> Grids:
+    """``m`` rows of no grid: problem id -1, NaN elsewhere; ``inputs`` only if ``j``."""
+    h, w = shape
+    return Grids(
+        np.full(m, -1, dtype=np.int64),
+        np.full((m, 4), np.nan, dtype=np.float64),
+        np.full((m, h, w), np.nan, dtype=np.float32),
+        np.full((m, j, h, w), np.nan, dtype=np.float32) if j else None,
+    )
+
+
+def _copy_rows(out: Grids, group, dst: slice, src: slice) -> None:
+    out.problem_id[dst] = group["problem_id"][src]
+    out.extent[dst] = group["extent"][src]
+    out.barycenter[dst] = group["barycenter"][src]
+    if out.inputs is not None and "inputs" in group:
+        out.inputs[dst] = group["inputs"][src]
+
+
+def read_results(path: str, *, as_: str = "pandas") -> Results:
+    """Read the committed shards of an output directory.
+
+    Args:
+      path: the output directory (local path or fsspec URL).
+      as_: ``"pandas"`` (DataFrames) or ``"pyarrow"`` (Tables).
+
+    Only shards with a commit marker are read, and only files whose commit id
+    matches the marker (a shard being rewritten meanwhile is left out), so a
+    reader never sees half a shard or a duplicate. The directories can also be
+    read directly, e.g. ``duckdb.sql("SELECT * FROM 'OUT/problems/*.parquet'")``,
+    once the manifest exists.
+    """
+    if as_ not in ("pandas", "pyarrow"):
+        raise ValueError("as_ must be 'pandas' or 'pyarrow'")
+    url = _fs.strip_url(str(path))
+    fs, root = _fs.url_to_fs(url)
+    layout_path = posixpath.join(root, LAYOUT_FILE)
+    if not fs.exists(layout_path):
+        raise FileNotFoundError(f"{url} is not a raybary results directory (no {LAYOUT_FILE})")
+    layout = _fs.read_json(fs, layout_path)
+    manifest_path = posixpath.join(root, MANIFEST_FILE)
+    manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
+    problems, barycenters, grid_groups = [], [], {}
+    for shard, info in sorted(_read_markers(fs, root).items()):
+        tables = _read_shard(fs, root, shard, info["commit"])
+        if tables is None:
+            continue
+        grid_groups[shard] = info.get("grids")
+        problems.append(tables[0])
+        barycenters.append(tables[1])
+    p = _concat(problems, problems_schema(layout.get("options") or {}))
+    b = _concat(barycenters, barycenters_schema())
+    if as_ == "pandas":
+        p, b = p.to_pandas(), b.to_pandas()
+    return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups)
+
+
+def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
+    out = []
+    for sub in ("problems", "barycenters"):
+        path = posixpath.join(root, sub, _shard_name(shard) + ".parquet")
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except FileNotFoundError:
+            table = None
+        except _UNREADABLE as e:
+            warnings.warn(f"{sub}/{posixpath.basename(path)} cannot be read "
+                          f"({type(e).__name__}): shard {shard} left out (a re-run redoes it)",
+                          stacklevel=3)
+            return None
+        meta = (table.schema.metadata or {}) if table is not None else {}
+        if meta.get(COMMIT_KEY, b"").decode() != commit:
+            warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
+            return None
+        out.append(table.replace_schema_metadata(None))
+    return out[0], out[1]
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+# ------------------------------------------------------------------ summary
+def summarize(path: str, *, top: int = 5) -> str:
+    """A text summary of an output directory (what ``raybary show`` prints)."""
+    res = read_results(path)
+    p = res.problems
+    lines = [f"results {res.url} ({RESULTS_FORMAT}/{RESULTS_VERSION})"]
+    lay = res.layout
+    state = "finished" if res.manifest else "not finished (no manifest)"
+    lines.append(f"  input: {lay.get('input_url')}  problems: {lay['n_problems']}  "
+                 f"shards: {len(res.committed_shards)}/{lay.get('n_shards')} committed, {state}")
+    counts = p["status"].value_counts().to_dict() if len(p) else {}
+    lines.append("  status: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES))
+    if lay.get("options"):
+        lines.append("  options: " + json.dumps(lay["options"], sort_keys=True))
+    obj = p.loc[p["status"] == "ok", "objective"].dropna() if len(p) else p.get("objective")
+    if obj is not None and len(obj):
+        qs = obj.quantile([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+        lines.append("  objective quantiles: " + ", ".join(
+            f"{label} {v:.6g}" for label, v in zip(["min", "5%", "25%", "50%", "75%", "95%", "max"], qs)))
+        conv = p.loc[p["status"] == "ok", "converged"]
+        lines.append(f"  converged: {int(conv.sum())} of {len(conv)} ok")
+    solved = p[p["status"] != "invalid"] if len(p) else p
+    if len(solved) and solved["seconds"].notna().any():
+        lines.append(f"  solver time: {p['seconds'].sum():.3f} s in all")
+        slow = solved.nlargest(top, "seconds")
+        lines.append(f"  slowest {len(slow)} (their share of the solver time, by plan iterations):")
+        for _, r in slow.iterrows():
+            its = "-" if r.iterations != r.iterations else int(r.iterations)
+            lines.append(f"    problem {r.problem_id}: {r.seconds:.4f} s, status {r.status}, "
+                         f"iterations {its}")
+    for status in ("failed", "invalid"):
+        bad = p[p["status"] == status] if len(p) else p
+        if len(bad):
+            lines.append(f"  {status} ({len(bad)}; first {min(len(bad), 2 * top)}):")
+            for _, r in bad.head(2 * top).iterrows():
+                named = str(r.error).startswith(f"problem {r.problem_id}")
+                lines.append(f"    {r.error}" if named else f"    problem {r.problem_id}: {r.error}")
+    return "\n".join(lines)
