@@ -9,7 +9,7 @@ Arguments are those of ``raybary run``; the run joins the job's cluster
 installs it) or shipped with ``jobs/runtime_env.source.yaml``.
 """
 
-from raybary.jobs.entrypoint import main
+from raybary.cli.job_entry import main
 
 if __name__ == "__main__":
     main()

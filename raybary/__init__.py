@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from raybary.errors import RaybaryError
 from raybary.types import GMM, Problem, Result
 
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ _LAZY = {
     "read_results": "raybary.storage.results",
 }
 
-__all__ = ["GMM", "Problem", "Result", "__version__", *_LAZY]
+__all__ = ["GMM", "Problem", "Result", "RaybaryError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from raybary.batch.api import solve

@@ -22,7 +22,7 @@ import numpy as np
 
 from raybary.types import GMM
 
-__all__ = ["log_density", "log_density_grid", "grid_points", "default_bounds"]
+__all__ = ["log_density", "log_density_grid", "marginal_components", "default_bounds"]
 
 
 @jax.jit
@@ -49,11 +49,15 @@ def _arrays(gmm):
     return np.asarray(w), np.asarray(m), np.asarray(c)
 
 
-def _marginal(w, m, c, dims):
+def marginal_components(means, covs, dims: Sequence[int] | None):
+    """Means ``(..., d)`` and covariances ``(..., d, d)`` of Gaussians, marginalised
+    on coordinates ``dims``: ``(..., k)`` and ``(..., k, k)`` (NumPy; unchanged if
+    ``dims`` is ``None``). A GMM's marginal keeps its weights."""
+    means, covs = np.asarray(means), np.asarray(covs)
     if dims is None:
-        return w, m, c
+        return means, covs
     idx = np.asarray(dims)
-    return w, m[..., idx], c[..., idx[:, None], idx[None, :]]
+    return means[..., idx], covs[..., idx[:, None], idx[None, :]]
 
 
 def log_density(gmm, points, *, dims: Sequence[int] | None = None, dtype: str = "float64"):
@@ -63,7 +67,8 @@ def log_density(gmm, points, *, dims: Sequence[int] | None = None, dtype: str = 
     leading batch axes on all three arrays and on ``points`` ``(B, N, d)`` it
     evaluates a batch of GMMs at once. Components of weight 0 are ignored.
     """
-    w, m, c = _marginal(*_arrays(gmm), dims)
+    w, m, c = _arrays(gmm)
+    m, c = marginal_components(m, c, dims)
     pts = np.asarray(points)
     with jax.enable_x64(dtype == "float64"):
         args = [jnp.asarray(x, dtype) for x in (w, m, c, pts)]
@@ -77,15 +82,6 @@ def default_bounds(means: np.ndarray, covs: np.ndarray, *, pad: float = 3.0) -> 
     sd = np.sqrt(np.diagonal(np.asarray(covs).reshape(-1, 2, 2), axis1=1, axis2=2))
     lo, hi = (m - pad * sd).min(axis=0), (m + pad * sd).max(axis=0)
     return np.array([lo[0], hi[0], lo[1], hi[1]])
-
-
-def grid_points(bounds, shape: tuple[int, int]) -> np.ndarray:
-    """Points ``(H * W, 2)`` of a regular grid: x along W, y along H (row-major)."""
-    xmin, xmax, ymin, ymax = (float(b) for b in bounds)
-    h, w = shape
-    xs, ys = np.linspace(xmin, xmax, w), np.linspace(ymin, ymax, h)
-    gx, gy = np.meshgrid(xs, ys)
-    return np.stack([gx.ravel(), gy.ravel()], axis=1)
 
 
 @partial(jax.jit, static_argnames=("shape",))
@@ -126,7 +122,7 @@ def log_density_grid(
     dims = tuple(int(x) for x in dims)
     if len(dims) != 2 or len(set(dims)) != 2 or not all(0 <= x < m.shape[-1] for x in dims):
         raise ValueError(f"dims must be two distinct coordinates in [0, {m.shape[-1]}), got {dims}")
-    w, m, c = _marginal(w, m, c, dims)
+    m, c = marginal_components(m, c, dims)
     single = w.ndim == 1
     if single:
         w, m, c = w[None], m[None], c[None]

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from raybary.errors import RaybaryError
+
 __all__ = [
     "PlotError",
     "ProblemGrids",
@@ -54,7 +56,7 @@ BARYCENTER_CMAP = "Reds_r"
 DEFAULT_SHAPE = (100, 100)
 
 
-class PlotError(ValueError):
+class PlotError(RaybaryError, ValueError):
     """A figure cannot be drawn (unknown problem, unreadable input store, no matplotlib)."""
 
 
@@ -255,7 +257,7 @@ def problem_grids(
     if dim == 1:
         return _grids_1d(pid, status, error, gmms, bary_gmm, lambdas, objective, shape, bounds)
 
-    from raybary.density import default_bounds, log_density_grid
+    from raybary.density import default_bounds, log_density_grid, marginal_components
 
     d2 = _dims2(dims, dim)
     if stored is not None:  # barycenter stored, inputs computed on the same extent
@@ -271,8 +273,8 @@ def problem_grids(
             comps = [(g.means, g.covs) for g in gmms]
             if bary_gmm is not None:
                 comps.append((bary_gmm.means, bary_gmm.covs))
-            m = np.concatenate([c[0][:, list(d2)] for c in comps])
-            c = np.concatenate([c[1][:, list(d2)][:, :, list(d2)] for c in comps])
+            m, c = marginal_components(np.concatenate([c[0] for c in comps]),
+                                       np.concatenate([c[1] for c in comps]), d2)
             extent = _widen(default_bounds(m, c), 0.08)
         bary = None
         src = "computed"

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,14 +34,16 @@ import yaml
 from click.testing import CliRunner
 
 from raybary.cli import main
+from raybary.cli.job_entry import with_address
 from raybary.jobs import auth, runtime
 from raybary.jobs.client import (
     JobsError,
+    describe,
+    environment_hint,
     failure_reason,
     insecure_token_warning,
     normalize_address,
 )
-from raybary.jobs.entrypoint import with_address
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray's log-streaming client (not ours) uses a deprecated aiohttp argument.
@@ -130,7 +134,7 @@ def test_entrypoint_joins_the_jobs_cluster():
     assert with_address(["in", "out", "-n", "3"]) == ["in", "out", "-n", "3", "--address", "auto"]
     assert with_address(["in", "out", "--address=h:1"]) == ["in", "out", "--address=h:1"]
     cmd = runtime.entrypoint_command("s3://b/in x.zarr", "out", ["--bar-size", "3"])
-    assert cmd == "python -m raybary.jobs.entrypoint 's3://b/in x.zarr' out --bar-size 3"
+    assert cmd == "python -m raybary.cli.job_entry 's3://b/in x.zarr' out --bar-size 3"
 
 
 def test_address_normalisation(monkeypatch):
@@ -154,7 +158,7 @@ def test_submit_passes_run_options_through(tmp_path, monkeypatch):
     out = _dry_run("--bar-size", "3", "in.parquet", "--grid", "20x30", "s3://b/out",
                    "--learn-weights", "--gpus-per-actor", "0.5", "--env", "K=V",
                    "--address", "headnode:8265")
-    want = (f"python -m raybary.jobs.entrypoint {tmp_path}/in.parquet s3://b/out "
+    want = (f"python -m raybary.cli.job_entry {tmp_path}/in.parquet s3://b/out "
             "--bar-size 3 --grid 20x30 --learn-weights --gpus-per-actor 0.5")
     assert out["entrypoint"] == want
     assert out["address"] == "http://headnode:8265"
@@ -197,6 +201,45 @@ def test_failure_reason_from_logs():
     assert failure_reason(Info, "") == Info.message
     Info.status = "SUCCEEDED"
     assert failure_reason(Info, clean) is None
+
+
+_NO_RAYBARY = ("/usr/bin/python3: Error while finding module specification for "
+               "'raybary.cli.job_entry' (ModuleNotFoundError: No module named 'raybary')\n")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_a_job_under_a_python_without_ray_or_raybary_is_explained():
+    no_ray = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+              "ModuleNotFoundError: No module named 'ray'\n")
+    for logs, module in ((no_ray, "ray"), (_NO_RAYBARY, "raybary"),
+                         ("/venv/bin/python: No module named raybary\n", "raybary")):
+        hint = environment_hint(logs)
+        assert hint and f"ran under a Python without {module}:" in hint, logs
+        assert "virtual environment that is not on its PATH" in hint
+        assert "`PATH=/path/venv/bin:$PATH ray start --head ...`" in hint
+        assert "activated" in hint and "--python /path/venv/bin/python" in hint
+        assert "runtime environment" in hint and "--pip" in hint
+    old = environment_hint("/venv/bin/python: No module named raybary.cli.job_entry\n")
+    assert "older than this one" in old and "--ship-source" in old
+    for fine in (None, "", "No module named 'ray_tpu'", "No module named 'ray._private.x'",
+                 "Error: no problem store at /x.parquet"):
+        assert environment_hint(fine) is None, fine
+    info = types.SimpleNamespace(
+        status="FAILED", message="Job entrypoint command failed with exit code 1, last ...",
+        submission_id="j1", job_id=None, metadata={}, entrypoint="python -m ...",
+        start_time=None, end_time=None)
+    # python -m prints no traceback: the reason is its one line, not Ray's message
+    assert failure_reason(info, _NO_RAYBARY) == _NO_RAYBARY.strip()
+    text = describe(info, _NO_RAYBARY)
+    assert "  hint:       the job ran under a Python without raybary" in text
+    fix = [line for line in text.splitlines() if line.startswith(("  hint:", " " * 14))]
+    assert len(fix) > 1 and max(map(len, fix)) <= 100  # a wrapped paragraph
+    assert "PATH=/path/venv/bin:$PATH" in text
+    info.status = "SUCCEEDED"
+    assert "hint:" not in describe(info, _NO_RAYBARY)
 
 
 # ------------------------------------------------------------------ a real head node
@@ -386,6 +429,27 @@ def test_unreadable_input_fails_clearly(head, home, which, reason):
     assert reason in r.output.lower()
     r = _cli(["stop", job_id, "--address", address], token=token, home=home)
     assert r.exit_code == 0 and "already ended: FAILED" in r.output
+
+
+def test_a_job_under_another_python_says_why_and_what_to_do(head, home, tmp_path):
+    """The job's Python has neither ray nor raybary (as under a head started from a
+    venv that is not on its PATH): submit --wait and status say so, and what to do."""
+    address, token, data = head
+    other = tmp_path / "python"  # this Python without site-packages: no ray, no raybary
+    other.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S \"$@\"\n")
+    other.chmod(0o755)
+    job_id = f"nopy-{secrets.token_hex(3)}"
+    r = _cli(["submit", str(data / "in.parquet"), str(data / f"out-{job_id}"), "--address",
+              address, "--job-id", job_id, "--python", str(other), "--wait"],
+             token=token, home=home)
+    assert r.exit_code == 1, r.output
+    assert f"job {job_id} failed:" in r.output and "No module named 'raybary'" in r.output
+    said = _words(r.output)
+    assert "hint: the job ran under a Python without raybary" in said, r.output
+    assert "PATH=/path/venv/bin:$PATH ray start --head" in said and "runtime environment" in said
+    r = _cli(["status", job_id, "--address", address], token=token, home=home)
+    assert r.exit_code == 0 and f"job {job_id}: FAILED" in r.output
+    assert "hint: the job ran under a Python without raybary" in _words(r.output)
 
 
 def test_unknown_job_id(head, home):

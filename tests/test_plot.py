@@ -210,6 +210,37 @@ def test_ragged_dimensions(ragged, tmp_path):
     rp.save_figure(fig, str(tmp_path / "ragged.png"))
 
 
+def test_marginal_window_of_a_d5_problem(ragged):
+    """The computed window of a d > 2 problem covers the 2-D marginal (raybary.density's
+    marginal_components) of every input and barycenter component, +- 3 sd, widened 8 %."""
+    from raybary.density import marginal_components
+
+    res = raybary.read_results(ragged)
+    five = next(p for p in range(6) if rp.problem_grids(ragged, p).dim == 5)
+    g = rp.problem_grids(ragged, five)
+    problem = open_problem(res, five)
+    bary = res.barycenters[res.barycenters.problem_id == five].sort_values("component")
+    means = np.concatenate([x.means for x in problem.gmms]
+                           + [np.stack([np.asarray(m) for m in bary["mean"]])])
+    covs = np.concatenate([x.covs for x in problem.gmms]
+                          + [np.stack([np.asarray(c).reshape(5, 5) for c in bary["cov"]])])
+    m, c = marginal_components(means, covs, g.dims)
+    assert m.shape == (len(means), 2) and c.shape == (len(means), 2, 2)
+    np.testing.assert_allclose(c[:, 0, 1], covs[:, g.dims[0], g.dims[1]])
+    want = default_bounds(m, c)
+    pad = 0.08 * np.array([-(want[1] - want[0]), want[1] - want[0],
+                           -(want[3] - want[2]), want[3] - want[2]])
+    np.testing.assert_allclose(g.extent, want + pad)
+
+
+def open_problem(res, problem_id: int):
+    from raybary.storage import open_store
+
+    row = res.problems[res.problems.problem_id == problem_id].iloc[0]
+    return open_store(res.layout["input_url"]).read(int(row.position), int(row.position) + 1) \
+        .problems[0]
+
+
 def test_errors(tutorial, tmp_path):
     with pytest.raises(rp.PlotError, match="problem 99 is not in"):
         rp.plot_problem(tutorial["nogrids"], 99)

@@ -223,7 +223,7 @@ def test_changed_input_is_refused_on_resume_and_stops_a_run(data):
 
     def on_shard(summary):
         if not changed:
-            changed.append(summary["shard"])
+            changed.append(summary.shard)
             _rewrite_with_other_ids(inp, 5000)
 
     with pytest.raises(InputChangedError, match="changed during the run"):
@@ -260,8 +260,8 @@ def test_killed_actor_is_replaced_and_its_shards_rerun(data, reference):
 
     def on_shard(summary):
         if not killed:  # the actor has its next shard in flight: kill it mid-run
-            killed.append(summary["pid"])
-            os.kill(summary["pid"], signal.SIGKILL)
+            killed.append(summary.pid)
+            os.kill(summary.pid, signal.SIGKILL)
 
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID, input_gmms=3),
                  exe(actors=1), stream=None, on_shard=on_shard)

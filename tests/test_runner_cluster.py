@@ -35,17 +35,17 @@ SCRIPT = textwrap.dedent("""
     seen, removed, at_removal = {}, [], {}
 
     def on_shard(summary):
-        seen[summary["node"]] = seen.get(summary["node"], 0) + 1
+        seen[summary.node] = seen.get(summary.node, 0) + 1
         if not removed:
             # take away the node that reported first, at once: most shards are still
             # waiting (one more is queued on its actor), so the driver has to notice
             # the dead actor, replace it on the other node and move its shards. (Waiting
             # for both nodes to report is a race: once compiled, one node may solve
             # every remaining shard before the other has finished compiling.)
-            node = next(w for w in workers if w.node_id == summary["node"])
+            node = next(w for w in workers if w.node_id == summary.node)
             cluster.remove_node(node, allow_graceful=False)
             try:  # its actor would notice only after a while, and finish shards meanwhile
-                os.kill(summary["pid"], signal.SIGKILL)
+                os.kill(summary.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             removed.append(node.node_id)

@@ -112,7 +112,7 @@ def test_process_shard_isolates_failures_and_writes_grids(tmp_path, small_store,
                           options=recorded_options(solver, grid), input_url=store.url)
     writer.prepare()
     summ = process_shard(store, writer, 0, solver, grid, solve_fn=fake_solve)
-    assert summ["counts"] == {"ok": 4, "invalid": 0, "failed": 2}
+    assert summ.counts == {"ok": 4, "invalid": 0, "failed": 2}
     res = read_results(writer.url)
     df = res.problems.set_index("problem_id")
     assert df.loc[poison_id, "status"] == "failed"
@@ -166,6 +166,32 @@ def test_cli_usage_errors():
     r = CliRunner().invoke(main, ["run", "in.parquet", "out", "--epsilon", "0.1",
                                   "--relative-epsilon", "0.01"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_grid_extents_of_a_marginal_and_the_shard_summary(tmp_path):
+    """problem_extents: every input component's mean +- 3 sd on coordinates ``dims``
+    (density.marginal_components); fail_shard's summary is a ShardSummary."""
+    from raybary.density import marginal_components
+    from raybary.runner.shard import ShardSummary, fail_shard
+
+    store = generate(str(tmp_path / "r.parquet"), 12, family="random", dim=3, seed=4)
+    p = store.read(0, 1).problems[0]
+    means = np.concatenate([g.means for g in p.gmms])
+    sd = np.sqrt(np.concatenate([np.diagonal(g.covs, axis1=1, axis2=2) for g in p.gmms]))
+    want = [(means[:, 0] - 3 * sd[:, 0]).min(), (means[:, 0] + 3 * sd[:, 0]).max(),
+            (means[:, 2] - 3 * sd[:, 2]).min(), (means[:, 2] + 3 * sd[:, 2]).max()]
+    np.testing.assert_allclose(problem_extents(p, (0, 2)), want)
+    m, c = marginal_components(means, np.concatenate([g.covs for g in p.gmms]), (2, 0))
+    np.testing.assert_array_equal(m, means[:, [2, 0]])
+    assert c.shape == (len(means), 2, 2) and np.allclose(c[:, 0, 0], sd[:, 2] ** 2)
+
+    writer = ResultWriter(str(tmp_path / "out"), n_problems=12, shard_size=6, grid_shape=None,
+                          input_url=store.url)
+    writer.prepare()
+    out = fail_shard(store, writer, 1, "gave up (test)")
+    assert isinstance(out, ShardSummary) and out.gave_up and out.n_problems == 6
+    assert (out.shard, out.start, out.stop) == (1, 6, 12) and out.counts["failed"] == 6
+    assert out.peak_rss_mb > 0 and out.pid > 0
 
 
 def test_open_store_of_missing_input_is_an_error(tmp_path):

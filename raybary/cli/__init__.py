@@ -1,4 +1,9 @@
-"""Command-line interface: a thin click group; each command lives in its own module."""
+"""Command-line interface: a thin click group; each command lives in its own module.
+
+Every command reports the errors a user can act on the same way
+(:mod:`raybary.cli.errors`); a Ray job runs ``raybary run`` through
+:mod:`raybary.cli.job_entry`.
+"""
 
 from __future__ import annotations
 

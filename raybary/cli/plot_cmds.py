@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from raybary.cli.errors import user_errors
+
 
 def _ids(values: tuple[str, ...]) -> list[int]:
     out = []
@@ -78,6 +80,7 @@ def _bounds(text: str | None) -> tuple[float, ...] | None:
               help="Gallery columns [default: about sqrt(N)].")
 @click.option("--dpi", type=click.IntRange(min=20), default=100, show_default=True)
 @click.option("--title", default=None, help="Figure title.")
+@user_errors(ValueError, FileNotFoundError)
 def plot_cmd(output, problems, gallery, out, grid, bounds, source, input_url, columns, dpi,
              title):
     """Contours of -log p of each input GMM and of the barycenter, from OUTPUT.
@@ -95,21 +98,18 @@ def plot_cmd(output, problems, gallery, out, grid, bounds, source, input_url, co
     shape, window = _shape(grid), _bounds(bounds)
     if gallery is not None and len(ids) == 1:
         raise click.UsageError("give one --problem for a single figure, or --gallery N, not both")
-    try:
-        rp._matplotlib()
-        if len(ids) == 1:
-            fig = rp.plot_problem(output, ids[0], shape=shape, bounds=window, input_url=input_url,
-                                  source=source, title=title)
-            out = out or f"problem-{ids[0]}.png"
-        else:
-            if window is not None:
-                raise click.UsageError("--bounds applies to a single --problem")
-            fig = rp.plot_gallery(output, ids or None, n=gallery or 6, ncols=columns,
-                                  shape=shape, input_url=input_url, source=source, title=title)
-            out = out or "gallery.png"
-        rp.save_figure(fig, out, dpi=dpi)
-    except (rp.PlotError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    rp._matplotlib()
+    if len(ids) == 1:
+        fig = rp.plot_problem(output, ids[0], shape=shape, bounds=window, input_url=input_url,
+                              source=source, title=title)
+        out = out or f"problem-{ids[0]}.png"
+    else:
+        if window is not None:
+            raise click.UsageError("--bounds applies to a single --problem")
+        fig = rp.plot_gallery(output, ids or None, n=gallery or 6, ncols=columns,
+                              shape=shape, input_url=input_url, source=source, title=title)
+        out = out or "gallery.png"
+    rp.save_figure(fig, out, dpi=dpi)
     click.echo(f"wrote {out}")
 
 

@@ -3,113 +3,124 @@
 Exit status: 0 when every problem is accounted for (even if some are
 ``invalid`` or ``failed``); 1 when the job could not complete (shards left
 uncommitted, results of other options in OUTPUT, unreadable input, Ray not
-reachable); 2 for bad command-line usage; 130 when interrupted.
+reachable); 2 for bad command-line usage; 130 when interrupted (see
+:mod:`raybary.cli.errors`). Defaults, choices and parsers of the options are
+those of :mod:`raybary.runner.options`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 
 import click
 
+from raybary.cli.errors import user_errors
+from raybary.runner.options import (
+    DTYPES,
+    MAX_ATTEMPTS_HELP,
+    ExecOptions,
+    GridOptions,
+    SolverOptions,
+    format_grid,
+    parse_bounds,
+    parse_dims,
+    parse_grid,
+)
 
-def _parse(fn, value, param):
-    try:
-        return fn(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint=param) from None
+
+def _default(cls, name: str):
+    """The default of field ``name`` of options dataclass ``cls`` (the CLI's default too)."""
+    field = next(f for f in fields(cls) if f.name == name)
+    return field.default
+
+
+def _parsed_by(parse, param_hint: str):
+    """A click callback: ``parse`` the option's text (an options.py parser), its
+    error a usage error that names the option."""
+    def callback(ctx, param, value):
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=param_hint) from None
+
+    return callback
+
+
+_S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the options below
 
 
 @click.command("run")
 @click.argument("input_url", metavar="INPUT")
 @click.argument("output_url", metavar="OUTPUT")
-@click.option("--bar-size", "-n", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Components of each barycenter.")
-@click.option("--epsilon", type=float, default=None,
+@click.option("--bar-size", "-n", type=click.IntRange(min=1), default=_default(_S, "bar_size"),
+              show_default=True, help="Components of each barycenter.")
+@click.option("--epsilon", type=float, default=_default(_S, "epsilon"),
               help="Absolute entropic regularisation (squared data units, e.g. the tutorial's 0.1).")
-@click.option("--relative-epsilon", type=float, default=None,
+@click.option("--relative-epsilon", type=float, default=_default(_S, "relative_epsilon"),
               help="Regularisation relative to the mean cost (scale-free). Default when neither "
                    "is given: the solver's default relative epsilon.")
-@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Initialisations per problem; the lowest objective wins.")
-@click.option("--learn-weights/--uniform-weights", default=False, show_default=True,
-              help="Also optimise the barycenter's component weights.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+@click.option("--restarts", type=click.IntRange(min=1), default=_default(_S, "restarts"),
+              show_default=True, help="Initialisations per problem; the lowest objective wins.")
+@click.option("--learn-weights/--uniform-weights", default=_default(_S, "learn_weights"),
+              show_default=True, help="Also optimise the barycenter's component weights.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=_default(_S, "dtype"),
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation.")
-@click.option("--grid", "grid_text", default="50x50", show_default=True,
+@click.option("--seed", type=int, default=_default(_S, "seed"), show_default=True,
+              help="Seed of the initialisation.")
+@click.option("--grid", "grid_shape", default=format_grid(_default(_G, "shape")),
+              show_default=True, callback=_parsed_by(parse_grid, "--grid"),
               help="Log-density grid H or HxW per problem; 'none' for no grids.")
-@click.option("--grid-bounds", default=None,
+@click.option("--grid-bounds", default=_default(_G, "bounds"),
+              callback=_parsed_by(parse_bounds, "--grid-bounds"),
               help="xmin,xmax,ymin,ymax for every grid; default: each problem's extent from its "
                    "input components (mean +- 3 sd), shared by barycenter and input grids.")
-@click.option("--grid-dims", default="0,1", show_default=True,
+@click.option("--grid-dims", default=",".join(map(str, _default(_G, "dims"))), show_default=True,
+              callback=_parsed_by(parse_dims, "--grid-dims"),
               help="The two coordinates i,j shown on the grids when d > 2 (a 2-D marginal).")
-@click.option("--input-grids", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--input-grids", type=click.IntRange(min=0), default=_default(_G, "input_gmms"),
+              show_default=True,
               help="Also store the grids of the first J input GMMs of each problem.")
-@click.option("--address", default=None,
+@click.option("--address", default=_default(_E, "address"),
               help="Join a Ray cluster ('auto' or HEAD:PORT). Default: start a local Ray.")
-@click.option("--actors", type=click.IntRange(min=1), default=None,
+@click.option("--actors", type=click.IntRange(min=1), default=_default(_E, "actors"),
               help="Actors (solver processes). Default: one per CPU (per GPU with "
                    "--gpus-per-actor).")
-@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0),
+              default=_default(_E, "cpus_per_actor"), show_default=True)
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0),
+              default=_default(_E, "gpus_per_actor"), show_default=True,
               help="GPUs per actor; fractions (e.g. 0.25) put several actors on one GPU.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Problems per shard (the unit of work, commit and resume).")
-@click.option("--in-flight", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Shards queued per actor.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Attempts at a shard lost to dead actors or nodes before its problems are "
-                   "committed failed (errors raised by the task, e.g. storage faults, get at "
-                   "least 6, with waits of 1, 2, 4, ... s); a re-run solves such shards again.")
-@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+@click.option("--shard-size", type=click.IntRange(min=1), default=_default(_E, "shard_size"),
+              show_default=True, help="Problems per shard (the unit of work, commit and resume).")
+@click.option("--in-flight", type=click.IntRange(min=1), default=_default(_E, "in_flight"),
+              show_default=True, help="Shards queued per actor.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=_default(_E, "max_attempts"),
+              show_default=True, help=MAX_ATTEMPTS_HELP)
+@click.option("--num-cpus", type=click.IntRange(min=1), default=_default(_E, "num_cpus"),
               help="CPUs of the embedded local Ray (default: all).")
-@click.option("--placement-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--placement-timeout", "placement_timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=_default(_E, "placement_timeout_s"),
               help="Fail when no actor has started for this many seconds (default: 60 on "
                    "the embedded local Ray, 900 on a cluster, where nodes may take minutes "
                    "to start). Actors that cannot be placed while others run get no work.")
-@click.option("--overwrite", is_flag=True,
+@click.option("--overwrite", is_flag=True, default=_default(_E, "overwrite"),
               help="Replace OUTPUT even if it holds results of other options.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+@click.option("--quiet", "-q", is_flag=True, default=not _default(_E, "progress"),
+              help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
-def run_cmd(input_url, output_url, bar_size, epsilon, relative_epsilon, restarts, learn_weights,
-            dtype, seed, grid_text, grid_bounds, grid_dims, input_grids, address, actors,
-            cpus_per_actor, gpus_per_actor, shard_size, in_flight, max_attempts, num_cpus,
-            placement_timeout, overwrite, quiet, as_json) -> None:
+@user_errors(FileNotFoundError, ConnectionError)
+def run_cmd(input_url, output_url, quiet, as_json, **params) -> None:
     """Solve every problem of INPUT (Parquet or Zarr store) on Ray, into OUTPUT.
 
     Re-running the same command on the same OUTPUT resumes: committed shards
     are kept and only the rest is solved. Different solver or grid options
     against an existing OUTPUT are refused unless --overwrite.
     """
-    from raybary.runner.options import (
-        ExecOptions,
-        GridOptions,
-        SolverOptions,
-        parse_bounds,
-        parse_dims,
-        parse_grid,
-    )
+    solver, grid, exe = build_options(quiet=quiet, **params)
 
-    try:
-        solver = SolverOptions(bar_size=bar_size, epsilon=epsilon,
-                               relative_epsilon=relative_epsilon, restarts=restarts,
-                               learn_weights=learn_weights, dtype=dtype, seed=seed)
-        grid = GridOptions(shape=_parse(parse_grid, grid_text, "--grid"),
-                           bounds=_parse(parse_bounds, grid_bounds, "--grid-bounds"),
-                           dims=_parse(parse_dims, grid_dims, "--grid-dims"),
-                           input_gmms=input_grids)
-        exe = ExecOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor,
-                          gpus_per_actor=gpus_per_actor, shard_size=shard_size,
-                          in_flight=in_flight, max_attempts=max_attempts, overwrite=overwrite,
-                          progress=not quiet, num_cpus=num_cpus,
-                          placement_timeout_s=placement_timeout)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-    from raybary.runner.driver import JobIncomplete, run
-    from raybary.storage.errors import ResultsConflictError, StoreDataError, StoreFormatError
+    from raybary.runner.driver import run
 
     try:
         report = run(input_url, output_url, solver, grid, exe,
@@ -118,13 +129,22 @@ def run_cmd(input_url, output_url, bar_size, epsilon, relative_epsilon, restarts
         click.echo("\ninterrupted; committed shards are kept, run the same command to resume",
                    err=True)
         sys.exit(130)
-    except (JobIncomplete, ResultsConflictError, StoreDataError, StoreFormatError,
-            FileNotFoundError, ConnectionError) as e:
-        raise click.ClickException(str(e)) from e
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     if not quiet:
         click.echo(summary_text(report), err=as_json)
+
+
+def build_options(*, quiet: bool = False, **params) -> tuple[SolverOptions, GridOptions,
+                                                            ExecOptions]:
+    """The run's options from ``raybary run``'s parameters (named as the options'
+    fields, except ``grid_*``, ``input_grids`` and ``quiet``); raises
+    :class:`~raybary.errors.OptionsError` for options that do not go together."""
+    grid = GridOptions(shape=params.pop("grid_shape"), bounds=params.pop("grid_bounds"),
+                       dims=params.pop("grid_dims"), input_gmms=params.pop("input_grids"))
+    solver = SolverOptions(**{f.name: params.pop(f.name) for f in fields(SolverOptions)})
+    exe = ExecOptions(progress=not quiet, **params)
+    return solver, grid, exe
 
 
 def summary_text(report) -> str:

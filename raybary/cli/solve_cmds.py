@@ -7,6 +7,8 @@ import time
 import click
 import numpy as np
 
+from raybary.cli.errors import user_errors
+
 
 @click.command("tutorial")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the problem.")
@@ -15,6 +17,7 @@ import numpy as np
 @click.option("--learn-weights", is_flag=True, help="Also optimise the barycenter's weights.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64",
               show_default=True)
+@user_errors()
 def tutorial_cmd(seed: int, bar_size: int, learn_weights: bool, dtype: str) -> None:
     """Solve the OTT-JAX tutorial's problem (three 2-D GMMs) and print the barycenter.
 

@@ -13,18 +13,11 @@ from collections.abc import Callable, Iterator
 
 import click
 
-#: Errors that are the user's to fix (bad input, existing output, permissions, ...):
-#: printed as ``Error: ...`` without a traceback.
+from raybary.cli.errors import user_errors
+
+#: Built-in errors of the storage layer that are the user's to fix (bad input,
+#: existing output, permissions, ...): printed as ``Error: ...`` without a traceback.
 _USER_ERRORS = (ValueError, OSError, IndexError)
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the storage layer's errors into clean ``Error: ...`` messages (exit code 1)."""
-    try:
-        yield
-    except _USER_ERRORS as e:
-        raise click.ClickException(str(e)) from e
 
 
 @contextlib.contextmanager
@@ -63,13 +56,14 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
               help="Zarr: problems per chunk (default 8192).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors(*_USER_ERRORS)
 def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: int,
                  chunk_problems: int | None, overwrite: bool) -> None:
     """Write a seeded batch of problems to OUT (*.parquet or *.zarr)."""
     from raybary.storage.generate import generate
 
     t0 = time.perf_counter()
-    with _user_errors(), _progress(n_problems, "generating") as update:
+    with _progress(n_problems, "generating") as update:
         store = generate(out, n_problems, family=family, dim=dim, seed=seed,
                          overwrite=overwrite, chunk_problems=chunk_problems, progress=update)
     click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}) "
@@ -82,17 +76,17 @@ def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: 
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
               help="Zarr output: problems per chunk (default 8192).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors(*_USER_ERRORS)
 def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool) -> None:
     """Convert a problem store IN to OUT (format from the suffixes: *.parquet, *.zarr)."""
     from raybary.storage.conversion import convert
     from raybary.storage.store import open_store
 
     t0 = time.perf_counter()
-    with _user_errors():
-        store = open_store(src)
-        with _progress(store.n_problems, "converting") as update:
-            out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
-                          progress=update)
+    store = open_store(src)
+    with _progress(store.n_problems, "converting") as update:
+        out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
+                      progress=update)
     click.echo(f"converted {out.n_problems} problems from {src} ({store.format}) to {dst} "
                f"({out.format}) in {time.perf_counter() - t0:.1f} s")
 
@@ -106,30 +100,30 @@ def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool)
 @click.option("--renormalize", is_flag=True,
               help="Problem store: rescale component weights that do not sum to 1 "
                    "instead of reporting them (store.read(..., renormalize=True)).")
+@user_errors(*_USER_ERRORS)
 def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool) -> None:
     """Summarise a results directory OUT, or describe and validate a problem store."""
     from raybary.storage import _fs
     from raybary.storage.results import LAYOUT_FILE, summarize
 
-    with _user_errors():
-        fs, root = _fs.url_to_fs(path)
-        if fs.exists(root.rstrip("/") + "/" + LAYOUT_FILE):
-            click.echo(summarize(path, top=top))
-            return
-        from raybary.storage.store import open_store
+    fs, root = _fs.url_to_fs(path)
+    if fs.exists(root.rstrip("/") + "/" + LAYOUT_FILE):
+        click.echo(summarize(path, top=top))
+        return
+    from raybary.storage.store import open_store
 
-        if not fs.exists(root):
-            raise click.ClickException(
-                f"nothing at {path} (expected a results directory or a problem store)")
-        store = open_store(path)
-        click.echo(f"problem store {path}")
-        for key, value in store.describe().items():
-            if key == "dim" and value is None:
-                value = "per problem (Parquet; mixed dimensions allowed)"
-            if key != "url":
-                click.echo(f"  {key}: {value}")
-        if store.n_problems:
-            _validate_store(store, top, scan_all, renormalize)
+    if not fs.exists(root):
+        raise click.ClickException(
+            f"nothing at {path} (expected a results directory or a problem store)")
+    store = open_store(path)
+    click.echo(f"problem store {path}")
+    for key, value in store.describe().items():
+        if key == "dim" and value is None:
+            value = "per problem (Parquet; mixed dimensions allowed)"
+        if key != "url":
+            click.echo(f"  {key}: {value}")
+    if store.n_problems:
+        _validate_store(store, top, scan_all, renormalize)
 
 
 def _validate_store(store, top: int, scan_all: bool, renormalize: bool) -> None:

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 import click
 
+from raybary.cli.errors import user_errors
+
 _ADDRESS_HELP = ("The head node's dashboard, http://HEAD:8265 [env RAY_API_SERVER_ADDRESS; "
                  "default http://127.0.0.1:8265].")
 
@@ -35,25 +37,9 @@ def _connection_options(fn):
 
 
 def _client(address, token, token_file):
-    from raybary.jobs.client import JobsError, connect
+    from raybary.jobs.client import connect
 
-    try:
-        return connect(address, token=token, token_file=token_file)
-    except JobsError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _jobs_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from raybary.jobs.client import JobsError
-
-        try:
-            return fn(*args, **kwargs)
-        except JobsError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
+    return connect(address, token=token, token_file=token_file)
 
 
 # ------------------------------------------------------------------ run arguments
@@ -156,7 +142,7 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
               help="The Python on the cluster that runs the entrypoint.")
 @click.option("--dry-run", is_flag=True,
               help="Print the entrypoint and runtime environment; submit nothing.")
-@_jobs_errors
+@user_errors()
 def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runtime_env_file,
                ship_source, pip, env, working_dir, entrypoint_cpus, python, dry_run):
     """Submit `raybary run INPUT OUTPUT [RUN OPTIONS]` to a Ray cluster as a job.
@@ -176,7 +162,13 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
     """
     import json
 
-    from raybary.jobs.client import TERMINAL, describe, failure_reason, normalize_address
+    from raybary.jobs.client import (
+        TERMINAL,
+        JobsError,
+        describe,
+        failure_reason,
+        normalize_address,
+    )
     from raybary.jobs.runtime import build_runtime_env, entrypoint_command, load_runtime_env
 
     input_url, output_url, rest = _split_run_args(run_args)
@@ -188,7 +180,7 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
                                         ship_source=ship_source, pip=pip,
                                         working_dir=working_dir)
     except (OSError, ValueError) as e:
-        raise click.ClickException(f"runtime environment: {e}") from None
+        raise JobsError(f"runtime environment: {e}") from None
     if dry_run:
         click.echo(json.dumps({"address": addr,
                                "entrypoint": entrypoint_command(input_url, output_url, rest,
@@ -232,7 +224,7 @@ def _write(text: str) -> None:
 @click.command("status")
 @click.argument("job_id", required=False)
 @_connection_options
-@_jobs_errors
+@user_errors()
 def status_cmd(job_id, address, token, token_file):
     """Show a job's status (and why it failed); without JOB_ID, list the cluster's jobs."""
     client = _client(address, token, token_file)
@@ -261,7 +253,7 @@ def status_cmd(job_id, address, token, token_file):
 @click.argument("job_id")
 @_connection_options
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
-@_jobs_errors
+@user_errors()
 def logs_cmd(job_id, address, token, token_file, follow):
     """Print a job's logs (the driver's output, with the run's progress and errors)."""
     client = _client(address, token, token_file)
@@ -279,7 +271,7 @@ def logs_cmd(job_id, address, token, token_file, follow):
 @_connection_options
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
               metavar="SECONDS", help="Wait this long for the job to stop.")
-@_jobs_errors
+@user_errors()
 def stop_cmd(job_id, address, token, token_file, wait_s):
     """Stop a running job (committed shards stay; re-submitting resumes)."""
     client = _client(address, token, token_file)

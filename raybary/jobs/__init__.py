@@ -1,7 +1,7 @@
 """Running raybary as Ray jobs: submit, follow, inspect and stop them.
 
 A *job* runs ``raybary run INPUT OUTPUT ... --address auto`` (through
-:mod:`raybary.jobs.entrypoint`) on a Ray cluster, submitted over HTTP to the
+:mod:`raybary.cli.job_entry`) on a Ray cluster, submitted over HTTP to the
 head node's dashboard with Ray's Jobs API (``JobSubmissionClient``). Data
 never pass through the submitting machine: the job's driver and actors read
 the input store and write the results themselves, so the cluster must reach
@@ -14,8 +14,10 @@ the storage (``s3://``, ``gs://``, or a shared file system).
   and its entrypoint command; ``jobs/*.yaml`` in the repository are the same
   environments for use with ``ray job submit``;
 * :mod:`raybary.jobs.client` — submit / status / logs / stop / follow, with
-  clear :class:`JobsError` messages;
-* :mod:`raybary.jobs.entrypoint` — what runs on the cluster.
+  clear :class:`JobsError` messages.
+
+What runs on the cluster, :mod:`raybary.cli.job_entry`, lives with the CLI
+whose ``raybary run`` it runs (nothing here imports the CLI).
 
 The CLI (``raybary submit | status | logs | stop``) is a thin layer over
 these; see ``docs/cluster.md``.

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from raybary.errors import RaybaryError
+
 __all__ = ["Token", "resolve_token", "auth_headers", "default_token_path", "TokenError"]
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -45,7 +47,7 @@ class Token:
     source: str
 
 
-class TokenError(ValueError):
+class TokenError(RaybaryError, ValueError):
     """A token file was named but cannot be used."""
 
 

@@ -13,17 +13,19 @@ import contextlib
 import datetime as _dt
 import os
 import re
+import textwrap
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from raybary.errors import RaybaryError
 from raybary.jobs.auth import Token, TokenError, auth_headers, resolve_token
 from raybary.jobs.runtime import build_runtime_env, entrypoint_command
 
 __all__ = ["JobsError", "JobsClient", "connect", "DEFAULT_ADDRESS", "TERMINAL",
-           "failure_reason", "describe", "new_job_id"]
+           "failure_reason", "environment_hint", "describe", "new_job_id"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
@@ -33,7 +35,7 @@ _TOKEN_HELP = ("pass --token TOKEN, set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH t
                "on the head node")
 
 
-class JobsError(Exception):
+class JobsError(RaybaryError):
     """A job operation failed for a reason the user can act on (the message says how)."""
 
 
@@ -288,8 +290,9 @@ def _exception_line(logs: str) -> str | None:
 def failure_reason(info, logs: str | None) -> str | None:
     """Why a job failed, in one line: the last ``Error: ...`` line of its logs (how
     raybary's CLI reports a failure), else the exception that ended the last
-    traceback, else the first line of Ray's message; ``None`` unless the job
-    failed or was stopped."""
+    traceback, else the last line saying that Python found no module (``python
+    -m`` prints no traceback for that), else the first line of Ray's message;
+    ``None`` unless the job failed or was stopped."""
     status = _status_name(info.status)
     if status not in ("FAILED", "STOPPED"):
         return None
@@ -300,8 +303,49 @@ def failure_reason(info, logs: str | None) -> str | None:
         exc = _exception_line(logs)
         if exc:
             return exc
+        missing = re.findall(r"^.*No module named .*$", logs, flags=re.MULTILINE)
+        if missing:
+            return missing[-1].strip()
     message = (info.message or "").strip()
     return message.splitlines()[0] if message else status.lower()
+
+
+# ``No module named 'ray'`` (an import) or ``No module named raybary`` (``python -m``),
+# not a submodule: the job's Python lacks the package itself.
+_NO_PACKAGE = re.compile(r"No module named '?(raybary|ray)'?(?![\w.])")
+# The package is there but has no job entry module: an older raybary.
+_NO_ENTRY = re.compile(r"No module named '?raybary\.cli(?:\.job_entry)?'?(?![\w.])")
+
+
+def environment_hint(logs: str | None) -> str | None:
+    """What to do when a job's logs show that it ran under a Python without ray or
+    raybary (or with a raybary older than this one), else ``None``.
+
+    The usual cause: the head was started from a virtual environment that is
+    not on its ``PATH`` (``/path/venv/bin/ray start --head`` without activating
+    it), so the job's ``python`` is another one.
+    """
+    if not logs:
+        return None
+    found = _NO_PACKAGE.search(logs)
+    if found:
+        return (f"the job ran under a Python without {found.group(1)}: the head runs a job's "
+                "entrypoint with the `python` found on the PATH the head was started with, "
+                "so a head started from a virtual environment that is not on its PATH runs "
+                "jobs under another Python. Fix: start the head with that environment "
+                "activated (`source /path/venv/bin/activate && ray start --head ...`, or "
+                "`PATH=/path/venv/bin:$PATH ray start --head ...`), or name the Python "
+                "(`raybary submit ... --python /path/venv/bin/python`), or give the job "
+                "its packages with a runtime environment (`--runtime-env "
+                "jobs/runtime_env.source.yaml`, or `--pip PACKAGE`).")
+    if _NO_ENTRY.search(logs):
+        from raybary import __version__
+
+        return (f"the raybary on the cluster is older than this one ({__version__}) and has no "
+                "raybary.cli.job_entry: ship this one with the job (`--ship-source`, or "
+                "`--runtime-env jobs/runtime_env.source.yaml`), or upgrade raybary on the "
+                "cluster's nodes.")
+    return None
 
 
 def last_progress(logs: str | None) -> str | None:
@@ -340,6 +384,11 @@ def describe(info, logs: str | None = None) -> str:
     reason = failure_reason(info, logs)
     if reason:
         lines.append(f"  error:      {reason}")
+    hint = environment_hint(logs) if status in ("FAILED", "STOPPED") else None
+    if hint:
+        lines.append(textwrap.fill(hint, width=100, initial_indent="  hint:       ",
+                                   subsequent_indent=" " * 14, break_on_hyphens=False,
+                                   break_long_words=False))
     progress = last_progress(logs) if status not in TERMINAL else None
     if progress:
         lines.append(f"  progress:   {progress}")

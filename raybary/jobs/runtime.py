@@ -59,7 +59,8 @@ SOURCE_EXCLUDES = [
     *SECRET_EXCLUDES,
 ]
 
-ENTRYPOINT_MODULE = "raybary.jobs.entrypoint"
+#: The module a job runs (it lives with the CLI: a job runs ``raybary run``).
+ENTRYPOINT_MODULE = "raybary.cli.job_entry"
 
 
 def raybary_package_dir() -> Path:
@@ -151,7 +152,7 @@ def build_runtime_env(
 
 def entrypoint_command(input_url: str, output_url: str, run_args: Iterable[str] = (),
                        *, python: str = "python") -> str:
-    """The shell command the job runs: ``python -m raybary.jobs.entrypoint INPUT OUTPUT ARGS``.
+    """The shell command the job runs: ``python -m raybary.cli.job_entry INPUT OUTPUT ARGS``.
 
     ``run_args`` are options of ``raybary run`` (passed through unchanged; the
     entrypoint adds ``--address auto`` so the run joins the job's cluster).

@@ -3,29 +3,38 @@
 Each actor is one worker process; JAX compiles on the first shard of each
 bucket shape and keeps the compiled programs for the life of the process (and
 in the persistent compilation cache, so a replacement actor loads instead of
-recompiling). The driver sends shard indices and gets small summaries back.
+recompiling). The driver sends shard indices and gets small summaries back
+(:class:`~raybary.runner.shard.ShardSummary`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import resource
-import sys
 
 import ray
 
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
-from raybary.runner.shard import fail_shard, process_shard
+from raybary.runner.shard import ShardSummary, fail_shard, peak_rss_mb, process_shard
 
-__all__ = ["ShardWorker", "actor_env", "make_actor", "CRASH_ENV"]
+__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor", "CRASH_ENV"]
 
 #: Test hook: comma-separated shard indices on which an actor process exits
 #: abruptly (set through ``ExecOptions.actor_env``); exercises the give-up path.
 CRASH_ENV = "RAYBARY_RUNNER_CRASH_SHARDS"
 
 
+@dataclasses.dataclass(frozen=True)
+class ActorInfo:
+    """An actor's process: id, Ray node id, peak memory (MiB)."""
+
+    pid: int
+    node: str
+    peak_rss_mb: float
+
+
 class ShardWorker:
-    """Solves shards of one run; methods return small JSON-able dicts."""
+    """Solves shards of one run; each method returns a small summary."""
 
     def __init__(self, store_url: str, writer, solver: SolverOptions, grid: GridOptions) -> None:
         from raybary.batch.api import configure_jax
@@ -38,26 +47,21 @@ class ShardWorker:
         self.grid = grid
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    def info(self) -> dict:
-        """Process id, node id and peak memory of this actor's process."""
-        return {"pid": os.getpid(), "node": self.node_id, "peak_rss_mb": _peak_rss_mb()}
+    def info(self) -> ActorInfo:
+        """This actor's process (the driver's sign that the actor runs)."""
+        return ActorInfo(os.getpid(), self.node_id, peak_rss_mb())
 
-    def run_shard(self, shard_index: int) -> dict:
+    def run_shard(self, shard_index: int) -> ShardSummary:
+        """Solve and commit shard ``shard_index`` (:func:`~raybary.runner.shard.process_shard`)."""
         if str(shard_index) in os.environ.get(CRASH_ENV, "").split(","):
             os._exit(70)  # test hook: this process dies on this shard, like a segfault would
         out = process_shard(self.store, self.writer, shard_index, self.solver, self.grid)
-        out.update(node=self.node_id, peak_rss_mb=_peak_rss_mb())
-        return out
+        return dataclasses.replace(out, node=self.node_id)
 
-    def fail_shard(self, shard_index: int, message: str) -> dict:
+    def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
+        """Commit shard ``shard_index`` as failed (:func:`~raybary.runner.shard.fail_shard`)."""
         out = fail_shard(self.store, self.writer, shard_index, message)
-        out.update(node=self.node_id, peak_rss_mb=_peak_rss_mb())
-        return out
-
-
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+        return dataclasses.replace(out, node=self.node_id)
 
 
 def actor_env(exe: ExecOptions) -> dict[str, str]:

@@ -1,34 +1,65 @@
-"""The driver: hands shard indices to actors, re-queues lost work, reports progress.
+"""The driver: hands shard tasks to actors, re-queues lost work, reports progress.
 
-What flows through the driver is small: shard indices out, summary dicts
-back (counts, timings, node and pid). Problem data are read and results
-written by the actors themselves, so the driver's memory does not grow with
-the number of problems (it holds a deque of shard indices and a few counters).
+What flows through the driver is small: shard tasks out
+(:class:`~raybary.runner.pool.ShardTask`), summaries back
+(:class:`~raybary.runner.shard.ShardSummary`: counts, timings, node and pid).
+Problem data are read and results written by the actors themselves, so the
+driver's memory does not grow with the number of problems (it holds a deque
+of shard tasks, the pool of actors and a few counters).
 
 Exactly once: every shard's outputs are committed atomically and a commit is
 idempotent (a rewrite replaces the same files). The driver re-queues a shard
-whenever its outcome is unknown (the actor died, its node died, the task
-raised), so each shard ends committed exactly once, or, after
-``max_attempts`` lost attempts, committed with its valid problems ``failed``
-(never silently dropped). A re-run of the same command skips committed
-shards (:meth:`ResultWriter.prepare`).
+whenever its outcome is unknown, so each shard ends committed exactly once,
+or committed with its valid problems ``failed`` (never silently dropped):
+
+* an attempt lost to a dead actor or node is re-queued at once (the actor is
+  replaced; shards queued behind it on that actor never started and go back
+  first, without counting), up to ``max_attempts`` lost attempts;
+* an attempt whose task raised (a storage fault, ...) is retried after
+  waits of 1, 2, 4, ... s (at most 30 s), up to ``max(max_attempts,
+  FAULT_ATTEMPTS)`` lost attempts (6 by default);
+* both kinds count toward one total per shard; past the limit the shard is
+  committed with its valid problems ``failed`` ("not solved: N attempts at
+  this shard were lost"), a commit that is retried the same way; a shard
+  whose give-up commit is lost too stays uncommitted (:class:`JobIncomplete`).
+
+(:data:`~raybary.runner.options.MAX_ATTEMPTS_HELP` says the same for
+``--max-attempts``.) Failures in a row stop the run only after
+``STUCK_AFTER_S`` without any success. A re-run of the same command skips
+committed shards (:meth:`ResultWriter.prepare`) and solves given-up ones again.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from raybary.runner.options import ExecOptions, GridOptions, SolverOptions, recorded_options
+from raybary.errors import RaybaryError
+from raybary.runner.options import (
+    FAULT_ATTEMPTS,
+    MAX_BACKOFF_S,
+    RETRY_BACKOFF_S,
+    ExecOptions,
+    GridOptions,
+    SolverOptions,
+    recorded_options,
+)
+from raybary.runner.pool import (
+    ActorPool,
+    ShardTask,
+    Slot,
+    TaskKind,
+    TaskRecord,
+    finished_result,
+)
+from raybary.runner.shard import ShardSummary, peak_rss_mb
 from raybary.storage._fs import redact_url
 from raybary.storage.errors import InputChangedError
 
@@ -36,9 +67,11 @@ __all__ = ["run", "RunReport", "JobIncomplete"]
 
 log = logging.getLogger(__name__)
 
+STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
 
-class JobIncomplete(RuntimeError):
-    """The job stopped with shards that could not be committed."""
+
+class JobIncomplete(RaybaryError, RuntimeError):
+    """The job stopped with shards that could not be committed (exit status 1)."""
 
 
 @dataclass
@@ -75,6 +108,22 @@ class RunReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def add_shard(self, out: ShardSummary, t0: float) -> None:
+        """Count a shard committed by this run (``t0``: when the run started)."""
+        self.shards_run += 1
+        self.shards_given_up += int(out.gave_up)
+        self.problems_run += out.n_problems
+        for status in self.counts_run:
+            self.counts_run[status] += int(out.counts.get(status, 0))
+        for step in self.step_seconds:
+            self.step_seconds[step] += float(getattr(out, step))
+        if self.time_to_first_shard_s is None:
+            self.time_to_first_shard_s = time.perf_counter() - t0
+        self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, out.peak_rss_mb)
+        self.shards_by_node[out.node] = self.shards_by_node.get(out.node, 0) + 1
+        if out.pid not in self.pids:
+            self.pids.append(out.pid)
 
 
 # ------------------------------------------------------------------ progress
@@ -131,11 +180,6 @@ def _hms(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
-
-
 # ------------------------------------------------------------------ Ray
 def _connect(exe: ExecOptions, token=None) -> bool:
     """Start or join Ray; return whether this call started it (and must stop it).
@@ -174,15 +218,14 @@ def _connect(exe: ExecOptions, token=None) -> bool:
 def _token_for_cluster():
     """Resolve the Ray auth token as ``raybary submit`` does and, when there is
     one and ``RAY_AUTH_MODE`` is unset, turn on Ray's token mode for this
-    process (Ray sends a token only in that mode). Returns the token or None."""
+    process (Ray sends a token only in that mode). Returns the token or None;
+    raises :class:`~raybary.jobs.auth.TokenError` for a named token file that
+    cannot be used."""
     import os
 
-    from raybary.jobs.auth import TokenError, resolve_token
+    from raybary.jobs.auth import resolve_token
 
-    try:
-        token = resolve_token()
-    except TokenError as e:
-        raise ConnectionError(str(e)) from None
+    token = resolve_token()
     if token is not None and not os.environ.get("RAY_AUTH_MODE"):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", token.value)
@@ -206,7 +249,7 @@ def _default_actors(exe: ExecOptions) -> int:
 def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         grid: GridOptions | None = None, exe: ExecOptions | None = None, *,
         stream: TextIO | None = sys.stderr,
-        on_shard: Callable[[dict], None] | None = None) -> RunReport:
+        on_shard: Callable[[ShardSummary], None] | None = None) -> RunReport:
     """Solve every problem of ``input_url`` into ``output_url``; return a :class:`RunReport`.
 
     Starts an embedded local Ray unless Ray is already initialised in this
@@ -216,7 +259,8 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     :class:`JobIncomplete` if some shards could not be committed (the
     manifest is written either way; a re-run finishes the job).
     ``on_shard(summary)`` is called on the driver after each committed shard
-    (the summary has the shard, counts, timings, ``pid`` and ``node``).
+    with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
+    timings, ``pid`` and ``node``).
     """
     from raybary.storage import ResultWriter, open_store
 
@@ -255,8 +299,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
                        n_problems=store.n_problems,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
                        shards_skipped=len(committed))
-    todo: collections.deque[tuple[int, str]] = collections.deque(
-        (i, "solve") for i in range(writer.n_shards) if i not in committed)
+    todo: collections.deque[ShardTask] = collections.deque(
+        ShardTask(i) for i in range(writer.n_shards) if i not in committed)
     done_before = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in committed)
     progress = _Progress(store.n_problems, done_before, stream)
     if stream is not None and committed:
@@ -267,28 +311,21 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
                      f"last time (shards {writer.retried_gave_up[:10]})\n")
 
     started = False
-    slots: list[dict] = []
+    pool: ActorPool | None = None
     try:
         if todo:
             started = _connect(exe, token)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
-
-            def new_actor():
-                return make_actor(exe, store.url, writer, solver, grid)
-
-            slots = [_slot(new_actor(), 0) for _ in range(n_actors)]
-            _schedule(slots, todo, new_actor, exe, report, progress, t0, on_shard)
+            pool = ActorPool(lambda: make_actor(exe, store.url, writer, solver, grid), n_actors)
+            _Scheduler(pool, todo, exe, report, progress, t0, on_shard).run()
     except (JobIncomplete, InputChangedError) as e:
         stopped = e
     else:
         stopped = None
     finally:
-        for s in slots:
-            try:
-                ray.kill(s["actor"], no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+        if pool is not None:
+            pool.kill_all()
         progress.close()
         if started:
             ray.shutdown()
@@ -312,17 +349,12 @@ def _finish_report(report: RunReport, writer, t0: float) -> None:
     """Timings into ``report``, then the manifest (counts, missing shards) back into it."""
     report.wall_s = time.perf_counter() - t0
     report.problems_per_s = report.problems_run / report.wall_s if report.wall_s > 0 else 0.0
-    report.driver_peak_rss_mb = _peak_rss_mb()
+    report.driver_peak_rss_mb = peak_rss_mb()
     report.errors = report.errors[:20]
     manifest = writer.finalize(report.to_dict())
     report.counts = manifest["counts"]
     report.complete = bool(manifest["complete"])
     report.shards_lost = list(manifest["missing_shards"])
-
-
-RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again
-FAULT_ATTEMPTS = 6  # attempts at a shard whose task raises (waits 1+2+4+8+16 s in all)
-STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
 
 
 class _LeaseKeeper:
@@ -353,13 +385,6 @@ class _LeaseKeeper:
         self.thread.join(timeout=5)
 
 
-def _slot(actor, gen: int) -> dict:
-    """An actor slot; ``ready`` is the pending ``info()`` call until the actor
-    runs (it gets shards only then), ``None`` after."""
-    return {"actor": actor, "gen": gen, "ready": actor.info.remote(), "since": time.monotonic(),
-            "warned": False}
-
-
 def _placement_message(exe: ExecOptions, waited: float, n_slots: int) -> str:
     import ray
 
@@ -378,194 +403,155 @@ def _placement_message(exe: ExecOptions, waited: float, n_slots: int) -> str:
             "--gpus-per-actor), add nodes, or wait longer (--placement-timeout).")
 
 
-def _schedule(slots, todo, new_actor, exe: ExecOptions, report: RunReport,
-              progress: _Progress, t0: float, on_shard) -> None:
-    """Keep ``exe.in_flight`` shards queued on each running actor until ``todo`` is empty.
+class _Scheduler:
+    """Keeps ``exe.in_flight`` shard tasks queued on each running actor of ``pool``
+    until ``todo`` is empty, and decides what happens to lost ones (the module
+    docstring says what).
 
-    An actor gets shards only once it runs (its ``info()`` call returned), so
+    An actor gets tasks only once it runs (its ``info()`` call returned), so
     shards never wait on an actor that cannot be placed. While none runs for
     ``exe.placement_timeout()`` seconds, the run fails naming what the actors
     ask for and what the cluster has; actors that stay unplaced while others
     run are reported once and get no work.
     """
-    import ray
-    from ray.exceptions import RayActorError
 
-    inflight: dict = {}  # ref -> (slot index, generation, shard, kind, submission number)
-    counter = itertools.count()
-    attempts: collections.Counter = collections.Counter()  # lost solve attempts per shard
-    give_up: collections.Counter = collections.Counter()  # lost attempts to commit it as failed
-    stuck = 0  # failures since the last success
-    max_stuck = max(10, 3 * len(slots) + exe.max_attempts)
-    last_success = time.monotonic()
-    fault_attempts = max(exe.max_attempts, FAULT_ATTEMPTS)
-    timeout = exe.placement_timeout()
-    none_running_since = time.monotonic()
+    def __init__(self, pool: ActorPool, todo: collections.deque[ShardTask], exe: ExecOptions,
+                 report: RunReport, progress: _Progress, t0: float,
+                 on_shard: Callable[[ShardSummary], None] | None) -> None:
+        self.pool, self.todo, self.exe = pool, todo, exe
+        self.report, self.progress, self.t0, self.on_shard = report, progress, t0, on_shard
+        self.delayed: list[tuple[float, ShardTask]] = []  # (due time, task): backing off
+        self.stuck = 0  # failures since the last success
+        self.max_stuck = max(10, 3 * len(pool.slots) + exe.max_attempts)
+        self.last_success = time.monotonic()
+        self.fault_attempts = max(exe.max_attempts, FAULT_ATTEMPTS)
+        self.timeout = exe.placement_timeout()
+        self.none_running_since = time.monotonic()
 
-    def replace(k: int) -> None:
-        try:
-            ray.kill(slots[k]["actor"], no_restart=True)
-        except Exception:  # noqa: BLE001
-            pass
-        slots[k] = _slot(new_actor(), slots[k]["gen"] + 1)
-        report.actor_replacements += 1
+    def run(self) -> None:
+        """Schedule until every shard is committed or given up; raises :class:`JobIncomplete`
+        when the run cannot go on, :class:`InputChangedError` when the input changed."""
+        while self.todo or self.pool.in_flight() or self.delayed:
+            self._release_delayed()
+            self._check_placement()
+            while self.todo and (slot := self.pool.pick(self.exe.in_flight)) is not None:
+                self.pool.submit(slot, self.todo.popleft())
+            finished = self.pool.wait(timeout=1.0)
+            self.progress.update()
+            for ref in finished:
+                rec = self.pool.pop(ref)
+                if rec is None:  # taken with its actor's other tasks when that actor died
+                    continue
+                self._collect(ref, rec)
+                if self.stuck > self.max_stuck and \
+                        time.monotonic() - self.last_success > STUCK_AFTER_S:
+                    raise JobIncomplete(
+                        f"{self.stuck} shard attempts in a row failed; giving up. Last errors:\n  "
+                        + "\n  ".join(self.report.errors[-5:]))
 
-    def check_placement() -> None:
-        nonlocal none_running_since, stuck
-        pending = {s["ready"]: k for k, s in enumerate(slots) if s["ready"] is not None}
-        if pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            for ref in done:
-                k = pending[ref]
-                try:
-                    ray.get(ref)
-                    slots[k]["ready"] = None
-                except RayActorError as e:  # its constructor failed, or its node died
-                    stuck += 1
-                    report.errors.append(f"actor could not start ({str(e).splitlines()[0][:200]})")
-                    if stuck > max_stuck:
-                        raise JobIncomplete("actors keep failing to start; last errors:\n  "
-                                            + "\n  ".join(report.errors[-5:])) from None
-                    replace(k)
+    # ------------------------------------------------------------ actors
+    def _replace(self, slot: Slot) -> None:
+        self.pool.replace(slot)
+        self.report.actor_replacements += 1
+
+    def _check_placement(self) -> None:
+        for slot, error in self.pool.poll_started():  # its constructor failed, or its node died
+            self.stuck += 1
+            self.report.errors.append(
+                f"actor could not start ({str(error).splitlines()[0][:200]})")
+            if self.stuck > self.max_stuck:
+                raise JobIncomplete("actors keep failing to start; last errors:\n  "
+                                    + "\n  ".join(self.report.errors[-5:])) from None
+            self._replace(slot)
         now = time.monotonic()
-        if any(s["ready"] is None for s in slots):
-            none_running_since = now
-            for s in slots:
-                if s["ready"] is not None and not s["warned"] and now - s["since"] > timeout:
-                    s["warned"] = True
+        if self.pool.running():
+            self.none_running_since = now
+            for slot in self.pool.pending():
+                if not slot.warned and now - slot.since > self.timeout:
+                    slot.warned = True
                     log.warning("an actor (%s) could not be placed in %.0f s; going on without it",
-                                exe.actor_request(), now - s["since"])
-        elif now - none_running_since > timeout:
-            raise JobIncomplete(_placement_message(exe, now - none_running_since, len(slots)))
+                                self.exe.actor_request(), now - slot.since)
+        elif now - self.none_running_since > self.timeout:
+            raise JobIncomplete(_placement_message(self.exe, now - self.none_running_since,
+                                                   len(self.pool.slots)))
 
-    def submit(k: int) -> None:
-        shard, kind = todo.popleft()
-        actor = slots[k]["actor"]
-        if kind == "solve":
-            ref = actor.run_shard.remote(shard)
+    # ------------------------------------------------------------ outcomes
+    def _collect(self, ref, rec: TaskRecord) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            out = ray.get(ref)
+        except RayActorError as e:
+            self._actor_died(rec, e)
+        except InputChangedError as e:  # no retry: every shard would mix two inputs
+            raise InputChangedError(_cause_message(e)) from None
+        except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
+            self.stuck += 1
+            self._lost(rec.task, f"{type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[-1][:300]}", backoff=True)
         else:
-            ref = actor.fail_shard.remote(shard, kind[len("fail:"):])
-        inflight[ref] = (k, slots[k]["gen"], shard, kind, next(counter))
+            self.stuck = 0
+            self.last_success = time.monotonic()
+            self._committed(out)
 
-    delayed: list[tuple[float, int, str]] = []  # (due time, shard, kind): retries backing off
+    def _committed(self, out: ShardSummary) -> None:
+        self.report.add_shard(out, self.t0)
+        self.progress.update(out.n_problems, failed=int(out.counts.get("failed", 0)),
+                             invalid=int(out.counts.get("invalid", 0)), force=True)
+        if self.on_shard is not None:
+            self.on_shard(out)
 
-    def again(shard: int, kind: str, backoff: bool) -> None:
+    def _actor_died(self, rec: TaskRecord, error: Exception) -> None:
+        self.stuck += 1
+        why = f"actor died ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        # An actor runs its tasks one at a time in submission order, so of the
+        # tasks it still had, the first submitted was the one running: that
+        # attempt counts; the others never started and go back first.
+        lost = [rec]
+        for ref, other in self.pool.take(rec.slot):
+            out = finished_result(ref)  # finished before the actor died?
+            if out is not None:
+                self._committed(out)
+            else:
+                lost.append(other)
+        lost.sort(key=lambda r: r.seq)
+        self._lost(lost[0].task, why)
+        for unstarted in reversed(lost[1:]):
+            self.todo.appendleft(unstarted.task)
+        if self.pool.holds(rec.slot):
+            self._replace(rec.slot)
+            self.report.requeued_unstarted += len(lost) - 1
+
+    def _lost(self, task: ShardTask, why: str, backoff: bool = False) -> None:
+        """``task`` was lost: try again, commit the shard as failed, or (a lost
+        give-up commit, too often) leave the shard uncommitted."""
+        self.report.errors.append(f"shard {task.shard}: {why}")
+        if task.attempt < (self.fault_attempts if backoff else self.exe.max_attempts):
+            self._again(task.retry(), backoff)
+            if task.kind is TaskKind.SOLVE:
+                self.report.retries += 1
+                self.progress.update(retries=1)
+        elif task.kind is TaskKind.SOLVE:
+            self.todo.append(task.give_up(f"not solved: {task.attempt} attempts at this shard "
+                                          f"were lost (last: {why[:300]})"))
+        else:
+            log.error("shard %d could not be committed: %s", task.shard, why)
+
+    def _again(self, task: ShardTask, backoff: bool) -> None:
         if backoff:  # a fault that may pass (storage, memory): wait 1, 2, 4, ... 30 s
-            n = attempts[shard] + give_up[shard]
-            delayed.append((time.monotonic() + min(RETRY_BACKOFF_S * 2 ** (n - 1), 30.0),
-                            shard, kind))
+            wait = min(RETRY_BACKOFF_S * 2 ** (task.lost_before - 1), MAX_BACKOFF_S)
+            self.delayed.append((time.monotonic() + wait, task))
         else:
-            todo.append((shard, kind))
+            self.todo.append(task)
 
-    def lost(shard: int, kind: str, why: str, backoff: bool = False) -> None:
-        report.errors.append(f"shard {shard}: {why}")
-        if kind != "solve":  # committing it as failed did not work either
-            give_up[shard] += 1
-            if give_up[shard] < (fault_attempts if backoff else exe.max_attempts):
-                again(shard, kind, backoff)
-            else:
-                log.error("shard %d could not be committed: %s", shard, why)
-            return
-        attempts[shard] += 1
-        if attempts[shard] < (fault_attempts if backoff else exe.max_attempts):
-            again(shard, "solve", backoff)
-            report.retries += 1
-            progress.update(retries=1)
-        else:
-            msg = (f"not solved: {attempts[shard]} attempts at this shard were lost "
-                   f"(last: {why[:300]})")
-            todo.append((shard, "fail:" + msg))
-
-    while todo or inflight or delayed:
+    def _release_delayed(self) -> None:
         now = time.monotonic()
-        todo.extend((shard, kind) for due, shard, kind in delayed if due <= now)
-        delayed[:] = [d for d in delayed if d[0] > now]
-        check_placement()
-        for k in range(len(slots)):
-            if slots[k]["ready"] is not None:
-                continue
-            while todo and sum(1 for v in inflight.values() if v[0] == k) < exe.in_flight:
-                submit(k)
-        waiting = list(inflight) + [s["ready"] for s in slots if s["ready"] is not None]
-        if not waiting:
-            time.sleep(0.05)  # only backed-off retries left
-            continue
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-        ready = [r for r in ready if r in inflight]
-        progress.update()
-        for ref in ready:
-            if ref not in inflight:  # dropped when its actor was replaced
-                continue
-            k, gen, shard, kind, seq = inflight.pop(ref)
-            try:
-                out = ray.get(ref)
-            except RayActorError as e:
-                stuck += 1
-                why = f"actor died ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                # An actor runs its tasks one at a time in submission order, so of
-                # the shards it still had, the first submitted was the one running:
-                # that attempt counts; the others never started and go back first.
-                dead = [(seq, shard, kind)]
-                for r2, (k2, g2, s2, kind2, seq2) in list(inflight.items()):
-                    if k2 == k and g2 == gen:
-                        del inflight[r2]
-                        try:  # finished before the actor died?
-                            if ray.wait([r2], timeout=0)[0]:
-                                out2 = ray.get(r2)
-                                _record(out2, report, progress, t0)
-                                if on_shard is not None:
-                                    on_shard(out2)
-                                continue
-                        except Exception:  # noqa: BLE001 - lost with the actor
-                            pass
-                        dead.append((seq2, s2, kind2))
-                dead.sort()
-                lost(dead[0][1], dead[0][2], why)
-                for _, s2, kind2 in reversed(dead[1:]):
-                    todo.appendleft((s2, kind2))
-                if slots[k]["gen"] == gen:  # replace the actor
-                    replace(k)
-                    report.requeued_unstarted += len(dead) - 1
-            except InputChangedError as e:  # no retry: every shard would mix two inputs
-                raise InputChangedError(_cause_message(e)) from None
-            except Exception as e:  # noqa: BLE001 - the task raised: retry, then give up
-                stuck += 1
-                lost(shard, kind, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}",
-                     backoff=True)
-            else:
-                stuck = 0
-                last_success = time.monotonic()
-                _record(out, report, progress, t0)
-                if on_shard is not None:
-                    on_shard(out)
-            if stuck > max_stuck and time.monotonic() - last_success > STUCK_AFTER_S:
-                raise JobIncomplete(
-                    f"{stuck} shard attempts in a row failed; giving up. Last errors:\n  "
-                    + "\n  ".join(report.errors[-5:]))
+        self.todo.extend(task for due, task in self.delayed if due <= now)
+        self.delayed = [d for d in self.delayed if d[0] > now]
 
 
 def _cause_message(e: Exception) -> str:
     """The message of the exception a Ray task raised, without Ray's traceback."""
     cause = getattr(e, "cause", None)
     return str(cause if cause is not None else e).strip()
-
-
-def _record(out: dict, report: RunReport, progress: _Progress, t0: float) -> None:
-    n = out["stop"] - out["start"]
-    c = out["counts"]
-    report.shards_run += 1
-    report.shards_given_up += int(bool(out.get("gave_up")))
-    report.problems_run += n
-    for s in ("ok", "invalid", "failed"):
-        report.counts_run[s] += int(c.get(s, 0))
-    for key in report.step_seconds:
-        report.step_seconds[key] += float(out.get(key, 0.0))
-    if report.time_to_first_shard_s is None:
-        report.time_to_first_shard_s = time.perf_counter() - t0
-    report.actor_peak_rss_mb = max(report.actor_peak_rss_mb, float(out.get("peak_rss_mb", 0.0)))
-    node = out.get("node", "?")
-    report.shards_by_node[node] = report.shards_by_node.get(node, 0) + 1
-    if out.get("pid") not in report.pids:
-        report.pids.append(out.get("pid"))
-    progress.update(n, failed=int(c.get("failed", 0)), invalid=int(c.get("invalid", 0)),
-                    force=True)

@@ -1,7 +1,9 @@
 """Options of a run: what the solver computes (recorded with the results, and
 compared on a re-run) and how the work is spread (free to change between runs).
 
-NumPy/stdlib only, so the CLI can build and check options without Ray or JAX.
+Stdlib only, so the CLI can build and check options without Ray or JAX; the
+CLI takes its defaults, choices and parsers from here. Bad options raise
+:class:`~raybary.errors.OptionsError` (a ``ValueError``; exit status 2).
 """
 
 from __future__ import annotations
@@ -9,11 +11,29 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, replace
 
+from raybary.errors import OptionsError
+
 __all__ = ["SolverOptions", "GridOptions", "ExecOptions", "parse_grid", "parse_bounds",
-           "parse_dims", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID"]
+           "parse_dims", "format_grid", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID", "DTYPES",
+           "FAULT_ATTEMPTS", "RETRY_BACKOFF_S", "MAX_BACKOFF_S", "MAX_ATTEMPTS_HELP",
+           "OptionsError"]
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_GRID = (50, 50)
+DTYPES = ("float32", "float64")
+
+# Retries (the driver's policy, stated here so that the CLI's help says the same).
+RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again
+MAX_BACKOFF_S = 30.0  # longest wait between two tries of a shard
+FAULT_ATTEMPTS = 6  # attempts at a shard whose task raises, at least (waits 1+2+4+8+16 s)
+
+#: What ``max_attempts`` (``--max-attempts``) means; :mod:`raybary.runner.driver` does this.
+MAX_ATTEMPTS_HELP = (
+    "Lost attempts at a shard before its valid problems are committed as failed: an "
+    "attempt lost to a dead actor or node is re-queued at once, up to this many; a task "
+    "that raised (e.g. a storage fault) is retried after waits of 1, 2, 4, ... s (at most "
+    f"{MAX_BACKOFF_S:g} s), up to max(this, {FAULT_ATTEMPTS}). Both kinds count toward one "
+    "total per shard. A re-run solves such shards again.")
 
 
 @dataclass(frozen=True)
@@ -31,17 +51,17 @@ class SolverOptions:
 
     def __post_init__(self) -> None:
         if self.bar_size < 1:
-            raise ValueError(f"bar_size must be at least 1, got {self.bar_size}")
+            raise OptionsError(f"bar_size must be at least 1, got {self.bar_size}")
         if self.epsilon is not None and self.relative_epsilon is not None:
-            raise ValueError("give --epsilon or --relative-epsilon, not both")
+            raise OptionsError("give --epsilon or --relative-epsilon, not both")
         for name in ("epsilon", "relative_epsilon"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and v < float("inf")):
-                raise ValueError(f"{name} must be a positive finite number, got {v}")
+                raise OptionsError(f"{name} must be a positive finite number, got {v}")
         if self.restarts < 1:
-            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+            raise OptionsError(f"restarts must be at least 1, got {self.restarts}")
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
     def resolved(self) -> SolverOptions:
         """These options with the solver's default regularisation filled in, so the
@@ -72,17 +92,17 @@ class GridOptions:
 
     def __post_init__(self) -> None:
         if self.shape is not None and (len(self.shape) != 2 or min(self.shape) < 1):
-            raise ValueError(f"grid shape must be two positive sizes, got {self.shape}")
+            raise OptionsError(f"grid shape must be two positive sizes, got {self.shape}")
         if self.bounds is not None:
             b = self.bounds
             if len(b) != 4 or not (b[0] < b[1] and b[2] < b[3]):
-                raise ValueError(f"grid bounds must be xmin<xmax, ymin<ymax, got {b}")
+                raise OptionsError(f"grid bounds must be xmin<xmax, ymin<ymax, got {b}")
         if len(self.dims) != 2 or self.dims[0] == self.dims[1] or min(self.dims) < 0:
-            raise ValueError(f"grid dims must be two distinct coordinates, got {self.dims}")
+            raise OptionsError(f"grid dims must be two distinct coordinates, got {self.dims}")
         if self.input_gmms < 0:
-            raise ValueError("input_gmms must be >= 0")
+            raise OptionsError("input_gmms must be >= 0")
         if self.input_gmms and self.shape is None:
-            raise ValueError("input grids need a grid shape")
+            raise OptionsError("input grids need a grid shape")
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,7 @@ class ExecOptions:
     gpus_per_actor: float = 0.0
     shard_size: int = DEFAULT_SHARD_SIZE
     in_flight: int = 2  # shards queued per actor
-    max_attempts: int = 3  # an actor death per attempt; then the shard is committed as failed
+    max_attempts: int = 3  # lost attempts at a shard, then it is committed failed: MAX_ATTEMPTS_HELP
     overwrite: bool = False
     progress: bool = True
     num_cpus: int | None = None  # embedded Ray's CPUs (default: os.cpu_count())
@@ -108,15 +128,15 @@ class ExecOptions:
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
-            raise ValueError("shard_size must be at least 1")
+            raise OptionsError("shard_size must be at least 1")
         if self.actors is not None and self.actors < 1:
-            raise ValueError("actors must be at least 1")
+            raise OptionsError("actors must be at least 1")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
-            raise ValueError("resources per actor must be >= 0")
+            raise OptionsError("resources per actor must be >= 0")
         if self.in_flight < 1 or self.max_attempts < 1:
-            raise ValueError("in_flight and max_attempts must be at least 1")
+            raise OptionsError("in_flight and max_attempts must be at least 1")
         if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
-            raise ValueError("placement_timeout_s must be positive")
+            raise OptionsError("placement_timeout_s must be positive")
 
     def placement_timeout(self) -> float:
         if self.placement_timeout_s is not None:
@@ -154,12 +174,17 @@ def parse_grid(text: str) -> tuple[int, int] | None:
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"grid must be H or HxW (e.g. 50x50), got {text!r}") from None
+        raise OptionsError(f"grid must be H or HxW (e.g. 50x50), got {text!r}") from None
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"grid must be H or HxW with positive sizes, got {text!r}")
+        raise OptionsError(f"grid must be H or HxW with positive sizes, got {text!r}")
     return sizes[0], sizes[1]
+
+
+def format_grid(shape: tuple[int, int] | None) -> str:
+    """The text :func:`parse_grid` reads back as ``shape``: ``"50x50"``, or ``"none"``."""
+    return "none" if shape is None else f"{shape[0]}x{shape[1]}"
 
 
 def parse_bounds(text: str | None) -> tuple[float, float, float, float] | None:
@@ -169,9 +194,9 @@ def parse_bounds(text: str | None) -> tuple[float, float, float, float] | None:
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"grid bounds must be xmin,xmax,ymin,ymax, got {text!r}") from None
+        raise OptionsError(f"grid bounds must be xmin,xmax,ymin,ymax, got {text!r}") from None
     if len(vals) != 4:
-        raise ValueError(f"grid bounds must be 4 numbers xmin,xmax,ymin,ymax, got {text!r}")
+        raise OptionsError(f"grid bounds must be 4 numbers xmin,xmax,ymin,ymax, got {text!r}")
     return vals  # type: ignore[return-value]
 
 
@@ -180,7 +205,7 @@ def parse_dims(text: str) -> tuple[int, int]:
     try:
         vals = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"grid dims must be i,j (e.g. 0,1), got {text!r}") from None
+        raise OptionsError(f"grid dims must be i,j (e.g. 0,1), got {text!r}") from None
     if len(vals) != 2:
-        raise ValueError(f"grid dims must be two coordinates i,j, got {text!r}")
+        raise OptionsError(f"grid dims must be two coordinates i,j, got {text!r}")
     return vals  # type: ignore[return-value]

@@ -2,7 +2,7 @@
 
 :func:`process_shard` is what a Ray actor runs for each shard descriptor; it
 is plain Python so it can be tested and profiled without Ray. The problem
-data stay in this process: the caller gets back a small summary dict.
+data stay in this process: the caller gets back a small :class:`ShardSummary`.
 
 Failure isolation: invalid problems come back from the store as ``None``
 with a message (status ``invalid``). The valid ones are solved together; if
@@ -16,17 +16,57 @@ shard is solved normally. Results the solver itself marks ``failed``
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from raybary.batch.padding import next_pow2
 from raybary.runner.options import GridOptions, SolverOptions
 from raybary.types import Problem, Result
 
-__all__ = ["process_shard", "fail_shard", "solve_isolated", "shard_grids", "problem_extents"]
+__all__ = ["process_shard", "fail_shard", "solve_isolated", "shard_grids", "problem_extents",
+           "ShardSummary", "peak_rss_mb"]
 
 SolveFn = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What an actor sends back for a committed shard (small, whatever the shard's size).
+
+    ``counts``: the shard's problems by status (``ok``, ``invalid``,
+    ``failed``); ``*_s``: seconds of each step; ``pid``, ``node`` and
+    ``peak_rss_mb``: the process that did it (``node`` is set by the actor);
+    ``gave_up``: committed as failed without solving (:func:`fail_shard`).
+    """
+
+    shard: int
+    start: int
+    stop: int
+    counts: dict[str, int] = field(default_factory=dict)
+    read_s: float = 0.0
+    solve_s: float = 0.0
+    grid_s: float = 0.0
+    commit_s: float = 0.0
+    total_s: float = 0.0
+    pid: int = 0
+    node: str = "?"
+    peak_rss_mb: float = 0.0
+    gave_up: bool = False
+
+    @property
+    def n_problems(self) -> int:
+        return self.stop - self.start
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
 
 
 def _default_solve(problems, **kw):
@@ -68,24 +108,15 @@ def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
 
 
 # ------------------------------------------------------------------ grids
-def _marginal_components(problem: Problem, dims: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.asarray(dims)
-    means = np.concatenate([g.means for g in problem.gmms])[:, idx]
-    covs = np.concatenate([g.covs for g in problem.gmms])[:, idx[:, None], idx[None, :]]
-    return means, covs
-
-
 def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1)) -> np.ndarray:
     """Grid extent ``(xmin, xmax, ymin, ymax)`` of a problem: every input
     component's mean +- 3 standard deviations on coordinates ``dims`` (used for
     the barycenter's grid and the inputs' grids alike, so they line up)."""
-    from raybary.density import default_bounds
+    from raybary.density import default_bounds, marginal_components
 
-    return default_bounds(*_marginal_components(problem, dims))
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
+    return default_bounds(*marginal_components(np.concatenate([g.means for g in problem.gmms]),
+                                               np.concatenate([g.covs for g in problem.gmms]),
+                                               dims))
 
 
 def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
@@ -93,8 +124,8 @@ def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
     components rounded up to powers of two (few compiles); padding components
     have weight 0 and identity covariance; padding rows copy row 0."""
     b = len(gmms)
-    k = _next_pow2(max(len(w) for w, _, _ in gmms))
-    bp = _next_pow2(b)
+    k = next_pow2(max(len(w) for w, _, _ in gmms))
+    bp = next_pow2(b)
     W = np.zeros((bp, k))
     M = np.zeros((bp, k, d))
     C = np.broadcast_to(np.eye(d), (bp, k, d, d)).copy()
@@ -153,7 +184,7 @@ def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | N
 
 # ------------------------------------------------------------------ shards
 def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: GridOptions,
-                  *, solve_fn: SolveFn | None = None) -> dict:
+                  *, solve_fn: SolveFn | None = None) -> ShardSummary:
     """Read, validate, solve, grid and commit shard ``shard_index``; return a summary.
 
     ``store`` is a :class:`~raybary.storage.ProblemStore`, ``writer`` the run's
@@ -186,11 +217,10 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
                                [r if s != "invalid" else None for r, s in zip(results, statuses)],
                                seconds, grids=grids, grid_extents=extents, input_grids=inputs)
     t_end = time.perf_counter()
-    return {
-        "shard": shard_index, "start": start, "stop": stop, "counts": info["counts"],
-        "read_s": t_read - t0, "solve_s": t_solve - t_read, "grid_s": t_grid - t_solve,
-        "commit_s": t_end - t_grid, "total_s": t_end - t0, "pid": os.getpid(),
-    }
+    return ShardSummary(shard_index, start, stop, info["counts"], read_s=t_read - t0,
+                        solve_s=t_solve - t_read, grid_s=t_grid - t_solve,
+                        commit_s=t_end - t_grid, total_s=t_end - t0, pid=os.getpid(),
+                        peak_rss_mb=peak_rss_mb())
 
 
 def problem_seconds(total: float, results: Sequence[Result | None],
@@ -209,7 +239,7 @@ def problem_seconds(total: float, results: Sequence[Result | None],
     return out
 
 
-def fail_shard(store, writer, shard_index: int, message: str) -> dict:
+def fail_shard(store, writer, shard_index: int, message: str) -> ShardSummary:
     """Commit shard ``shard_index`` without solving: valid problems get status
     ``failed`` with ``message`` (used when solving it kept killing processes),
     invalid ones keep their validation message."""
@@ -220,6 +250,5 @@ def fail_shard(store, writer, shard_index: int, message: str) -> dict:
     errors = [e if e is not None else message for e in shard.errors]
     info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
                                [None] * len(shard), None, gave_up=message)
-    return {"shard": shard_index, "start": start, "stop": stop, "counts": info["counts"],
-            "read_s": 0.0, "solve_s": 0.0, "grid_s": 0.0, "commit_s": 0.0, "total_s": 0.0,
-            "pid": os.getpid(), "gave_up": True}
+    return ShardSummary(shard_index, start, stop, info["counts"], pid=os.getpid(),
+                        peak_rss_mb=peak_rss_mb(), gave_up=True)

@@ -1,18 +1,21 @@
-"""Exceptions of the storage layer."""
+"""Exceptions of the storage layer (user-facing: :class:`~raybary.errors.RaybaryError`,
+and ``ValueError`` as before, exit status 1)."""
 
 from __future__ import annotations
+
+from raybary.errors import RaybaryError
 
 __all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError", "InputChangedError"]
 
 
-class StoreFormatError(ValueError):
+class StoreFormatError(RaybaryError, ValueError):
     """A store is refused before any work starts: wrong schema, format name or version.
 
     The message lists everything that is wrong and what was expected.
     """
 
 
-class StoreDataError(ValueError):
+class StoreDataError(RaybaryError, ValueError):
     """A store's data cannot be represented or is internally inconsistent.
 
     Raised, for instance, when converting a Parquet store with mixed dimensions
@@ -22,7 +25,7 @@ class StoreDataError(ValueError):
     """
 
 
-class ResultsConflictError(ValueError):
+class ResultsConflictError(RaybaryError, ValueError):
     """An output directory exists and was written with different settings."""
 
 

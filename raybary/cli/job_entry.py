@@ -1,6 +1,6 @@
 """What a raybary job runs on the cluster: ``raybary run`` joined to the job's Ray.
 
-    python -m raybary.jobs.entrypoint INPUT OUTPUT [raybary run options]
+    python -m raybary.cli.job_entry INPUT OUTPUT [raybary run options]
 
 It prints a short header (versions, host) to the job's log, adds
 ``--address auto`` unless an address is given (inside a job Ray sets
@@ -8,6 +8,10 @@ It prints a short header (versions, host) to the job's log, adds
 private one), and exits with ``raybary run``'s status: 0 when every problem
 is accounted for, 1 when the run could not complete (e.g. an unreadable
 input, reported as ``Error: ...``), 2 for bad options.
+
+It lives with the CLI, whose ``run`` it runs: :mod:`raybary.jobs` only
+builds this command (:func:`raybary.jobs.runtime.entrypoint_command`), so no
+layer below the CLI imports it.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ def with_address(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the header, then run ``raybary run ARGV --address auto``; exits with its status."""
     argv = with_address(list(sys.argv[1:] if argv is None else argv))
     print(_header(argv), flush=True)
     from raybary.cli import main as cli
 
-    cli.main(args=["run", *argv], prog_name="raybary")  # exits with run's status
+    cli.main(args=["run", *argv], prog_name="raybary")
 
 
 if __name__ == "__main__":
