@@ -197,3 +197,26 @@ def test_grid_extents_of_a_marginal_and_the_shard_summary(tmp_path):
 def test_open_store_of_missing_input_is_an_error(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError)):
         open_store(str(tmp_path / "nope.parquet"))
+
+
+def test_a_covariance_float32_cannot_hold_is_invalid_in_float32_runs_only(tmp_path):
+    from raybary.storage import write_problems
+
+    probs = tutorial_problems(3)
+    g = probs[1].gmms[0]
+    ill = raybary.GMM(g.weights, g.means, np.stack([np.diag([1.0, 1e-8])] * len(g.weights)))
+    probs[1] = raybary.Problem((ill, *probs[1].gmms[1:]), probs[1].lambdas)
+    store = write_problems(str(tmp_path / "ill.parquet"), probs)
+    counts = {}
+    for dtype in ("float32", "float64"):
+        solver, grid = SolverOptions(bar_size=2, dtype=dtype), GridOptions(shape=None)
+        writer = ResultWriter(str(tmp_path / dtype), n_problems=3, shard_size=3, grid_shape=None,
+                              options=recorded_options(solver, grid), input_url=store.url)
+        writer.prepare()
+        counts[dtype] = process_shard(store, writer, 0, solver, grid, solve_fn=fake_solve).counts
+        df = read_results(writer.url).problems.set_index("position")
+        if dtype == "float32":
+            assert df.loc[1, "status"] == "invalid"
+            assert "numerically singular" in df.loc[1, "error"] and "float64" in df.loc[1, "error"]
+    assert counts == {"float32": {"ok": 2, "invalid": 1, "failed": 0},
+                      "float64": {"ok": 3, "invalid": 0, "failed": 0}}

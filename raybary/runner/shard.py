@@ -193,7 +193,7 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
     """
     t0 = time.perf_counter()
     start, stop = writer.shard_range(shard_index)
-    shard = store.read(start, stop)
+    shard = store.read(start, stop, dtype=solver.dtype)
     writer.check_input(store, shard_index, shard.problem_ids)
     t_read = time.perf_counter()
     n = len(shard)

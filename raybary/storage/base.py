@@ -80,16 +80,19 @@ class ProblemStore(ABC):
     def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The ids of the problems at positions ``start:stop`` (``int64``)."""
 
-    def read(self, start: int, stop: int, *, renormalize: bool = False) -> ShardInput:
+    def read(self, start: int, stop: int, *, renormalize: bool = False,
+             dtype: str = "float64") -> ShardInput:
         """Read and validate the problems at positions ``start:stop``.
 
         Memory is proportional to the shard (plus, for Parquet, a row group),
         never to the store. Invalid problems come back as ``None`` with a
-        message; ``renormalize=True`` rescales weights that do not sum to one.
+        message; ``renormalize=True`` rescales weights that do not sum to one;
+        ``dtype`` is the precision the problems will be solved in (it sets the
+        conditioning a covariance needs, :func:`raybary.validation.pd_rtol`).
         """
         start, stop = self._check_range(start, stop)
         cols = self.read_columns(start, stop)
-        problems, errors = cols.to_problems(renormalize=renormalize)
+        problems, errors = cols.to_problems(renormalize=renormalize, dtype=dtype)
         return ShardInput(start, stop, cols.problem_id, problems, errors)
 
     def iter_columns(self, block_problems: int = 65536) -> Iterator[tuple[int, int, ProblemColumns]]:

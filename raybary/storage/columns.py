@@ -258,13 +258,13 @@ class ProblemColumns:
         return out
 
     def to_problems(
-        self, *, renormalize: bool = False
+        self, *, renormalize: bool = False, dtype: str = "float64"
     ) -> tuple[list[Problem | None], list[str | None]]:
         """Validated problems, ``None`` where invalid, and the messages.
 
         Decoding issues and shape errors come first; the values of every other
         problem are checked by :func:`raybary.validation.validate_arrays`,
-        grouped by dimension.
+        grouped by dimension, for a solve in ``dtype``.
         """
         n = self.n_problems
         problems: list[Problem | None] = [None] * n
@@ -279,7 +279,7 @@ class ProblemColumns:
         for d in np.unique(d_problem[ok]):
             members = ok[d_problem[ok] == d]
             sub = self if len(members) == n else self.take(members)
-            checked = _validate(sub, int(d), renormalize)
+            checked = _validate(sub, int(d), renormalize, dtype)
             for i, p in enumerate(members):
                 if checked.errors[i] is None:
                     problems[p] = checked.problem(i)
@@ -295,7 +295,7 @@ class ProblemColumns:
         return out
 
 
-def _validate(cols: ProblemColumns, d: int, renormalize: bool):
+def _validate(cols: ProblemColumns, d: int, renormalize: bool, dtype: str):
     n = cols.n_components
     return validate_arrays(
         problem_ids=cols.problem_id,
@@ -307,6 +307,7 @@ def _validate(cols: ProblemColumns, d: int, renormalize: bool):
         covs=cols.cov_values.reshape(n, d, d),
         gmm_labels=cols.gmm_label,
         renormalize=renormalize,
+        dtype=dtype,
     )
 
 
