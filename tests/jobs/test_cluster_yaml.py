@@ -19,7 +19,7 @@ jsonschema = pytest.importorskip("jsonschema")
 import ray  # noqa: E402
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 
 

@@ -45,7 +45,7 @@ from raybary.jobs.client import (
     normalize_address,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Ray's log-streaming client (not ours) uses a deprecated aiohttp argument.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "raybary"
+PKG = Path(__file__).resolve().parents[2] / "raybary"
 
 
 def _modules(package: str) -> list[Path]:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from raybary.types import Result
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "storage.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "storage.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
 STORAGE_COMMANDS = {"generate", "convert", "show"}
 
