@@ -1,9 +1,10 @@
 """Per-problem validation: clear messages, and nothing lost.
 
-:func:`problem_errors` checks one :class:`raybary.types.Problem` before it is
-solved. It is called by the solver on problems that users build themselves;
-the storage readers call the vectorised :func:`validate_arrays` on a whole
-shard at once (same rules, same messages). A bad problem gets a message naming
+:func:`problem_errors` checks one :class:`raybary.types.Problem`;
+:func:`problems_errors` checks many at once (``raybary.solve`` calls it on the
+problems users build themselves, with the dtype it solves in), and the storage
+readers call the vectorised :func:`validate_arrays` on a whole shard (the
+runner passes the run's dtype). Same rules, same messages. A bad problem gets a message naming
 the problem id, the GMM, the component and the field, e.g.::
 
     problem 17, gmm 2, component 0: covariance is not positive definite (smallest eigenvalue -2.0)
