@@ -180,6 +180,9 @@ def pad_problems(
         out["epsilon"][b] = eps if relative_epsilon else eps / scale**2
         out["key"][b] = keys[src]
         out["restart"][b] = 0 if restarts is None else restarts[src]
-    for name in ("weights", "means", "covs", "lambdas", "init_means", "init_covs", "epsilon"):
+    lam, vec = np.linalg.eigh(out["covs"])
+    out["comp_sqrt"] = (vec * np.sqrt(np.maximum(lam, 0.0))[..., None, :]) @ np.swapaxes(vec, -1, -2)
+    for name in ("weights", "means", "covs", "lambdas", "init_means", "init_covs", "epsilon",
+                 "comp_sqrt"):
         out[name] = out[name].astype(dtype)
     return out, Normalisation(centers, scales)

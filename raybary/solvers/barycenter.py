@@ -67,6 +67,7 @@ from raybary.geometry.bures import (
     bures_cost_from_cross,
     bures_cross_sqrtm,
     sqrtm_and_inv,
+    trace,
 )
 from raybary.solvers.init import kmeanspp_init, mass_init
 from raybary.solvers.sinkhorn import (
@@ -102,6 +103,7 @@ __all__ = [
 ]
 
 
+ROUNDING_EPS = 10.0  # a cost is known to this many epsilons of the terms it is the difference of
 SOLVED_ERROR = 1e-3  # plans with a larger L1 marginal error never count as converged
 UPDATE_DIVISOR = 4  # run_batch updates at most 1/UPDATE_DIVISOR of the batch per block
 UPDATE_CHUNKS = 32  # ... in chunks of 1/UPDATE_CHUNKS of the batch, only as many as are ready
@@ -209,7 +211,9 @@ class PaddedProblem(NamedTuple):
     uint32), ``restart ()`` (int32: even restarts draw the atoms by
     k-means++, odd ones by mass, :mod:`raybary.solvers.init`) and
     ``block_index (J, K)`` (int32: flat index of the k-th component of GMM j,
-    ``L`` past its last; K is the largest GMM's size, padded).
+    ``L`` past its last; K is the largest GMM's size, padded) and
+    ``comp_sqrt (L, d, d)``, the components' covariance square roots
+    (constant: computed once, when padding).
     Padded components have weight 0 and identity covariance, padded GMMs
     lambda 0, padded atoms ``atom_mask`` false.
     """
@@ -227,6 +231,7 @@ class PaddedProblem(NamedTuple):
     key: jnp.ndarray
     restart: jnp.ndarray
     block_index: jnp.ndarray
+    comp_sqrt: jnp.ndarray
 
 
 class BarycenterState(NamedTuple):
@@ -281,17 +286,17 @@ class BarycenterOutput(NamedTuple):
     epsilon: jnp.ndarray
 
 
-def _costs(means, covs, comp_means, comp_covs, pair_mask):
+def _costs(means, covs, comp_means, comp_covs, comp_sqrt, pair_mask):
     """Costs ``(n, L)``, cross terms ``(n, L, d, d)`` and ``S^{-1/2}`` of the atoms."""
     root, inv = sqrtm_and_inv(covs)
-    cross = bures_cross_sqrtm(root[:, None], comp_covs[None])
+    cross = bures_cross_sqrtm(root[:, None], comp_covs[None], comp_sqrt[None])
     cost = bures_cost_from_cross(
         means[:, None], covs[:, None], comp_means[None], comp_covs[None], cross
     )
     return jnp.where(pair_mask, cost, 0.0), cross, inv
 
 
-def _atom_update(means, covs, inv, cross, comp_means, comp_covs, weight_il, steps):
+def _atom_update(means, covs, inv, cross, comp_means, comp_covs, comp_sqrt, weight_il, steps):
     """Gaussian barycenter of all components for each atom (weights ``(n, L)``)."""
     tot = jnp.sum(weight_il, axis=1)
     tiny = jnp.finfo(means.dtype).tiny * 1e6
@@ -300,7 +305,7 @@ def _atom_update(means, covs, inv, cross, comp_means, comp_covs, weight_il, step
     new_covs = bures_barycenter_step(inv, cross, wn)
     for _ in range(steps - 1):
         root, inv2 = sqrtm_and_inv(new_covs)
-        cross2 = bures_cross_sqrtm(root[:, None], comp_covs[None])
+        cross2 = bures_cross_sqrtm(root[:, None], comp_covs[None], comp_sqrt[None])
         new_covs = bures_barycenter_step(inv2, cross2, wn)
     keep = tot <= tiny
     return (
@@ -366,7 +371,7 @@ def _start_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     cost. New weights move the optimal potentials too, by about the scale
     times the change of ``log a``.
     """
-    cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, masks.pair_mask)
+    cost, cross, inv = _costs(s.means, s.covs, p.means, p.covs, p.comp_sqrt, masks.pair_mask)
     eps = s.epsilon
     moved = jnp.max(jnp.where(masks.pair_mask, jnp.abs(cost - s.cost), 0.0))
     reweighted = jnp.max(jnp.where(p.atom_mask, jnp.abs(s.log_a - s.weights.best_log_a), 0.0))
@@ -408,7 +413,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
     covs0 = jnp.where(p.atom_mask[:, None, None], covs0, eye)
 
     # Scale of the problem: cost of the independent coupling at the start.
-    cost0, _, _ = _costs(means0, covs0, p.means, p.covs, masks.pair_mask)
+    cost0, _, _ = _costs(means0, covs0, p.means, p.covs, p.comp_sqrt, masks.pair_mask)
     a0 = jnp.where(p.atom_mask, 1.0 / masks.n_atoms, 0.0)
     scale = jnp.sum(a0[:, None] * (masks.component_lambda * p.weights)[None, :] * cost0)
     scale = jnp.maximum(scale, jnp.finfo(dtype).eps)
@@ -465,15 +470,26 @@ def _measure_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     r"""Objective :math:`\sum_{il} \lambda_{j(l)} P_{il} C_{il}` of the solved plans.
 
     Its noise floor: plans with an L1 marginal error ``e`` move the objective
-    by up to about ``e`` times the typical cost (the scale), so the slack is
-    ``tol * |objective| + e * scale``.
+    by up to about ``e`` times the typical cost (the scale), and each cost
+    :math:`\|x_i - m_l\|^2 + \operatorname{tr} S_i + \operatorname{tr} C_l - 2
+    \operatorname{tr}(\cdot)^{1/2}` is a difference of terms of size
+    :math:`T_{il} = \|x_i - m_l\|^2 + \operatorname{tr} S_i + \operatorname{tr} C_l`,
+    known to :data:`ROUNDING_EPS` times the dtype's epsilon of :math:`T` (in
+    float32, with broad covariances, more than ``tol`` of the objective:
+    such a problem would never see its objective settle). So the slack is
+    ``tol * |objective| + e * scale + ROUNDING_EPS * eps * sum_il w_il T_il``.
     """
-    tiny = jnp.finfo(p.means.dtype).tiny
+    dtype = p.means.dtype
+    tiny = jnp.finfo(dtype).tiny
     result = plan_finish(s.plans, _geometry(s.log_a, p, masks), config.plan_options())
     plan = plan_matrix(result.reduced, result.epsilon, p.atom_mask, masks.comp_mask)
     weight_il = masks.component_lambda[None, :] * plan
     objective = jnp.sum(weight_il * s.cost)
-    slack = config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
+    size = (jnp.sum((s.means[:, None, :] - p.means[None, :, :]) ** 2, axis=-1)
+            + trace(s.covs)[:, None] + trace(p.covs)[None, :])
+    rounding = ROUNDING_EPS * jnp.finfo(dtype).eps * jnp.sum(weight_il * size)
+    slack = (config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
+             + rounding)
     solved = result.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
     return PlanMeasure(result, weight_il, objective, slack, solved)
 
@@ -482,7 +498,7 @@ def _move_atoms(s: BarycenterState, p: PaddedProblem, weight_il: jnp.ndarray, mo
                 config: SolverConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The atoms after the update (:func:`_atom_update`) where ``move``, else unchanged."""
     new_means, new_covs = _atom_update(
-        s.means, s.covs, s.inv_sqrt, s.cross, p.means, p.covs, weight_il,
+        s.means, s.covs, s.inv_sqrt, s.cross, p.means, p.covs, p.comp_sqrt, weight_il,
         config.fixed_point_steps,
     )
     return jnp.where(move, new_means, s.means), jnp.where(move, new_covs, s.covs)

@@ -54,6 +54,8 @@ def test_pad_problems_masks_blocks_and_normalisation():
     np.testing.assert_allclose(second, 1.0)
     # An absolute epsilon is in squared data units: divided by scale^2.
     np.testing.assert_allclose(out["epsilon"][:2], [0.1 / s**2, 0.2 / norm.scale[1] ** 2])
+    # The components' covariance roots, computed once here.
+    np.testing.assert_allclose(out["comp_sqrt"] @ out["comp_sqrt"], out["covs"], atol=1e-12)
     # Filler rows repeat problem 0.
     np.testing.assert_array_equal(out["weights"][2], out["weights"][0])
     np.testing.assert_array_equal(out["key"][:2], keys)

@@ -79,3 +79,27 @@ def test_gaussian_barycenter_of_commuting_covariances_is_closed_form():
                             jnp.asarray(w, jnp.float32), iterations=30)
     np.testing.assert_allclose(np.asarray(m), w @ means, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(s), np.diag((w @ np.sqrt(diag)) ** 2), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_term_keeps_small_directions_in_float32():
+    # Condition numbers ~4e3 (validation allows up to ~8e5 in float32): the
+    # eigenvalues of S^1/2 C S^1/2 span ~1e7, more than float32 resolves, so a
+    # square root taken from them lost the small directions (costs off by up
+    # to 2.6 here, enough to make the outer iteration cycle); the singular
+    # values of S^1/2 C^1/2 span only ~4e3.
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(64, 3, 3)))
+    c = (q * np.array([1.0, 650.0, 4400.0])) @ np.swapaxes(q, 1, 2)
+    q, _ = np.linalg.qr(rng.normal(size=(64, 3, 3)))
+    s = (q * np.array([1.5, 300.0, 5000.0])) @ np.swapaxes(q, 1, 2)
+    ref = np.array([scipy.linalg.sqrtm(scipy.linalg.sqrtm(a) @ b @ scipy.linalg.sqrtm(a)).real
+                    for a, b in zip(s, c)])
+    s32, c32 = jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32)
+    cross = np.asarray(bures_cross_sqrtm(sqrtm(s32), c32, sqrtm(c32)))
+    assert np.abs(cross - ref).max() < 0.05  # 0.98 from the square root of the product
+    old = np.asarray(bures_cross_sqrtm(sqrtm(s32), c32))
+    assert np.abs(old - ref).max() > 0.1  # the case is hard for the old route
+    cost_err = 2 * np.abs(np.trace(cross - ref, axis1=1, axis2=2))
+    assert cost_err.max() < 0.1  # was 2.6
+    root, inv = sqrtm_and_inv(c32)
+    np.testing.assert_allclose(np.asarray(inv @ root), np.broadcast_to(np.eye(3), c.shape), atol=1e-3)
