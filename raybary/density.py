@@ -8,6 +8,11 @@ r"""Log-densities of GMMs on points and on regular 2-D grids.
 For ``d > 2`` a grid shows the 2-D marginal on coordinates ``dims = (i, j)``:
 a GMM's marginal keeps its weights and takes the ``(i, j)`` entries of the
 means and the ``(i, j) x (i, j)`` block of the covariances.
+
+:func:`covering_extent` is the window that shows GMMs whole (the run's grid
+extents and the figures' windows): every component's mean +- 3 standard
+deviations, and all of the region where the mixture's ``-log p`` is below
+:data:`OUTER_LEVEL` (the outermost contour a figure draws), plus a margin.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import numpy as np
 
 from raybary.types import GMM
 
-__all__ = ["log_density", "log_density_grid", "marginal_components", "default_bounds"]
+__all__ = ["log_density", "log_density_grid", "marginal_components", "default_bounds",
+           "covering_extent", "OUTER_LEVEL"]
+
+#: ``-log p`` of the outermost contour the figures draw (levels 1..10, as in the
+#: OTT-JAX tutorial); :func:`covering_extent` keeps that contour inside the window.
+OUTER_LEVEL = 10.0
 
 
 @jax.jit
@@ -82,6 +92,58 @@ def default_bounds(means: np.ndarray, covs: np.ndarray, *, pad: float = 3.0) -> 
     sd = np.sqrt(np.diagonal(np.asarray(covs).reshape(-1, 2, 2), axis1=1, axis2=2))
     lo, hi = (m - pad * sd).min(axis=0), (m + pad * sd).max(axis=0)
     return np.array([lo[0], hi[0], lo[1], hi[1]])
+
+
+def covering_extent(gmms, dims: Sequence[int] | None = None, *, pad: float = 3.0,
+                    level: float = OUTER_LEVEL, margin: float = 0.05) -> np.ndarray:
+    r"""A window that shows every GMM of ``gmms`` whole, on coordinates ``dims``.
+
+    ``gmms``: :class:`~raybary.GMM` s or ``(weights, means, covs)`` (``None``
+    entries are skipped); ``dims``: one or two coordinates (default: all of
+    them, ``d <= 2``). Returns ``(xmin, xmax)`` for one coordinate and
+    ``(xmin, xmax, ymin, ymax)`` for two.
+
+    On the GMMs' marginals on ``dims`` (``k`` coordinates), component ``i``
+    of a GMM with ``K`` components covers its mean +- ``r_i`` standard
+    deviations along each axis, with
+
+    .. math::
+       r_i = \max\Big(\text{pad}, \sqrt{2\big(\text{level} + \log K + \log w_i
+             - \tfrac k2 \log 2\pi - \tfrac12 \log\det C_i\big)}\Big):
+
+    at least ``pad`` standard deviations, and the whole ellipse where
+    ``w_i N_i(x) >= e^{-level} / K``. As ``p <= K max_i w_i N_i``, that holds
+    all of the region where ``-log p <= level``: the outermost contour of a
+    figure is never cut. The box is then widened by ``margin`` of its size on
+    each side.
+    """
+    ws, ms, cs, logk = [], [], [], []
+    for g in gmms:
+        if g is None:
+            continue
+        w, m, c = (np.asarray(x, np.float64) for x in _arrays(g))
+        ws.append(w)
+        ms.append(m)
+        cs.append(c)
+        logk.append(np.full(len(w), np.log(max(len(w), 1))))
+    if not ws:
+        raise ValueError("covering_extent needs at least one GMM")
+    w, m, c, lk = (np.concatenate(x) for x in (ws, ms, cs, logk))
+    if dims is None:
+        dims = tuple(range(m.shape[-1]))
+    m, c = marginal_components(m, c, tuple(int(i) for i in dims))
+    k = m.shape[-1]
+    if k not in (1, 2):
+        raise ValueError(f"covering_extent shows one or two coordinates, got {k}")
+    sd = np.sqrt(np.diagonal(c, axis1=-2, axis2=-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        _, logdet = np.linalg.slogdet(c)
+        room = level + lk + np.log(w) - 0.5 * k * np.log(2 * np.pi) - 0.5 * logdet
+        r = np.maximum(pad, np.sqrt(np.where(room > 0, 2 * room, 0.0)))
+    lo = (m - r[:, None] * sd).min(axis=0)
+    hi = (m + r[:, None] * sd).max(axis=0)
+    grow = margin * (hi - lo)
+    return np.stack([lo - grow, hi + grow], axis=1).reshape(-1)
 
 
 @partial(jax.jit, static_argnames=("shape",))

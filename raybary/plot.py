@@ -9,16 +9,28 @@ problems in one figure.
 
 Where the log-densities come from (:func:`problem_grids`):
 
-1. the grids the run stored (``grids.zarr``: the barycenter's, and the inputs'
-   if the run stored ``input_gmms`` of them), on the run's extents;
-2. otherwise they are computed here with :func:`raybary.log_density_grid` from
-   the stored barycenter (``barycenters/``) and the input store recorded in the
-   results' layout (``input_url``; pass ``input_url=`` if it moved).
+1. by default they are computed here, with :func:`raybary.log_density_grid`
+   (:func:`raybary.log_density` for curves), from the stored barycenter
+   (``barycenters/``: its exact weights, means and covariances) and the input
+   store recorded in the results' layout (``input_url``; pass ``input_url=``
+   if it moved), on a :data:`DEFAULT_SHAPE` (200x200) grid over a window that
+   shows every input GMM and the barycenter whole
+   (:func:`raybary.density.covering_extent`, as the run's extents);
+2. when the input store cannot be read (or with ``source="stored"``), the
+   grids the run stored are drawn (``grids.zarr``: the barycenter's, and the
+   inputs' if the run stored ``input_gmms`` of them), on the run's extents.
+
+Why computed first: the run's grids are sized for storage (50x50 by default:
+9 KB per problem; 100x100 would take 36 KB per problem, 36 GB per million
+problems, and four times the grid time), and 50x50 contours look jagged on a
+10-inch figure, while the parameters are stored exactly and one problem's
+200x200 grids take milliseconds.
 
 Problems in ``d > 2`` show the 2-D marginal on the run's ``grid_dims``;
 ``d = 1`` problems are drawn as curves of :math:`-\log p` (linear axis: in 1-D
-it is often below 1). Problems that are
-``invalid`` or ``failed`` show their inputs (if readable) and the error.
+it is often below 1; stored curves: ``Results.curves``).
+Problems that are ``invalid`` or ``failed`` show their inputs (if readable) and
+the error.
 
 matplotlib comes with the ``plot`` extra (``pip install 'raybary[plot]'``).
 Only the Agg canvas is used (no pyplot, no display), so this works headless
@@ -53,7 +65,9 @@ LEVELS = np.logspace(0, 1, 10)
 INPUT_CMAPS = ("Blues_r", "Greens_r", "Purples_r", "Oranges_r", "Greys_r", "YlOrBr_r",
                "BuGn_r", "PuRd_r")
 BARYCENTER_CMAP = "Reds_r"
-DEFAULT_SHAPE = (100, 100)
+#: Grid of the figures' log-densities when computed here (``d = 1``: ``max(H, W)``
+#: points): smooth contours at 10 inches; the runs' stored grids are coarser.
+DEFAULT_SHAPE = (200, 200)
 
 
 class PlotError(RaybaryError, ValueError):
@@ -79,8 +93,9 @@ class ProblemGrids:
       dim: the problems' dimension (``None`` if the inputs were unreadable).
       dims: the two coordinates shown (``d > 2``).
       extent: ``(xmin, xmax, ymin, ymax)`` (2-D), or ``(xmin, xmax, nan, nan)`` (1-D).
-      inputs: ``[J, H, W]`` log-densities of the input GMMs (``[J, W]`` in 1-D).
-      barycenter: ``[H, W]`` (or ``[W]``) log-density, or ``None`` (no result).
+      inputs: ``[J, H, W]`` log-densities of the input GMMs (``[J, L]`` in 1-D,
+        at ``x = linspace(xmin, xmax, L)``).
+      barycenter: ``[H, W]`` (or ``[L]``) log-density, or ``None`` (no result).
       lambdas: the barycentric weights, or ``None`` if unknown.
       objective: the stored objective (``nan`` if none).
       n_components: the barycenter's components (0 if none).
@@ -154,24 +169,32 @@ def _input_problem(res, position: int, input_url: str | None):
     return shard.problems[0], shard.errors[0]
 
 
-def _stored_grids(res, position: int):
+def _stored_grids(res, position: int, dim: int | None):
+    """What the run stored for the problem at ``position``: ``(kind, extent, barycenter,
+    inputs)`` with kind ``"grid"`` (``d >= 2``) or ``"curve"`` (``d = 1``), or ``None``."""
+
     if res.layout.get("grid_shape") is None:
         return None
     if int(position) // int(res.layout["shard_size"]) not in res.committed_shards:
         return None
-    try:
-        g = res.grids(position, position + 1, inputs=True)
-    except (OSError, KeyError, ValueError):
-        return None
-    bary = g.barycenter[0]
-    inputs = None
-    if g.inputs is not None:
-        rows = [x for x in g.inputs[0] if np.isfinite(x).any()]
-        inputs = np.stack(rows) if rows else None
-    extent = g.extent[0]
-    if not np.isfinite(extent).all():
-        return None
-    return extent, (bary if np.isfinite(bary).any() else None), inputs
+    kinds = ("curve",) if dim == 1 else ("grid",) if dim else ("grid", "curve")
+    for kind in kinds:
+        try:
+            if kind == "grid":
+                g = res.grids(position, position + 1, inputs=True)
+                extent, bary, inputs = g.extent[0], g.barycenter[0], g.inputs
+            else:
+                c = res.curves(position, position + 1, inputs=True)
+                extent, bary, inputs = c.extent[0], c.curve[0], c.inputs
+        except (OSError, KeyError, ValueError):
+            continue
+        if not np.isfinite(extent).all():
+            continue
+        if inputs is not None:
+            rows = [x for x in inputs[0] if np.isfinite(x).any()]
+            inputs = np.stack(rows) if rows else None
+        return kind, extent, (bary if np.isfinite(bary).any() else None), inputs
+    return None
 
 
 def _options(res) -> dict:
@@ -187,17 +210,23 @@ def problem_grids(
     input_url: str | None = None,
     source: str = "auto",
 ) -> ProblemGrids:
-    """Log-density grids of one problem's inputs and barycenter (see the module docstring).
+    """Log-density grids (curves in 1-D) of one problem's inputs and barycenter
+    (see the module docstring).
 
     Args:
       results: an output directory (path / URL) or a :class:`~raybary.storage.results.Results`.
       problem_id: the problem.
-      shape: ``(H, W)`` when computing (default: the run's grid shape, else 100x100).
-      bounds: ``(xmin, xmax, ymin, ymax)`` when computing (default: the run's
-        extent for this problem if stored, else from all components).
+      shape: ``(H, W)`` when computing (default :data:`DEFAULT_SHAPE`, 200x200);
+        a ``d = 1`` curve gets ``max(H, W)`` points.
+      bounds: ``(xmin, xmax, ymin, ymax)`` when computing (``xmin, xmax`` for
+        ``d = 1``); default: the run's ``grid_bounds`` if it had fixed ones,
+        else a window that shows every input GMM and the barycenter whole
+        (:func:`raybary.density.covering_extent`, as the run's extents).
       input_url: the input store, if not where the layout says.
-      source: ``"auto"`` (stored grids where there are, computed otherwise),
-        ``"stored"`` (fail if the run stored none) or ``"computed"``.
+      source: ``"auto"`` (computed when the input store can be read, else
+        the grids the run stored), ``"computed"`` or ``"stored"`` (fail if
+        the run stored none; input grids it did not store are computed on
+        its extent).
     """
     if source not in ("auto", "stored", "computed"):
         raise ValueError("source must be 'auto', 'stored' or 'computed'")
@@ -213,117 +242,104 @@ def problem_grids(
     bary_gmm = _barycenter_gmm(res, pid) if status == "ok" else None
     n_comp = 0 if bary_gmm is None else bary_gmm.n_components
 
-    stored = None if source == "computed" or bounds is not None else _stored_grids(res, position)
-    if source == "stored" and stored is None:
-        raise PlotError(f"{res.url} has no stored grids for problem {pid}")
-
     problem, problem_error, read_error = None, None, None
-    need_inputs = stored is None or stored[2] is None
     try:
         problem, problem_error = _input_problem(res, position, input_url)
     except PlotError as e:
         read_error = e
-    if need_inputs and read_error is not None:
-        if stored is None:
-            raise read_error
-        warnings.warn(f"{read_error}; drawing the stored barycenter grid only", stacklevel=2)
     lambdas = None if problem is None else problem.lambdas
     dim = problem.dim if problem is not None else (bary_gmm.dim if bary_gmm is not None else None)
     if error is None and problem_error is not None:
         error = problem_error
 
-    if stored is not None and (stored[2] is not None or problem is None):
-        extent, bary, inputs = stored
-        hw = _stored_shape(res, stored)
-        if bary is None and bary_gmm is not None:  # no stored row: compute on the run's extent
-            from raybary.density import log_density_grid
+    def grids(kind, extent, bary, inputs, src):
+        return ProblemGrids(pid, status, error, 1 if kind == "curve" else dim, dims,
+                            np.asarray(extent, np.float64), inputs, bary, lambdas, objective,
+                            n_comp, src)
 
-            bary, _ = log_density_grid(bary_gmm, hw, extent, dims=_dims2(dims, dim))
-        src = "stored"
-        if inputs is None:
-            inputs = np.empty((0, *hw))
-        if problem is not None and len(inputs) < problem.n_gmms:  # the run stored fewer GMMs
-            from raybary.density import log_density_grid
+    if source == "computed" or (source == "auto" and (read_error is None or bounds is not None)):
+        if read_error is not None:
+            raise read_error
+        if dim is None:
+            raise PlotError(f"problem {pid}: nothing to plot ({error or 'no inputs, no barycenter'})")
+        return grids(*_computed(problem, bary_gmm, dim, _dims2(dims, dim), shape, bounds, opts))
 
-            more = [log_density_grid(g, hw, extent, dims=_dims2(dims, dim))[0]
-                    for g in problem.gmms[len(inputs):]]
-            inputs, src = np.concatenate([inputs, np.stack(more)]), "mixed"
-        return ProblemGrids(pid, status, error, dim, dims, np.asarray(extent, np.float64),
-                            inputs, bary, lambdas, objective, n_comp, src)
+    stored = _stored_grids(res, position, dim)
+    if stored is None:
+        if source == "stored":
+            raise PlotError(f"{res.url} has no stored grids for problem {pid}")
+        raise read_error
+    kind, extent, bary, inputs = stored
+    if read_error is not None:
+        only = "" if inputs is not None else " (the barycenter's only)"
+        warnings.warn(f"{read_error}; drawing the grids the run stored{only}", stacklevel=2)
+    size = (_curve_points(res),) if kind == "curve" else _stored_shape(res)
 
-    gmms = [] if problem is None else list(problem.gmms)
-    if dim is None:
-        raise PlotError(f"problem {pid}: nothing to plot ({error or 'no inputs, no barycenter'})")
-    if dim == 1:
-        return _grids_1d(pid, status, error, gmms, bary_gmm, lambdas, objective, shape, bounds)
+    def density(g):
+        if kind == "curve":
+            return _curve(g, extent, size[0])
+        from raybary.density import log_density_grid
 
-    from raybary.density import default_bounds, log_density_grid, marginal_components
+        return log_density_grid(g, size, extent, dims=_dims2(dims, dim))[0]
 
-    d2 = _dims2(dims, dim)
-    if stored is not None:  # barycenter stored, inputs computed on the same extent
-        extent, bary = stored[0], stored[1]
-        hw = _stored_shape(res, stored)
-        src = "mixed"
+    if bary is None and bary_gmm is not None:  # no stored row: compute on the run's extent
+        bary = density(bary_gmm)
+    src = "stored"
+    if inputs is None:
+        inputs = np.empty((0, *size))
+    if problem is not None and len(inputs) < problem.n_gmms:  # the run stored fewer GMMs
+        more = [density(g) for g in problem.gmms[len(inputs):]]
+        inputs, src = np.concatenate([inputs, np.stack(more)]), "mixed"
+    if kind == "curve":
+        extent = np.r_[extent, np.nan, np.nan]
+    return grids(kind, extent, bary, inputs, src)
+
+
+def _computed(problem, bary_gmm, dim: int, dims2: tuple[int, int], shape, bounds, opts):
+    """Everything computed here: ``(kind, extent, barycenter, inputs, "computed")``."""
+    from raybary.density import covering_extent, log_density_grid
+
+    gmms = list(problem.gmms)
+    hw = tuple(int(x) for x in (shape or DEFAULT_SHAPE))
+    if bounds is not None:
+        extent = np.asarray(bounds, np.float64)
+    elif opts.get("grid_bounds") is not None:  # the run's fixed window
+        extent = np.asarray(opts["grid_bounds"], np.float64)
     else:
-        grid_shape = res.layout.get("grid_shape")
-        hw = tuple(shape or grid_shape or DEFAULT_SHAPE)
-        if bounds is not None:
-            extent = np.asarray(bounds, np.float64)
-        else:
-            comps = [(g.means, g.covs) for g in gmms]
-            if bary_gmm is not None:
-                comps.append((bary_gmm.means, bary_gmm.covs))
-            m, c = marginal_components(np.concatenate([c[0] for c in comps]),
-                                       np.concatenate([c[1] for c in comps]), d2)
-            extent = _widen(default_bounds(m, c), 0.08)
-        bary = None
-        src = "computed"
-    hw = (int(hw[0]), int(hw[1]))
-    if bary is None and bary_gmm is not None:
-        bary, _ = log_density_grid(bary_gmm, hw, extent, dims=d2)
-    inputs = np.stack([log_density_grid(g, hw, extent, dims=d2)[0] for g in gmms]) if gmms \
+        extent = covering_extent([*gmms, bary_gmm], (0,) if dim == 1 else dims2)
+    if dim == 1:
+        n = max(hw)
+        bary = None if bary_gmm is None else _curve(bary_gmm, extent, n)
+        inputs = np.stack([_curve(g, extent, n) for g in gmms]) if gmms else np.empty((0, n))
+        return "curve", np.r_[extent[:2], np.nan, np.nan], bary, inputs, "computed"
+    bary = None if bary_gmm is None else log_density_grid(bary_gmm, hw, extent, dims=dims2)[0]
+    inputs = np.stack([log_density_grid(g, hw, extent, dims=dims2)[0] for g in gmms]) if gmms \
         else np.empty((0, *hw))
-    return ProblemGrids(pid, status, error, dim, dims, np.asarray(extent, np.float64), inputs,
-                        bary, lambdas, objective, n_comp, src)
+    return "grid", extent, bary, inputs, "computed"
 
 
-def _widen(bounds: np.ndarray, frac: float) -> np.ndarray:
-    """Bounds grown by ``frac`` of their size on each side (room for the outer contours)."""
-    b = np.asarray(bounds, np.float64).copy()
-    dx, dy = (b[1] - b[0]) * frac, (b[3] - b[2]) * frac
-    return b + np.array([-dx, dx, -dy, dy])
+def _curve(gmm, extent, n: int) -> np.ndarray:
+    """Log-density of a 1-D GMM at ``linspace(extent[0], extent[1], n)``."""
+    from raybary.density import log_density
+
+    return log_density(gmm, np.linspace(float(extent[0]), float(extent[1]), n)[:, None])
 
 
-def _stored_shape(res, stored) -> tuple[int, int]:
-    shape = res.layout.get("grid_shape") or DEFAULT_SHAPE
+def _stored_shape(res) -> tuple[int, int]:
+    shape = res.layout["grid_shape"]
     return int(shape[0]), int(shape[1])
+
+
+def _curve_points(res) -> int:
+    from raybary.storage.results.layout import curve_length
+
+    return curve_length(res.layout["grid_shape"])
 
 
 def _dims2(dims: tuple[int, int], dim: int | None) -> tuple[int, int]:
     if dim is not None and dim == 2:
         return (0, 1)
     return dims
-
-
-def _grids_1d(pid, status, error, gmms, bary_gmm, lambdas, objective, shape, bounds):
-    from raybary.density import log_density
-
-    w = int((shape or DEFAULT_SHAPE)[-1]) * 4
-    if bounds is not None:
-        lo, hi = float(bounds[0]), float(bounds[1])
-    else:
-        comps = [(g.means[:, 0], np.sqrt(g.covs[:, 0, 0])) for g in gmms]
-        if bary_gmm is not None:
-            comps.append((bary_gmm.means[:, 0], np.sqrt(bary_gmm.covs[:, 0, 0])))
-        m = np.concatenate([c[0] for c in comps])
-        s = np.concatenate([c[1] for c in comps])
-        lo, hi = float((m - 3 * s).min()), float((m + 3 * s).max())
-    xs = np.linspace(lo, hi, w)[:, None]
-    inputs = np.stack([log_density(g, xs) for g in gmms]) if gmms else np.empty((0, w))
-    bary = None if bary_gmm is None else log_density(bary_gmm, xs)
-    return ProblemGrids(pid, status, error, 1, (0, 0), np.array([lo, hi, np.nan, np.nan]),
-                        inputs, bary, lambdas, objective,
-                        0 if bary_gmm is None else bary_gmm.n_components, "computed")
 
 
 # ------------------------------------------------------------------ drawing
@@ -377,6 +393,7 @@ def draw_problem(ax, g: ProblemGrids, *, fontsize: float = 12, title: str | None
         if curves:  # -log p can be below 1 (or negative) in 1-D: a linear axis, zoomed on the modes
             low = float(min(np.nanmin(c) for c in curves))
             ax.set_ylim(low - 0.5, low + 12.0)
+        ax.set_xlim(g.extent[0], g.extent[1])
         ax.set_xlabel("$x_1$", fontsize=fontsize)
         ax.set_ylabel(r"$-\log p(x)$", fontsize=fontsize)
         if legend:
@@ -436,7 +453,10 @@ def _subtitle(g: ProblemGrids) -> str:
         bits.append(f"marginal on $x_{{{g.dims[0] + 1}}}, x_{{{g.dims[1] + 1}}}$")
     if g.objective == g.objective:
         bits.append(f"objective {g.objective:.4g}")
-    bits.append(f"contours of $-\\log p$ at {LEVELS[0]:g}..{LEVELS[-1]:g}")
+    if g.dim == 1:
+        bits.append("curves of $-\\log p$")
+    else:
+        bits.append(f"contours of $-\\log p$ at {LEVELS[0]:g}..{LEVELS[-1]:g}")
     return ", ".join(bits)
 
 

@@ -7,6 +7,7 @@ without pulling in JAX.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,53 @@ class GMM:
     @property
     def dim(self) -> int:
         return int(self.means.shape[1])
+
+    # Conversions to and from other libraries (raybary.interop; each library is
+    # imported only when its conversion is called, see docs/interop.md).
+    @classmethod
+    def from_sklearn(cls, gm: Any) -> GMM:
+        """The GMM of a fitted ``sklearn.mixture.GaussianMixture`` or
+        ``BayesianGaussianMixture``, of any ``covariance_type`` (full, tied, diag,
+        spherical: expanded to ``(K, d, d)``). Needs scikit-learn."""
+        from raybary.interop.sklearn import from_sklearn
+
+        return from_sklearn(gm)
+
+    def to_sklearn(self, **params: Any) -> Any:
+        """A fitted-looking ``sklearn.mixture.GaussianMixture(covariance_type="full")``
+        (``score_samples``, ``predict_proba``, ``sample`` work); ``params`` go to its
+        constructor, e.g. ``random_state``. Needs scikit-learn."""
+        from raybary.interop.sklearn import to_sklearn
+
+        return to_sklearn(self, **params)
+
+    @classmethod
+    def from_pot(cls, means: Any, covs: Any, weights: Any) -> GMM:
+        """The GMM of POT's ``ot.gmm`` arrays ``(means (K, d), covs (K, d, d), weights (K,))``."""
+        from raybary.interop.pot import from_pot
+
+        return from_pot(means, covs, weights)
+
+    def to_pot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(means, covs, weights)``, the order of POT's ``ot.gmm`` functions' arguments."""
+        from raybary.interop.pot import to_pot
+
+        return to_pot(self)
+
+    @classmethod
+    def from_ott(cls, gm: Any) -> GMM:
+        """The GMM of an OTT-JAX ``ott.tools.gaussian_mixture.gaussian_mixture.GaussianMixture``.
+        Needs OTT-JAX."""
+        from raybary.interop.ott import from_ott
+
+        return from_ott(gm)
+
+    def to_ott(self) -> Any:
+        """OTT-JAX's ``GaussianMixture`` of this GMM (components of weight 0 left out).
+        Needs OTT-JAX."""
+        from raybary.interop.ott import to_ott
+
+        return to_ott(self)
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,9 @@
 
 Results are written the way the runner writes them (ResultWriter.commit_shard)
 from a real solve of small problems: the tutorial family (with and without
-stored grids, one problem marked failed) and a ragged random family (d = 1 and
-d = 5, i.e. curves and 2-D marginals).
+stored grids, one problem marked failed), a ragged random family (d = 1 and
+d = 5, i.e. curves and 2-D marginals) and d = 1 tutorial problems whose curves
+are stored by the runner's own code (runner.shard.shard_grids).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ pytest.importorskip("matplotlib")
 import raybary  # noqa: E402
 from raybary import plot as rp  # noqa: E402
 from raybary.cli import main  # noqa: E402
-from raybary.density import default_bounds, log_density, log_density_grid  # noqa: E402
+from raybary.density import (  # noqa: E402
+    OUTER_LEVEL,
+    covering_extent,
+    default_bounds,
+    log_density,
+    log_density_grid,
+    marginal_components,
+)
 from raybary.storage.generate import generate  # noqa: E402
 from raybary.storage.results import ResultWriter  # noqa: E402
 
@@ -139,7 +147,7 @@ def test_single_problem_figure(tutorial, which, tmp_path):
 def test_stored_and_computed_grids_agree(tutorial):
     """Same extent and shape: the stored grid equals the one computed from the stored
     barycenter, which pins the orientation (rows = y, columns = x) and the extent."""
-    stored = rp.problem_grids(tutorial["grids"], 1)
+    stored = rp.problem_grids(tutorial["grids"], 1, source="stored")
     assert stored.source == "stored"
     assert stored.inputs.shape == (3, *GRID) and stored.barycenter.shape == GRID
     computed = rp.problem_grids(tutorial["grids"], 1, source="computed",
@@ -161,20 +169,52 @@ def test_stored_and_computed_grids_agree(tutorial):
 def test_partly_stored_grids_are_completed(tutorial, which):
     """The run stored the barycenter's grid and fewer input grids than GMMs: the
     others are computed on the stored extent, and match what a full run stores."""
-    full = rp.problem_grids(tutorial["grids"], 1)
-    part = rp.problem_grids(tutorial[which], 1)
+    full = rp.problem_grids(tutorial["grids"], 1, source="stored")
+    part = rp.problem_grids(tutorial[which], 1, source="stored")
     assert part.source == "mixed" and part.inputs.shape == (3, *GRID)
     np.testing.assert_allclose(part.extent, full.extent)
     np.testing.assert_allclose(part.inputs, full.inputs, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(part.barycenter, full.barycenter)
 
 
-def test_computed_window_covers_all_components(tutorial):
-    g = rp.problem_grids(tutorial["nogrids"], 0)
-    assert g.source == "computed" and g.inputs.shape == (3, *rp.DEFAULT_SHAPE)
-    means = np.concatenate([x.means for x in tutorial["store"].read(0, 1).problems[0].gmms])
-    assert (means[:, 0] > g.extent[0]).all() and (means[:, 0] < g.extent[1]).all()
-    assert (means[:, 1] > g.extent[2]).all() and (means[:, 1] < g.extent[3]).all()
+def _components(res, problem, problem_id, dims=(0, 1)):
+    """Means and covariances of every input and barycenter component, marginalised on dims."""
+    b = res.barycenters
+    b = b[b.problem_id == problem_id].sort_values("component")
+    d = problem.dim
+    means = np.concatenate([x.means for x in problem.gmms]
+                           + [np.stack([np.asarray(m) for m in b["mean"]])])
+    covs = np.concatenate([x.covs for x in problem.gmms]
+                          + [np.stack([np.asarray(c).reshape(d, d) for c in b["cov"]])])
+    return marginal_components(means, covs, dims)
+
+
+def _inside(lo, hi, means, sds):
+    return bool(((means - 3 * sds) > lo).all() and ((means + 3 * sds) < hi).all())
+
+
+@pytest.mark.parametrize("which", ["grids", "nogrids"])
+def test_default_window_holds_every_component_and_is_smooth(tutorial, which):
+    """By default the densities are computed here (the input store is readable), on a
+    fine grid (smooth contours at 10 inches) over a window that holds every input and
+    barycenter component's mean +- 3 sd; the figure's axes show all of that window."""
+    res = raybary.read_results(tutorial[which])
+    for pid in range(3):
+        g = rp.problem_grids(tutorial[which], pid)
+        assert g.source == "computed" and g.inputs.shape == (3, *rp.DEFAULT_SHAPE)
+        assert min(g.barycenter.shape) >= 200
+        m, c = _components(res, open_problem(res, pid), pid)
+        sd = np.sqrt(np.diagonal(c, axis1=1, axis2=2))
+        assert _inside(g.extent[0], g.extent[1], m[:, 0], sd[:, 0])
+        assert _inside(g.extent[2], g.extent[3], m[:, 1], sd[:, 1])
+        ax = rp.plot_problem(tutorial[which], pid).axes[0]
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        assert _inside(x0, x1, m[:, 0], sd[:, 0]) and _inside(y0, y1, m[:, 1], sd[:, 1])
+        # the outermost contour (-log p = 10) is nowhere cut by the frame
+        for neg in [-x for x in (*g.inputs, g.barycenter)]:
+            edge = np.concatenate([neg[0], neg[-1], neg[:, 0], neg[:, -1]])
+            assert (edge > rp.LEVELS[-1]).all()
+    assert rp.LEVELS[-1] == OUTER_LEVEL
 
 
 def test_gallery(tutorial, tmp_path):
@@ -211,26 +251,23 @@ def test_ragged_dimensions(ragged, tmp_path):
 
 
 def test_marginal_window_of_a_d5_problem(ragged):
-    """The computed window of a d > 2 problem covers the 2-D marginal (raybary.density's
-    marginal_components) of every input and barycenter component, +- 3 sd, widened 8 %."""
-    from raybary.density import marginal_components
-
+    """The computed window of a d > 2 problem is density.covering_extent of the 2-D
+    marginals (raybary.density's marginal_components) of every input and barycenter
+    component: it holds their means +- 3 sd."""
     res = raybary.read_results(ragged)
     five = next(p for p in range(6) if rp.problem_grids(ragged, p).dim == 5)
     g = rp.problem_grids(ragged, five)
     problem = open_problem(res, five)
-    bary = res.barycenters[res.barycenters.problem_id == five].sort_values("component")
-    means = np.concatenate([x.means for x in problem.gmms]
-                           + [np.stack([np.asarray(m) for m in bary["mean"]])])
-    covs = np.concatenate([x.covs for x in problem.gmms]
-                          + [np.stack([np.asarray(c).reshape(5, 5) for c in bary["cov"]])])
-    m, c = marginal_components(means, covs, g.dims)
-    assert m.shape == (len(means), 2) and c.shape == (len(means), 2, 2)
-    np.testing.assert_allclose(c[:, 0, 1], covs[:, g.dims[0], g.dims[1]])
-    want = default_bounds(m, c)
-    pad = 0.08 * np.array([-(want[1] - want[0]), want[1] - want[0],
-                           -(want[3] - want[2]), want[3] - want[2]])
-    np.testing.assert_allclose(g.extent, want + pad)
+    m, c = _components(res, problem, five, g.dims)
+    assert m.shape[1:] == (2,) and c.shape[1:] == (2, 2)
+    bary = res.barycenters[res.barycenters.problem_id == five]
+    gmms = [*problem.gmms, raybary.GMM(bary.weight.to_numpy(),
+                                       np.stack([np.asarray(x) for x in bary["mean"]]),
+                                       np.stack([np.asarray(x).reshape(5, 5) for x in bary["cov"]]))]
+    np.testing.assert_allclose(g.extent, covering_extent(gmms, g.dims))
+    sd = np.sqrt(np.diagonal(c, axis1=1, axis2=2))
+    assert _inside(g.extent[0], g.extent[1], m[:, 0], sd[:, 0])
+    assert _inside(g.extent[2], g.extent[3], m[:, 1], sd[:, 1])
 
 
 def open_problem(res, problem_id: int):
@@ -269,6 +306,24 @@ def test_moved_input_store(tutorial, tmp_path):
     assert len(_contour_sets(rp.plot_problem(out, 0, input_url=str(moved)).axes[0])) == 4
 
 
+def test_stored_grids_when_the_input_store_is_gone(tutorial, tmp_path):
+    """source='auto' draws the run's stored grids (with a warning) when the input
+    store cannot be read; with a readable one it computes them."""
+    import json
+
+    out = str(tmp_path / "out")
+    shutil.copytree(tutorial["grids"], out)
+    with open(out + "/_layout.json") as f:
+        lay = json.load(f)
+    lay["input_url"] = str(tmp_path / "gone.parquet")
+    with open(out + "/_layout.json", "w") as f:
+        json.dump(lay, f)
+    with pytest.warns(UserWarning, match="drawing the grids the run stored"):
+        g = rp.problem_grids(out, 1)
+    assert g.source == "stored" and g.barycenter.shape == GRID and g.inputs.shape == (3, *GRID)
+    assert rp.problem_grids(tutorial["grids"], 1).source == "computed"
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_single_and_gallery(tutorial, tmp_path):
     runner = CliRunner()
@@ -301,3 +356,75 @@ def test_cli_errors(tutorial, tmp_path, monkeypatch):
     r = runner.invoke(main, ["plot", tutorial["grids"], "-p", "1", "-o", str(tmp_path / "y.png")])
     assert r.exit_code == 1 and "raybary[plot]" in r.output
     assert not (tmp_path / "y.png").exists()
+
+
+# ------------------------------------------------------------------ d = 1
+def _numpy_log_density_1d(gmm, x):
+    w, m, v = gmm.weights, gmm.means[:, 0], gmm.covs[:, 0, 0]
+    comp = (np.log(w)[:, None] - 0.5 * np.log(2 * np.pi * v)[:, None]
+            - 0.5 * (x[None, :] - m[:, None]) ** 2 / v[:, None])
+    top = comp.max(axis=0)
+    return top + np.log(np.exp(comp - top).sum(axis=0))
+
+
+@pytest.fixture(scope="module")
+def one_d(tmp_path_factory):
+    """d = 1 tutorial problems, solved, committed with the curves the runner computes."""
+    from raybary.runner.options import GridOptions
+    from raybary.runner.shard import shard_grids
+    from raybary.storage import write_problems
+    from raybary.storage.generate import tutorial_problems
+
+    root = tmp_path_factory.mktemp("plot-1d")
+    problems = tutorial_problems(3, dim=1, seed=4)
+    store = write_problems(str(root / "in.parquet"), problems)
+    results = raybary.solve(problems, bar_size=3)
+    writer = ResultWriter(str(root / "out"), n_problems=3, shard_size=3, grid_shape=GRID,
+                          input_grid_gmms=3, options={"bar_size": 3, "grid_dims": [0, 1]},
+                          input_url=store.url)
+    writer.prepare(overwrite=True)
+    grids = shard_grids(problems, results, ["ok"] * 3, GridOptions(shape=GRID, input_gmms=3),
+                        writer.curve_length)
+    writer.commit_shard(0, 0, 3, store.problem_ids(), ["ok"] * 3, [None] * 3, results, 0.01,
+                        **grids.commit_kwargs())
+    writer.finalize({})
+    return {"out": writer.url, "problems": problems, "results": results}
+
+
+@pytest.mark.parametrize("source", ["auto", "stored"])
+def test_d1_figure_draws_the_curves(one_d, source, tmp_path):
+    """A d = 1 problem: the barycenter's curve and the inputs' on one axis; the data
+    drawn are -log p at the curve's points (computed: max(H, W) of the default grid;
+    stored: the run's curve of max(H, W) = 48 points), and the window holds every
+    component's mean +- 3 sd."""
+    pid = 1
+    fig = rp.plot_problem(one_d["out"], pid, source=source)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == r"$-\log p(x)$"
+    labels = [line.get_label() for line in ax.lines]
+    assert labels[:3] == [f"GMM {j + 1} (λ={one_d['problems'][pid].lambdas[j]:.2f})"
+                          for j in range(3)]
+    assert labels[3] == "Barycenter (n=3)"
+    points = max(rp.DEFAULT_SHAPE) if source == "auto" else max(GRID)
+    gmms = [*one_d["problems"][pid].gmms, one_d["results"][pid].gmm()]
+    for line, gmm in zip(ax.lines, gmms):
+        x, y = line.get_xdata(), line.get_ydata()
+        assert len(x) == points
+        np.testing.assert_allclose(y, -_numpy_log_density_1d(gmm, x), rtol=1e-4, atol=1e-4)
+    x0, x1 = ax.get_xlim()
+    for gmm in gmms:
+        assert _inside(x0, x1, gmm.means[:, 0], np.sqrt(gmm.covs[:, 0, 0]))
+    g = rp.problem_grids(one_d["out"], pid, source=source)
+    assert g.dim == 1 and g.source == ("computed" if source == "auto" else "stored")
+    assert np.isnan(g.extent[2:]).all()
+    out = rp.save_figure(fig, str(tmp_path / "curve.png"))
+    from matplotlib.image import imread
+
+    assert imread(out)[..., :3].std() > 0.02
+
+
+def test_cli_plots_a_d1_problem(one_d, tmp_path):
+    out = tmp_path / "p.png"
+    r = CliRunner().invoke(main, ["plot", one_d["out"], "--problem", "0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000

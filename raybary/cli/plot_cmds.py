@@ -66,14 +66,17 @@ def _bounds(text: str | None) -> tuple[float, ...] | None:
               help="Figure file; the format follows the suffix (png, pdf, svg). "
                    "[default: problem-ID.png or gallery.png]")
 @click.option("--grid", "grid", default=None, metavar="HxW",
-              help="Grid when the log-densities are computed here [default: the run's, or 100x100].")
+              help="Grid of the log-densities computed here; d = 1: max(H, W) points "
+                   "[default: 200x200].")
 @click.option("--bounds", "bounds", default=None, metavar="XMIN,XMAX,YMIN,YMAX",
-              help="Plot window (forces computed grids) [default: the run's extent, or "
-                   "all components +- 3 std].")
+              help="Plot window (computed grids; d = 1 uses XMIN,XMAX) [default: the run's "
+                   "--grid-bounds, or a window that shows every input GMM and the "
+                   "barycenter whole].")
 @click.option("--source", type=click.Choice(["auto", "stored", "computed"]), default="auto",
               show_default=True,
-              help="Use the grids stored by the run, compute them from the stored "
-                   "barycenters and the input store, or stored where available.")
+              help="computed: from the stored barycenters and the input store; stored: "
+                   "the grids the run stored; auto: computed when the input store can be "
+                   "read, else stored.")
 @click.option("--input", "input_url", default=None, metavar="URL",
               help="The input store, if it is no longer where the results record it.")
 @click.option("--columns", type=click.IntRange(min=1), default=None,
@@ -83,7 +86,8 @@ def _bounds(text: str | None) -> tuple[float, ...] | None:
 @user_errors(ValueError, FileNotFoundError)
 def plot_cmd(output, problems, gallery, out, grid, bounds, source, input_url, columns, dpi,
              title):
-    """Contours of -log p of each input GMM and of the barycenter, from OUTPUT.
+    """Contours of -log p of each input GMM and of the barycenter, from OUTPUT
+    (curves of -log p for d = 1 problems).
 
     \b
       raybary plot out/ --problem 17 -o fig.png      # one problem

@@ -71,11 +71,13 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
               help="Seed of the initialisation.")
 @click.option("--grid", "grid_shape", default=format_grid(_default(_G, "shape")),
               show_default=True, callback=_parsed_by(parse_grid, "--grid"),
-              help="Log-density grid H or HxW per problem; 'none' for no grids.")
+              help="Log-density grid H or HxW per problem (d = 1: a curve of max(H, W) "
+                   "points); 'none' for no grids.")
 @click.option("--grid-bounds", default=_default(_G, "bounds"),
               callback=_parsed_by(parse_bounds, "--grid-bounds"),
-              help="xmin,xmax,ymin,ymax for every grid; default: each problem's extent from its "
-                   "input components (mean +- 3 sd), shared by barycenter and input grids.")
+              help="xmin,xmax,ymin,ymax for every grid (d = 1: xmin,xmax); default: each "
+                   "problem's window showing its inputs and barycenter whole (every "
+                   "component's mean +- 3 sd, and more), shared by barycenter and input grids.")
 @click.option("--grid-dims", default=",".join(map(str, _default(_G, "dims"))), show_default=True,
               callback=_parsed_by(parse_dims, "--grid-dims"),
               help="The two coordinates i,j shown on the grids when d > 2 (a 2-D marginal).")

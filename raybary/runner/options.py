@@ -79,11 +79,13 @@ class SolverOptions:
 
 @dataclass(frozen=True)
 class GridOptions:
-    """Log-density grids: ``shape`` ``(H, W)`` or ``None`` (no grids); ``bounds``
-    ``(xmin, xmax, ymin, ymax)`` for every problem, or ``None`` for extents
-    from each problem's input components (shared by the barycenter and the
-    input grids of that problem); ``dims`` the two coordinates shown when
-    ``d > 2``; ``input_gmms`` how many input GMMs' grids to store too."""
+    """Log-density grids: ``shape`` ``(H, W)`` or ``None`` (no grids; ``d = 1``
+    problems get curves of ``max(H, W)`` points); ``bounds``
+    ``(xmin, xmax, ymin, ymax)`` for every problem (``xmin, xmax`` for curves),
+    or ``None`` for extents from each problem's input and barycenter
+    components (shared by the barycenter and the input grids of that problem);
+    ``dims`` the two coordinates shown when ``d > 2``; ``input_gmms`` how many
+    input GMMs' grids to store too."""
 
     shape: tuple[int, int] | None = DEFAULT_GRID
     bounds: tuple[float, float, float, float] | None = None

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from raybary.runner.options import GridOptions, SolverOptions
 from raybary.types import Problem, Result
 
 __all__ = ["process_shard", "fail_shard", "solve_isolated", "shard_grids", "problem_extents",
-           "ShardSummary", "peak_rss_mb"]
+           "ShardGrids", "ShardSummary", "peak_rss_mb"]
 
 SolveFn = Callable[..., list]
 
@@ -108,15 +109,45 @@ def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
 
 
 # ------------------------------------------------------------------ grids
-def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """Grid extent ``(xmin, xmax, ymin, ymax)`` of a problem: every input
-    component's mean +- 3 standard deviations on coordinates ``dims`` (used for
-    the barycenter's grid and the inputs' grids alike, so they line up)."""
-    from raybary.density import default_bounds, marginal_components
+def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1),
+                    barycenter: Result | None = None) -> np.ndarray:
+    """Grid extent of a problem: ``(xmin, xmax, ymin, ymax)`` on coordinates
+    ``dims``, or ``(xmin, xmax)`` for a ``d = 1`` problem (its curve).
 
-    return default_bounds(*marginal_components(np.concatenate([g.means for g in problem.gmms]),
-                                               np.concatenate([g.covs for g in problem.gmms]),
-                                               dims))
+    The window shows every input GMM and the ``barycenter`` (if given) whole:
+    each component's mean +- 3 standard deviations, and all of the region
+    where ``-log p`` is below 10, plus 5 % on each side
+    (:func:`raybary.density.covering_extent`). The barycenter's grid and the
+    inputs' grids use the same extent, so they line up.
+    """
+    from raybary.density import covering_extent
+
+    gmms = [(g.weights, g.means, g.covs) for g in problem.gmms]
+    if barycenter is not None and len(barycenter.weights):
+        gmms.append((barycenter.weights, barycenter.means, barycenter.covs))
+    return covering_extent(gmms, (0,) if problem.dim == 1 else tuple(dims))
+
+
+class ShardGrids(NamedTuple):
+    """The log-densities of one shard, as :meth:`ResultWriter.commit_shard` takes them.
+
+    ``d >= 2`` problems have grids (``barycenter [n,H,W]``, ``extent [n,4]``,
+    ``inputs [n,J,H,W]``), ``d = 1`` problems curves (``curve [n,L]``,
+    ``curve_extent [n,2]``, ``curve_inputs [n,J,L]``); rows are NaN where
+    there is none. ``inputs`` and ``curve_inputs`` are ``None`` without input grids.
+    """
+
+    barycenter: np.ndarray
+    extent: np.ndarray
+    inputs: np.ndarray | None
+    curve: np.ndarray
+    curve_extent: np.ndarray
+    curve_inputs: np.ndarray | None
+
+    def commit_kwargs(self) -> dict:
+        return {"grids": self.barycenter, "grid_extents": self.extent,
+                "input_grids": self.inputs, "curves": self.curve,
+                "curve_extents": self.curve_extent, "input_curves": self.curve_inputs}
 
 
 def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
@@ -135,51 +166,86 @@ def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
     return W, M, C
 
 
+def _padded_rows(extents: np.ndarray, rows: int) -> np.ndarray:
+    out = np.empty((rows, extents.shape[1]))
+    out[: len(extents)] = extents
+    out[len(extents):] = extents[0]
+    return out
+
+
 def _eval_grids(gmms, extents: np.ndarray, grid: GridOptions, d: int) -> np.ndarray:
     from raybary.density import log_density_grid
 
     W, M, C = _pad_gmms(gmms, d)
-    ext = np.zeros((W.shape[0], 4))
-    ext[: len(gmms)] = extents
-    ext[len(gmms):] = extents[0]
-    values, _ = log_density_grid((W, M, C), shape=grid.shape, bounds=ext, dims=grid.dims,
+    values, _ = log_density_grid((W, M, C), shape=grid.shape,
+                                 bounds=_padded_rows(extents, W.shape[0]), dims=grid.dims,
                                  dtype="float32")
     return np.asarray(values[: len(gmms)], dtype=np.float32)
 
 
-def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | None],
-                statuses: Sequence[str], grid: GridOptions):
-    """Grids of one shard: ``(barycenter [n,H,W], extents [n,4], inputs [n,J,H,W] | None)``.
+def _eval_curves(gmms, extents: np.ndarray, length: int) -> np.ndarray:
+    """Log-densities of 1-D GMMs at ``linspace(xmin, xmax, length)`` per row."""
+    from raybary.density import log_density
 
-    Rows stay NaN where there is no grid: invalid problems, ``d < 2`` or
-    ``grid.dims`` outside ``d``; the barycenter grid is NaN where the problem
-    is not ``ok``. Extents are ``grid.bounds`` or :func:`problem_extents`.
+    W, M, C = _pad_gmms(gmms, 1)
+    ext = _padded_rows(extents, W.shape[0])
+    t = np.linspace(0.0, 1.0, length)
+    points = (ext[:, :1] + (ext[:, 1:2] - ext[:, :1]) * t)[..., None]  # (B', L, 1)
+    values = log_density((W, M, C), points, dtype="float32")
+    return np.asarray(values[: len(gmms)], dtype=np.float32)
+
+
+def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | None],
+                statuses: Sequence[str], grid: GridOptions,
+                curve_length: int | None = None) -> ShardGrids:
+    """Grids (``d >= 2``) and curves (``d = 1``) of one shard: a :class:`ShardGrids`.
+
+    Rows stay NaN where there is none: invalid problems, ``grid.dims``
+    outside ``d``; the barycenter's row is NaN where the problem is not
+    ``ok``. Extents are ``grid.bounds`` (its ``xmin, xmax`` for curves) or
+    :func:`problem_extents` of the inputs and, for ``ok`` problems, the
+    barycenter. Curves have ``curve_length`` points (default ``max(H, W)``).
     """
     n = len(problems)
     h, w = grid.shape
-    bary = np.full((n, h, w), np.nan, np.float32)
-    extents = np.full((n, 4), np.nan)
+    length = int(curve_length or max(h, w))
     j = grid.input_gmms
-    inputs = np.full((n, j, h, w), np.nan, np.float32) if j else None
+    out = ShardGrids(np.full((n, h, w), np.nan, np.float32), np.full((n, 4), np.nan),
+                     np.full((n, j, h, w), np.nan, np.float32) if j else None,
+                     np.full((n, length), np.nan, np.float32), np.full((n, 2), np.nan),
+                     np.full((n, j, length), np.nan, np.float32) if j else None)
     by_dim: dict[int, list[int]] = {}
     for i, p in enumerate(problems):
-        if p is not None and p.dim >= 2 and max(grid.dims) < p.dim:
+        if p is not None and (p.dim == 1 or max(grid.dims) < p.dim):
             by_dim.setdefault(p.dim, []).append(i)
     for d, rows in sorted(by_dim.items()):
-        for i in rows:
-            extents[i] = grid.bounds if grid.bounds is not None else problem_extents(problems[i], grid.dims)
+        if d == 1:
+            extents, bary, inputs = out.curve_extent, out.curve, out.curve_inputs
+            fixed = None if grid.bounds is None else grid.bounds[:2]
+
+            def evaluate(gm, ext):
+                return _eval_curves(gm, ext, length)
+        else:
+            extents, bary, inputs = out.extent, out.barycenter, out.inputs
+            fixed = grid.bounds
+
+            def evaluate(gm, ext, d=d):
+                return _eval_grids(gm, ext, grid, d)
         ok = [i for i in rows if statuses[i] == "ok"]
+        for i in rows:
+            extents[i] = fixed if fixed is not None else problem_extents(
+                problems[i], grid.dims, results[i] if statuses[i] == "ok" else None)
         if ok:
             gm = [(results[i].weights, results[i].means, results[i].covs) for i in ok]
-            bary[ok] = _eval_grids(gm, extents[ok], grid, d)
+            bary[ok] = evaluate(gm, extents[ok])
         if j:
             pairs = [(i, g) for i in rows for g in range(min(j, problems[i].n_gmms))]
             gm = [(problems[i].gmms[g].weights, problems[i].gmms[g].means, problems[i].gmms[g].covs)
                   for i, g in pairs]
-            vals = _eval_grids(gm, np.stack([extents[i] for i, _ in pairs]), grid, d)
+            vals = evaluate(gm, np.stack([extents[i] for i, _ in pairs]))
             for (i, g), v in zip(pairs, vals):
                 inputs[i, g] = v
-    return bary, extents, inputs
+    return out
 
 
 # ------------------------------------------------------------------ shards
@@ -209,13 +275,14 @@ def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: 
         if r.status != "ok":
             statuses[i], errors[i] = "failed", r.error or "solver failed (no message)"
     seconds = problem_seconds(t_solve - t_read, results, statuses)
-    grids = extents = inputs = None
+    grids = {}
     if writer.grid_shape is not None:
-        grids, extents, inputs = shard_grids(shard.problems, results, statuses, grid)
+        grids = shard_grids(shard.problems, results, statuses, grid,
+                            writer.curve_length).commit_kwargs()
     t_grid = time.perf_counter()
     info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
                                [r if s != "invalid" else None for r, s in zip(results, statuses)],
-                               seconds, grids=grids, grid_extents=extents, input_grids=inputs)
+                               seconds, **grids)
     t_end = time.perf_counter()
     return ShardSummary(shard_index, start, stop, info["counts"], read_s=t_read - t0,
                         solve_s=t_solve - t_read, grid_s=t_grid - t_solve,

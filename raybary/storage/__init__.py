@@ -33,6 +33,7 @@ _LAZY = {
     "ResultWriter": "raybary.storage.results",
     "Results": "raybary.storage.results",
     "read_results": "raybary.storage.results",
+    "BarycenterNotFoundError": "raybary.storage.results",
     "ParquetProblemStore": "raybary.storage.parquet_store",
     "ZarrProblemStore": "raybary.storage.zarr_store",
     "PARQUET_FORMAT_ID": "raybary.storage.parquet_store",
@@ -47,7 +48,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.storage.conversion import convert, write_problems, write_store
     from raybary.storage.formats import detect_format
     from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
-    from raybary.storage.results import Results, ResultWriter, read_results
+    from raybary.storage.results import (
+        BarycenterNotFoundError,
+        Results,
+        ResultWriter,
+        read_results,
+    )
     from raybary.storage.store import open_store
     from raybary.storage.zarr_store import ZARR_FORMAT_ID, ZarrProblemStore
 

@@ -96,11 +96,15 @@ def test_parquet_end_to_end(data, reference):
     bary = res.barycenters.set_index("problem_id")
     for row in (0, 7):
         p, pid = shard.problems[row], int(shard.problem_ids[row])
-        ext = problem_extents(p)
-        np.testing.assert_allclose(g.extent[row], ext)
         b = bary.loc[pid].sort_values("component")
         gmm = (b.weight.to_numpy(), np.stack(b["mean"].to_numpy()),
                np.stack(b["cov"].to_numpy()).reshape(-1, 2, 2))
+        # the extent shows the inputs and the barycenter whole (each mean +- 3 sd, and more)
+        ext = problem_extents(p, (0, 1), raybary.Result(*gmm, 0.0, True, 1, 0.0))
+        np.testing.assert_allclose(g.extent[row], ext, rtol=1e-6, atol=1e-5)
+        for _w, m, c in [(q.weights, q.means, q.covs) for q in p.gmms] + [gmm]:
+            sd = np.sqrt(np.diagonal(c, axis1=1, axis2=2))
+            assert (m - 3 * sd > ext[[0, 2]]).all() and (m + 3 * sd < ext[[1, 3]]).all()
         want, _ = raybary.log_density_grid(gmm, shape=GRID, bounds=ext)
         np.testing.assert_allclose(g.barycenter[row], want, rtol=1e-4, atol=1e-3)
         want, _ = raybary.log_density_grid(p.gmms[2], shape=GRID, bounds=ext)
@@ -162,10 +166,10 @@ def test_d3_with_marginal_grids(data):
     assert len(b) == 2 and all(len(m) == 3 and len(c) == 9 for m, c in zip(b["mean"], b["cov"]))
     g = res.grids(13, 14, inputs=True)
     p = store.read(13, 14).problems[0]
-    ext = problem_extents(p, (0, 2))
-    np.testing.assert_allclose(g.extent[0], ext)
     gmm = (b.weight.to_numpy(), np.stack(b["mean"].to_numpy()),
            np.stack(b["cov"].to_numpy()).reshape(-1, 3, 3))
+    ext = problem_extents(p, (0, 2), raybary.Result(*gmm, 0.0, True, 1, 0.0))
+    np.testing.assert_allclose(g.extent[0], ext, rtol=1e-6, atol=1e-5)
     want, _ = raybary.log_density_grid(gmm, shape=GRID, bounds=ext, dims=(0, 2))
     np.testing.assert_allclose(g.barycenter[0], want, rtol=1e-4, atol=1e-3)
     want, _ = raybary.log_density_grid(p.gmms[0], shape=GRID, bounds=ext, dims=(0, 2))

@@ -170,17 +170,19 @@ def test_cli_usage_errors():
 
 def test_grid_extents_of_a_marginal_and_the_shard_summary(tmp_path):
     """problem_extents: every input component's mean +- 3 sd on coordinates ``dims``
-    (density.marginal_components); fail_shard's summary is a ShardSummary."""
-    from raybary.density import marginal_components
+    (density.marginal_components) and more (density.covering_extent); fail_shard's
+    summary is a ShardSummary."""
+    from raybary.density import covering_extent, marginal_components
     from raybary.runner.shard import ShardSummary, fail_shard
 
     store = generate(str(tmp_path / "r.parquet"), 12, family="random", dim=3, seed=4)
     p = store.read(0, 1).problems[0]
     means = np.concatenate([g.means for g in p.gmms])
     sd = np.sqrt(np.concatenate([np.diagonal(g.covs, axis1=1, axis2=2) for g in p.gmms]))
-    want = [(means[:, 0] - 3 * sd[:, 0]).min(), (means[:, 0] + 3 * sd[:, 0]).max(),
-            (means[:, 2] - 3 * sd[:, 2]).min(), (means[:, 2] + 3 * sd[:, 2]).max()]
-    np.testing.assert_allclose(problem_extents(p, (0, 2)), want)
+    ext = problem_extents(p, (0, 2))
+    np.testing.assert_allclose(ext, covering_extent(p.gmms, (0, 2)))
+    assert (means[:, 0] - 3 * sd[:, 0] > ext[0]).all() and (means[:, 0] + 3 * sd[:, 0] < ext[1]).all()
+    assert (means[:, 2] - 3 * sd[:, 2] > ext[2]).all() and (means[:, 2] + 3 * sd[:, 2] < ext[3]).all()
     m, c = marginal_components(means, np.concatenate([g.covs for g in p.gmms]), (2, 0))
     np.testing.assert_array_equal(m, means[:, [2, 0]])
     assert c.shape == (len(means), 2, 2) and np.allclose(c[:, 0, 0], sd[:, 2] ** 2)
@@ -220,3 +222,105 @@ def test_a_covariance_float32_cannot_hold_is_invalid_in_float32_runs_only(tmp_pa
             assert "numerically singular" in df.loc[1, "error"] and "float64" in df.loc[1, "error"]
     assert counts == {"float32": {"ok": 2, "invalid": 1, "failed": 0},
                       "float64": {"ok": 3, "invalid": 0, "failed": 0}}
+
+
+# -------------------------------------------------------------- extents and curves
+def far_solve(problems, *, bar_size, validate, **kw):
+    """A stand-in for raybary.solve whose barycenter (the first GMM, moved by +200 on
+    every coordinate and widened) lies outside every input: the extent must follow it."""
+    out = fake_solve(problems, bar_size=bar_size, validate=validate)
+    return [Result(weights=r.weights, means=r.means + 200.0, covs=4.0 * r.covs,
+                   objective=r.objective, converged=True, iterations=3, marginal_error=0.0)
+            for r in out]
+
+
+def _inside(ext, means, covs, axes):
+    """Every component's mean +- 3 sd on ``axes`` lies strictly inside ``ext``."""
+    sd = np.sqrt(np.diagonal(covs, axis1=1, axis2=2))
+    for k, a in enumerate(axes):
+        lo, hi = ext[2 * k], ext[2 * k + 1]
+        if not ((means[:, a] - 3 * sd[:, a] > lo).all() and (means[:, a] + 3 * sd[:, a] < hi).all()):
+            return False
+    return True
+
+
+def test_grid_extents_hold_every_input_and_the_barycenter(tmp_path):
+    """On generated tutorial problems, the stored extent of each problem holds every
+    input component's and every barycenter component's mean +- 3 sd (the barycenter,
+    known after solving, lies far outside the inputs here), with a margin."""
+    store = generate(str(tmp_path / "t.parquet"), 6, family="tutorial", seed=5)
+    solver, grid = SolverOptions(bar_size=2), GridOptions(shape=(5, 6))
+    writer = ResultWriter(str(tmp_path / "out"), n_problems=6, shard_size=6,
+                          grid_shape=grid.shape, options=recorded_options(solver, grid),
+                          input_url=store.url)
+    writer.prepare()
+    process_shard(store, writer, 0, solver, grid, solve_fn=far_solve)
+    res = read_results(writer.url)
+    g = res.grids(0, 6)
+    shard = store.read(0, 6)
+    bary = res.barycenters
+    for row, p in enumerate(shard.problems):
+        b = bary[bary.problem_id == shard.problem_ids[row]].sort_values("component")
+        bm = np.stack(b["mean"].to_numpy())
+        bc = np.stack(b["cov"].to_numpy()).reshape(-1, 2, 2)
+        ext = g.extent[row]
+        for means, covs in [(q.means, q.covs) for q in p.gmms] + [(bm, bc)]:
+            assert _inside(ext, means, covs, (0, 1)), (row, ext)
+        result = Result(b.weight.to_numpy(), bm, bc, 0.0, True, 1, 0.0)
+        np.testing.assert_allclose(ext, problem_extents(p, (0, 1), result), rtol=1e-6, atol=1e-5)
+        # inputs only would cut the barycenter off
+        assert not _inside(problem_extents(p), bm, bc, (0, 1))
+
+
+def _numpy_log_density_1d(weights, means, variances, x):
+    """log sum_k w_k N(x; m_k, v_k) in NumPy (float64)."""
+    comp = (np.log(weights)[:, None] - 0.5 * np.log(2 * np.pi * variances)[:, None]
+            - 0.5 * (x[None, :] - means[:, None]) ** 2 / variances[:, None])
+    top = comp.max(axis=0)
+    return top + np.log(np.exp(comp - top).sum(axis=0))
+
+
+def test_d1_problems_get_curves(tmp_path):
+    """A shard with d = 1 and d = 2 problems: the d = 1 ones get curves of max(H, W)
+    points (the barycenter's and the inputs'), the d = 2 ones grids; each has NaN in
+    the other's arrays."""
+    from raybary.storage import write_problems
+    from raybary.storage.results.layout import read_curves
+
+    probs = tutorial_problems(3, dim=1, seed=2) + tutorial_problems(2, dim=2, seed=2)
+    store = write_problems(str(tmp_path / "mixed.parquet"), probs)
+    solver, grid = SolverOptions(bar_size=2), GridOptions(shape=(6, 9), input_gmms=2)
+    writer = ResultWriter(str(tmp_path / "out"), n_problems=5, shard_size=5,
+                          grid_shape=grid.shape, input_grid_gmms=2,
+                          options=recorded_options(solver, grid), input_url=store.url)
+    writer.prepare()
+    assert writer.curve_length == 9
+    process_shard(store, writer, 0, solver, grid, solve_fn=far_solve)
+    res = read_results(writer.url)
+    assert (res.problems.status == "ok").all()
+    curves, grids = read_curves(res, 0, 5, inputs=True), res.grids(0, 5, inputs=True)
+    assert curves.curve.shape == (5, 9) and curves.inputs.shape == (5, 2, 9)
+    assert curves.extent.shape == (5, 2) and curves.curve.dtype == np.float32
+    bary = res.barycenters
+    for row, p in enumerate(probs):
+        if p.dim == 2:
+            assert np.isnan(curves.curve[row]).all() and np.isnan(curves.extent[row]).all()
+            assert np.isfinite(grids.barycenter[row]).all()
+            continue
+        assert np.isnan(grids.barycenter[row]).all() and np.isnan(grids.extent[row]).all()
+        assert curves.problem_id[row] == res.problems.problem_id[row]
+        b = bary[bary.problem_id == res.problems.problem_id[row]].sort_values("component")
+        w = b.weight.to_numpy()
+        m = np.array([x[0] for x in b["mean"]])
+        v = np.array([x[0] for x in b["cov"]])
+        lo, hi = curves.extent[row]
+        x = np.linspace(lo, hi, 9)
+        np.testing.assert_allclose(curves.curve[row], _numpy_log_density_1d(w, m, v, x),
+                                   rtol=1e-4, atol=1e-4)
+        for j in range(2):
+            g = p.gmms[j]
+            want = _numpy_log_density_1d(g.weights, g.means[:, 0], g.covs[:, 0, 0], x)
+            np.testing.assert_allclose(curves.inputs[row, j], want, rtol=1e-4, atol=1e-4)
+        # the curve's window holds every input and barycenter component's mean +- 3 sd
+        for means, covs in [(q.means, q.covs) for q in p.gmms] + [(m[:, None], v[:, None, None])]:
+            assert _inside(curves.extent[row], means, covs, (0,))

@@ -116,7 +116,7 @@ def test_grids_rows_are_store_positions_and_chunks_align(tmp_path):
     writer.prepare()
     info = commit(writer, 1)
     root = zarr.open_group(f"{out}/grids.zarr", mode="r")
-    assert root.attrs["format"] == "raybary.grids" and root.attrs["format_version"] == 2
+    assert root.attrs["format"] == "raybary.grids" and root.attrs["format_version"] == 3
     assert info["grids"] == f"shard-000001-{info['commit']}"  # the marker names its grids
     group = zarr.open_group(f"{out}/grids.zarr/{info['grids']}", mode="r")
     assert group.attrs["start"] == 10 and group.attrs["commit"] == info["commit"]
@@ -541,3 +541,63 @@ def test_committed_shard_whose_grids_are_gone_is_redone(tmp_path):
     assert g.barycenter[0, 0, 0] == 0.0 and g.barycenter[20, 0, 0] == 20.0
     with pytest.warns(UserWarning, match="shard 1 is not committed; redone by this run"):
         assert make_writer(str(out)).prepare() == {0, 2}
+
+
+def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
+    """d = 1 problems' log-density curves (max(H, W) points) go into the same
+    grids group as the grids (curve, curve_extent, curve_inputs); read_curves
+    stitches them like Results.grids; shards without curves, groups written
+    before curves existed and uncommitted shards read as NaN / -1."""
+    from raybary.storage.results.layout import curve_length, read_curves
+
+    out = tmp_path / "out"
+    writer = make_writer(str(out))
+    writer.prepare()
+    length = writer.curve_length
+    assert length == curve_length((H, W)) == max(H, W)
+    start, stop = writer.shard_range(1)
+    n = stop - start
+    curves = np.arange(n * length, dtype=np.float32).reshape(n, length) - 100.0
+    curves[3] = np.nan  # a d = 2 problem of the shard: no curve
+    curve_ext = np.tile([-2.0, 5.0], (n, 1))
+    curve_ext[3] = np.nan
+    inputs = np.full((n, 2, length), -7.0, dtype=np.float32)
+    with pytest.raises(ValueError, match="curves must have shape"):
+        writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n, [None] * n,
+                            [fake_result(i) for i in range(n)], curves=curves[:, :-1])
+    with pytest.raises(ValueError, match=r"input_curves must have shape \(10, J <= 3, 6\)"):
+        writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n, [None] * n,
+                            [fake_result(i) for i in range(n)], input_curves=inputs[..., :2])
+    assert writer.committed_shards() == set()
+    info = writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n,
+                               [None] * n, [fake_result(i) for i in range(n)],
+                               curves=curves, curve_extents=curve_ext, input_curves=inputs)
+    commit(writer, 0)  # grids only: its curve rows are NaN
+    root = zarr.open_group(str(out / "grids.zarr"), mode="r")
+    assert root.attrs["curve_length"] == length
+    group = zarr.open_group(str(out / "grids.zarr" / info["grids"]), mode="r")
+    assert group["curve"].shape == (n, length) and group["curve"].dtype == np.float32
+    assert group["curve_extent"].shape == (n, 2) and group["curve_inputs"].shape == (n, 3, length)
+    assert group["curve"].metadata.dimension_names == ("problem", "x")
+
+    res = read_results(str(out))
+    c = read_curves(res, 5, 25, inputs=True)
+    assert c.curve.shape == (20, length) and c.inputs.shape == (20, 3, length)
+    np.testing.assert_array_equal(c.curve[5:15], curves)
+    np.testing.assert_array_equal(c.extent[5:15], curve_ext)
+    np.testing.assert_array_equal(c.inputs[5:15, :2], inputs)
+    assert np.isnan(c.inputs[5:15, 2]).all()
+    assert np.isnan(c.curve[:5]).all() and np.isnan(c.curve[15:]).all()  # grids only; not committed
+    assert c.problem_id[5:15].tolist() == list(range(100, 200, 10))
+    assert (c.problem_id[15:] == -1).all()
+    assert read_curves(res, 10, 12).inputs is None
+    assert np.isnan(res.grids(10, 20).barycenter).all()  # no grids given for shard 1
+    # a group written before curves existed (raybary.grids/2): NaN rows
+    for key in ("curve", "curve_extent", "curve_inputs"):
+        shutil.rmtree(out / "grids.zarr" / info["grids"] / key)
+    assert np.isnan(read_curves(read_results(str(out)), 10, 20).curve).all()
+    nogrids = make_writer(str(tmp_path / "none"), grid_shape=None, input_grid_gmms=0)
+    nogrids.prepare()
+    assert nogrids.curve_length is None
+    with pytest.raises(ValueError, match="has no grids"):
+        read_curves(read_results(str(tmp_path / "none")))

@@ -8,7 +8,9 @@ works as it always did):
 * :mod:`~raybary.storage.results.writer`: :class:`ResultWriter` (driver:
   lease, prepare, finalize; actors: commit a shard);
 * :mod:`~raybary.storage.results.reader`: :func:`read_results`,
-  :class:`Results`, :class:`Grids`, :func:`summarize`.
+  :class:`Results` (barycenters as :class:`raybary.GMM`: ``res.barycenter(pid)``,
+  ``res.iter_barycenters()``), :class:`BarycenterNotFoundError`, :class:`Grids`,
+  :func:`summarize`.
 
 See ``docs/storage.md`` for the layout and the commit protocol.
 """
@@ -29,14 +31,26 @@ from raybary.storage.results.layout import (
     RESULTS_VERSION,
     STATUSES,
     TMP_DIR,
+    Curves,
     barycenters_schema,
+    curve_length,
     input_changes,
     problems_schema,
+    read_curves,
 )
-from raybary.storage.results.reader import Grids, Results, read_results, summarize
+from raybary.storage.results.reader import (
+    BarycenterNotFoundError,
+    Grids,
+    Results,
+    read_results,
+    summarize,
+)
 from raybary.storage.results.writer import ResultWriter
 
 __all__ = [
+    "Curves",
+    "read_curves",
+    "curve_length",
     "RESULTS_FORMAT",
     "RESULTS_VERSION",
     "GRIDS_FORMAT",
@@ -52,6 +66,7 @@ __all__ = [
     "COMMIT_KEY",
     "ResultWriter",
     "Results",
+    "BarycenterNotFoundError",
     "Grids",
     "read_results",
     "summarize",

@@ -14,8 +14,10 @@ Layout of ``OUT/``::
     _lease.json                    the run writing OUT (run id, host, pid, heartbeat)
     problems/shard-000012.parquet   one row per problem of shard 12
     barycenters/shard-000012.parquet  one row per barycenter component
-    grids.zarr/                     log-density grids (raybary.grids/2), if the run makes grids:
-      shard-000012-<commit>/          the grids of one attempt at shard 12, rows = its positions
+    grids.zarr/                     log-density grids (raybary.grids/3), if the run makes grids:
+      shard-000012-<commit>/          the grids of one attempt at shard 12, rows = its positions:
+                                      2-D grids (barycenter, extent, inputs) of d >= 2 problems,
+                                      curves (curve, curve_extent, curve_inputs) of d = 1 ones
     _commits/shard-000012.json     commit marker of shard 12 (written last): its commit id,
                                    and the grids group of that commit
     _manifest.json                 what was run, counts by status (written last of all)
@@ -29,7 +31,12 @@ finishing late, a crash) leaves a group that no marker names: it is never
 read, and :meth:`~raybary.storage.results.ResultWriter.finalize` removes it.
 Results written before this layout (``raybary.grids/1``: arrays at the root of
 ``grids.zarr``, rows = store positions, markers without ``grids``) are read
-as they were.
+as they were; groups of ``raybary.grids/2`` have no curves (their rows read
+as NaN).
+
+Curves: a ``d = 1`` problem has a log-density curve of :func:`curve_length`
+points instead of a 2-D grid; :func:`read_curves` reads them as
+:meth:`Results.grids <raybary.storage.results.Results.grids>` reads grids.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ import os
 import posixpath
 import re
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -65,6 +73,10 @@ __all__ = [
     "GRIDS_DIR",
     "GRIDS_VERSION",
     "grid_group_name",
+    "curve_length",
+    "CURVE_ARRAYS",
+    "Curves",
+    "read_curves",
     "problems_schema",
     "barycenters_schema",
     "input_changes",
@@ -73,7 +85,9 @@ __all__ = [
 RESULTS_FORMAT = "raybary.results"
 RESULTS_VERSION = 1
 GRIDS_FORMAT = "raybary.grids"
-GRIDS_VERSION = 2  # 1: arrays at the root, rows = store positions (not tied to commits)
+# 1: arrays at the root, rows = store positions (not tied to commits);
+# 2: one group per commit; 3: the groups also hold the curves of d = 1 problems
+GRIDS_VERSION = 3
 GRIDS_DIR = "grids.zarr"
 STATUSES = ("ok", "invalid", "failed")
 LAYOUT_FILE = "_layout.json"
@@ -113,6 +127,75 @@ def grid_group_name(shard: int, commit: str) -> str:
 
 #: A grids group of one attempt at a shard (see :func:`grid_group_name`).
 _GRID_GROUP = re.compile(r"shard-\d{6,}-[0-9a-f]{32}")
+
+
+# ------------------------------------------------------------------ curves (d = 1)
+#: The arrays of a grids group that hold the curves of ``d = 1`` problems.
+CURVE_ARRAYS = ("curve", "curve_extent", "curve_inputs")
+
+
+def curve_length(grid_shape) -> int:
+    """Points of a ``d = 1`` problem's curve in a run with grids ``(H, W)``: ``max(H, W)``."""
+    return int(max(int(grid_shape[0]), int(grid_shape[1])))
+
+
+class Curves(NamedTuple):
+    """Curve rows of positions ``start:stop`` (:func:`read_curves`); NaN / -1 where none.
+
+    ``curve[k, c]`` is the log-density of the barycenter at ``x_c``,
+    ``x = linspace(xmin, xmax, L)`` with ``(xmin, xmax) = extent[k]``;
+    ``inputs[k, j]`` that of input GMM ``j`` (``None`` unless asked for).
+    """
+
+    problem_id: np.ndarray
+    extent: np.ndarray
+    curve: np.ndarray
+    inputs: np.ndarray | None
+
+
+def read_curves(results, start: int = 0, stop: int | None = None, *,
+                inputs: bool = False) -> Curves:
+    """Load the curve rows ``start:stop`` (store positions) of ``results`` (a
+    :class:`~raybary.storage.results.Results`): the ``d = 1`` counterpart of
+    ``results.grids(start, stop, inputs=inputs)``, from the same groups.
+
+    Rows of problems without a curve (``d >= 2``, invalid; the barycenter's
+    where not ``ok``), of shards not committed, and of groups written before
+    curves existed (``raybary.grids/1`` and ``/2``) are NaN, their problem
+    id -1.
+    """
+    layout = results.layout
+    shape = layout.get("grid_shape")
+    if shape is None:
+        raise ValueError(f"{results.url} has no grids (the run had no grid_shape)")
+    n, size = int(layout["n_problems"]), int(layout["shard_size"])
+    start, stop, _ = slice(start, stop).indices(n)
+    stop = max(start, stop)
+    m, length = stop - start, curve_length(shape)
+    j = int(layout.get("input_grid_gmms") or 0) if inputs else 0
+    out = Curves(np.full(m, -1, dtype=np.int64), np.full((m, 2), np.nan),
+                 np.full((m, length), np.nan, dtype=np.float32),
+                 np.full((m, j, length), np.nan, dtype=np.float32) if j else None)
+    for shard in results.committed_shards:
+        name = results.grid_groups.get(shard)
+        lo, hi = max(shard * size, start), min((shard + 1) * size, n, stop)
+        if name is None or lo >= hi:
+            continue
+        import zarr.errors  # only where there are grids
+
+        try:  # a group that has gone: its rows stay NaN (Results.grids warns of it)
+            group = _fs.open_zarr_group(_fs.join_url(results.url, GRIDS_DIR, name), "r")
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            continue
+        if "curve" not in group:  # written before curves existed
+            continue
+        dst, src = slice(lo - start, hi - start), slice(lo - shard * size, hi - shard * size)
+        out.problem_id[dst] = group["problem_id"][src]
+        out.extent[dst] = group["curve_extent"][src]
+        out.curve[dst] = group["curve"][src]
+        if out.inputs is not None and "curve_inputs" in group:
+            out.inputs[dst] = group["curve_inputs"][src]
+    return out
 
 
 # ------------------------------------------------------------------ schemas

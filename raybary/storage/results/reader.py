@@ -3,14 +3,21 @@
 This module owns reading ``OUT/``: it follows the commit markers (see
 :mod:`~raybary.storage.results.layout`), so a reader never sees half a shard
 or a duplicate, whatever the writers are doing meanwhile. It writes nothing.
+
+Barycenters come back as :class:`raybary.GMM` (NumPy only, no JAX) with
+:meth:`Results.barycenter`, :meth:`Results.iter_barycenters` and
+:meth:`Results.barycenter_arrays`; an id without one raises
+:class:`BarycenterNotFoundError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import posixpath
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raybary.errors import RaybaryError
 from raybary.storage import _fs
 from raybary.storage.results.layout import (
     _UNREADABLE,
@@ -28,13 +36,25 @@ from raybary.storage.results.layout import (
     RESULTS_FORMAT,
     RESULTS_VERSION,
     STATUSES,
+    Curves,
     _read_markers,
     _shard_name,
     barycenters_schema,
     problems_schema,
+    read_curves,
 )
+from raybary.types import GMM
 
-__all__ = ["Grids", "Results", "read_results", "summarize"]
+__all__ = ["BarycenterNotFoundError", "Grids", "Results", "read_results", "summarize"]
+
+
+class BarycenterNotFoundError(RaybaryError, KeyError):
+    """A problem id has no barycenter in a results directory: the id is in no
+    committed shard, or its problem's status is not ``"ok"`` (the message names
+    the id, and the status and error). Also a :class:`KeyError`."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class Grids(NamedTuple):
@@ -75,6 +95,11 @@ class Results:
         """Whether the run finished with every shard committed."""
         return bool(self.manifest and self.manifest.get("complete"))
 
+    def curves(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Curves:
+        """Load the curve rows (d = 1 problems) ``start:stop`` (store positions), as
+        :meth:`grids` loads grids: see :func:`~raybary.storage.results.layout.read_curves`."""
+        return read_curves(self, start, stop, inputs=inputs)
+
     def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
         """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``.
 
@@ -101,6 +126,127 @@ class Results:
             if source is not None:
                 _copy_rows(out, source, slice(lo - start, hi - start), slice(lo - first, hi - first))
         return out
+
+    # -------------------------------------------------------- barycenters as GMMs
+    def barycenter_arrays(self, problem_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The barycenter of problem ``problem_id`` as ``(weights (n,), means (n, d), covs (n, d, d))``.
+
+        Components are in ``component`` order; each row's ``cov`` list is the
+        covariance flattened row-major (``cov[i * d + j] = C[i, j]``). Raises
+        :class:`BarycenterNotFoundError` if the id is in no committed shard or
+        its status is not ``"ok"``.
+        """
+        pid = self._ok_problem(problem_id)
+        table = self.barycenters
+        rows = np.flatnonzero(_numbers(table, "problem_id") == pid)
+        rows = rows[np.argsort(_numbers(table, "component")[rows], kind="stable")]
+        return _BarycenterRows(table).arrays(rows)
+
+    def barycenter(self, problem_id: int) -> GMM:
+        """The barycenter of problem ``problem_id`` as a :class:`raybary.GMM`
+        (``res.barycenter(pid).to_sklearn()`` gives it to scikit-learn); errors as
+        :meth:`barycenter_arrays`."""
+        return GMM(*self.barycenter_arrays(problem_id))
+
+    def iter_barycenters(self) -> Iterator[tuple[int, GMM]]:
+        """Yield ``(problem_id, GMM)`` for every ok problem, in ``problem_id`` order.
+
+        One GMM at a time: the rows are ordered once by ``(problem_id,
+        component)`` (an index array), and each GMM is built from its own rows
+        only (a Table's list columns are read in place, chunk by chunk).
+        """
+        table = self.barycenters
+        ids = _numbers(table, "problem_id")
+        if not len(ids):
+            return
+        order = np.lexsort((_numbers(table, "component"), ids))
+        sorted_ids = ids[order]
+        cuts = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
+        starts, stops = np.append(0, cuts), np.append(cuts, len(order))
+        rows = _BarycenterRows(table)
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            yield int(sorted_ids[a]), GMM(*rows.arrays(order[a:b]))
+
+    def _ok_problem(self, problem_id: int) -> int:
+        """``problem_id`` as an int, if its problem is here with status ok (else
+        :class:`BarycenterNotFoundError`, naming the id and its status)."""
+        pid = operator.index(problem_id)
+        hit = np.flatnonzero(_numbers(self.problems, "problem_id") == pid)
+        if not len(hit):
+            where = "" if self.complete else "; the run is not finished: it may come later"
+            raise BarycenterNotFoundError(
+                f"problem {pid} is not in the results at {self.url} (in no committed shard{where})")
+        status = _cell(self.problems, "status", int(hit[0]))
+        if status != "ok":
+            error = _cell(self.problems, "error", int(hit[0]))
+            why = f": {error}" if isinstance(error, str) and error else ""
+            raise BarycenterNotFoundError(
+                f"problem {pid} has no barycenter: its status is {status!r}{why}")
+        return pid
+
+
+def _numbers(table, name: str) -> np.ndarray:
+    """Column ``name`` of a DataFrame or Table as a NumPy array."""
+    col = table.column(name) if isinstance(table, pa.Table) else table[name]
+    return np.asarray(col.to_numpy())
+
+
+def _cell(table, name: str, row: int):
+    """The value at position ``row`` of column ``name`` of a DataFrame or Table."""
+    if isinstance(table, pa.Table):
+        return table.column(name)[row].as_py()
+    return table[name].iloc[row]
+
+
+class _ListColumn:
+    """The rows of a ``list<double>`` column (Table or DataFrame) as flat NumPy arrays.
+
+    A Table's chunks are viewed, not copied: row ``r`` of chunk ``c`` is
+    ``values_c[offsets_c[r] - offsets_c[0] : offsets_c[r + 1] - offsets_c[0]]``.
+    """
+
+    def __init__(self, table, name: str) -> None:
+        if isinstance(table, pa.Table):
+            chunks = table.column(name).chunks
+            self._values = [c.flatten().to_numpy(zero_copy_only=False) for c in chunks]
+            self._offsets = [c.offsets.to_numpy() for c in chunks]
+            self._starts = np.cumsum([0] + [len(c) for c in chunks])
+            self._objects = None
+        else:
+            self._objects = table[name].to_numpy()
+
+    def flat(self, rows: np.ndarray) -> np.ndarray:
+        """The lists of ``rows``, concatenated (float64)."""
+        if self._objects is not None:
+            parts = [np.asarray(self._objects[r], dtype=np.float64) for r in rows]
+        else:
+            parts = []
+            for r in rows.tolist():
+                c = int(np.searchsorted(self._starts, r, side="right")) - 1
+                off, local = self._offsets[c], r - int(self._starts[c])
+                parts.append(self._values[c][off[local] - off[0]:off[local + 1] - off[0]])
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
+class _BarycenterRows:
+    """Barycenter components of given rows of the ``barycenters`` table, as arrays."""
+
+    def __init__(self, table) -> None:
+        self._weight = _numbers(table, "weight")
+        self._mean, self._cov = _ListColumn(table, "mean"), _ListColumn(table, "cov")
+
+    def arrays(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(weights (n,), means (n, d), covs (n, d, d))`` of ``rows`` (in that order);
+        ``d`` is the length of the rows' mean lists, covariances are row-major."""
+        n = len(rows)
+        means = self._mean.flat(rows)
+        d = means.size // n if n else 0
+        covs = self._cov.flat(rows)
+        if means.size != n * d or covs.size != n * d * d:
+            raise ValueError(f"barycenter rows of unequal or inconsistent lengths: {n} components, "
+                             f"{means.size} mean and {covs.size} covariance values")
+        return (self._weight[rows].astype(np.float64), means.reshape(n, d),
+                covs.reshape(n, d, d))
 
 
 class _LegacyGrids:

@@ -14,7 +14,8 @@ Usage (the runner)::
         start, stop = writer.shard_range(i)
         ...
         writer.commit_shard(i, start, stop, ids, statuses, errors, results, seconds,
-                            grids=g, grid_extents=e, input_grids=gi)
+                            grids=g, grid_extents=e, input_grids=gi,
+                            curves=c, curve_extents=ce, input_curves=ci)  # d = 1 problems
     writer.finalize({"wall_seconds": ...})     # driver, once, last
 
 A commit draws a commit id, writes the shard's grids into a group named by
@@ -78,6 +79,7 @@ from raybary.storage.results.layout import (
     _shard_of,
     _verified_markers,
     barycenters_schema,
+    curve_length,
     grid_group_name,
     input_changes,
     problems_schema,
@@ -95,9 +97,12 @@ class ResultWriter:
       n_problems: problems in the input store (grid rows = store positions).
       shard_size: problems per shard; shard ``i`` is positions
         ``i*shard_size : min((i+1)*shard_size, n_problems)``.
-      grid_shape: ``(H, W)`` of the log-density grids, or ``None`` for no grids.
-      input_grid_gmms: store the input GMMs' grids too, up to this many GMMs
-        per problem (``0``: none); ``inputs`` is ``[P, input_grid_gmms, H, W]``.
+      grid_shape: ``(H, W)`` of the log-density grids, or ``None`` for no grids;
+        ``d = 1`` problems get curves of :attr:`curve_length` ``= max(H, W)``
+        points instead.
+      input_grid_gmms: store the input GMMs' grids (and curves) too, up to
+        this many GMMs per problem (``0``: none); ``inputs`` is
+        ``[n, input_grid_gmms, H, W]``, ``curve_inputs`` ``[n, input_grid_gmms, L]``.
       options: the solver options (JSON-able); recorded in the layout, the
         manifest and as ``opt_<key>`` columns of ``problems/``.
       input_url: the input store's URL, recorded.
@@ -138,6 +143,11 @@ class ResultWriter:
             [int(a), int(b)] for a, b in input_shards]
 
     # ------------------------------------------------------------- geometry
+    @property
+    def curve_length(self) -> int | None:
+        """Points of a ``d = 1`` problem's curve (``None`` without grids)."""
+        return None if self.grid_shape is None else curve_length(self.grid_shape)
+
     @property
     def n_shards(self) -> int:
         return math.ceil(self.n_problems / self.shard_size)
@@ -367,9 +377,13 @@ class ResultWriter:
                       "committed attempt, the others are never read. In a group, row k is store "
                       "position start + k (its attributes give start and stop); grid[k, r, c] "
                       "is the log-density at (x_c, y_r), x = linspace(xmin, xmax, W), "
-                      "y = linspace(ymin, ymax, H)",
+                      "y = linspace(ymin, ymax, H) (rows of d >= 2 problems); curve[k, c] is "
+                      "the log-density at x_c, x = linspace(xmin, xmax, L) with (xmin, xmax) = "
+                      "curve_extent[k] (rows of d = 1 problems); NaN where none",
             "grid_shape": [h, w], "input_grid_gmms": self.input_grid_gmms,
+            "curve_length": self.curve_length,
             "extent_columns": ["xmin", "xmax", "ymin", "ymax"],
+            "curve_extent_columns": ["xmin", "xmax"],
         })
 
     # -------------------------------------------------------------- commits
@@ -394,6 +408,9 @@ class ResultWriter:
         grids: np.ndarray | None = None,
         grid_extents: np.ndarray | None = None,
         input_grids: np.ndarray | None = None,
+        curves: np.ndarray | None = None,
+        curve_extents: np.ndarray | None = None,
+        input_curves: np.ndarray | None = None,
         gave_up: str | None = None,
     ) -> dict:
         """Write and atomically commit one shard (in an actor); return its marker.
@@ -413,6 +430,11 @@ class ResultWriter:
           grid_extents: ``[n, 4]`` (xmin, xmax, ymin, ymax) per problem.
           input_grids: ``[n, J, H, W]`` input GMMs' log-densities, ``J <=
             input_grid_gmms`` (padded with NaN).
+          curves, curve_extents, input_curves: the same for ``d = 1``
+            problems, whose log-densities are curves: ``float32 [n, L]``,
+            ``[n, 2]`` (xmin, xmax) and ``[n, J, L]``, ``L =``
+            :attr:`curve_length`; ``None`` writes NaN rows. A problem has a
+            grid row or a curve row, not both.
           gave_up: the shard was not solved (every attempt was lost to
             infrastructure faults) and its valid problems are ``failed`` with
             this reason; recorded in the marker, so that a resumed run solves
@@ -427,7 +449,7 @@ class ResultWriter:
         ids = np.asarray(problem_ids, dtype=np.int64)
         statuses, errors, secs = _check_rows(n, ids, statuses, errors, results, seconds)
         block = None if self.grid_shape is None else self._grid_block(
-            n, ids, grids, grid_extents, input_grids)
+            n, ids, grids, grid_extents, input_grids, curves, curve_extents, input_curves)
         fs, root = self._paths()
         tmp = self._tmp(root)
         name = _shard_name(shard_index)
@@ -462,26 +484,25 @@ class ResultWriter:
             )
         return want[1] - want[0]
 
-    def _grid_block(self, n, ids, grids, extents, input_grids) -> dict[str, np.ndarray]:
-        """The shard's grid arrays, checked (before anything is written)."""
+    def _grid_block(self, n, ids, grids, extents, input_grids, curves=None, curve_extents=None,
+                    input_curves=None) -> dict[str, np.ndarray]:
+        """The shard's grid and curve arrays, checked (before anything is written)."""
         h, w = self.grid_shape
+        length = self.curve_length
         block = {
             "problem_id": np.asarray(ids, dtype=np.int64),
             "extent": _grid_rows(extents, (n, 4), "grid_extents", np.float64),
             "barycenter": _grid_rows(grids, (n, h, w), "grids"),
+            "curve_extent": _grid_rows(curve_extents, (n, 2), "curve_extents", np.float64),
+            "curve": _grid_rows(curves, (n, length), "curves"),
         }
         if self.input_grid_gmms:
-            j = self.input_grid_gmms
-            block["inputs"] = np.full((n, j, h, w), np.nan, dtype=np.float32)
-            if input_grids is not None:
-                arr = np.asarray(input_grids, dtype=np.float32)
-                if arr.ndim != 4 or arr.shape[0] != n or arr.shape[2:] != (h, w) or arr.shape[1] > j:
-                    raise ValueError(
-                        f"input_grids must have shape ({n}, J <= {j}, {h}, {w}), got {arr.shape}"
-                    )
-                block["inputs"][:, : arr.shape[1]] = arr
-        elif input_grids is not None:
-            raise ValueError("input_grids given but the writer has input_grid_gmms=0")
+            block["inputs"] = _input_rows(input_grids, n, self.input_grid_gmms, (h, w),
+                                          "input_grids")
+            block["curve_inputs"] = _input_rows(input_curves, n, self.input_grid_gmms, (length,),
+                                                "input_curves")
+        elif input_grids is not None or input_curves is not None:
+            raise ValueError("input grids given but the writer has input_grid_gmms=0")
         return block
 
     def _write_grids(self, shard_index: int, start: int, stop: int, commit: str,
@@ -582,6 +603,9 @@ _GRID_DIMS = {
     "extent": ["problem", "xmin_xmax_ymin_ymax"],
     "barycenter": ["problem", "y", "x"],
     "inputs": ["problem", "gmm", "y", "x"],
+    "curve_extent": ["problem", "xmin_xmax"],
+    "curve": ["problem", "x"],
+    "curve_inputs": ["problem", "gmm", "x"],
 }
 
 
@@ -617,6 +641,19 @@ def _grid_rows(arr, shape, name, dtype=np.float32) -> np.ndarray:
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
     return arr
+
+
+def _input_rows(arr, n: int, j: int, tail: tuple[int, ...], name: str) -> np.ndarray:
+    """``[n, j, *tail]`` float32 rows of input GMMs: ``arr`` ``[n, J <= j, *tail]``, NaN-padded."""
+    out = np.full((n, j, *tail), np.nan, dtype=np.float32)
+    if arr is not None:
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim != 2 + len(tail) or arr.shape[0] != n or arr.shape[2:] != tail \
+                or arr.shape[1] > j:
+            raise ValueError(f"{name} must have shape ({n}, J <= {j}, "
+                             f"{', '.join(map(str, tail))}), got {arr.shape}")
+        out[:, : arr.shape[1]] = arr
+    return out
 
 
 def _barycenters_table(ids, statuses, results) -> pa.Table:
