@@ -285,7 +285,6 @@ def test_d1_problems_get_curves(tmp_path):
     points (the barycenter's and the inputs'), the d = 2 ones grids; each has NaN in
     the other's arrays."""
     from raybary.storage import write_problems
-    from raybary.storage.results.layout import read_curves
 
     probs = tutorial_problems(3, dim=1, seed=2) + tutorial_problems(2, dim=2, seed=2)
     store = write_problems(str(tmp_path / "mixed.parquet"), probs)
@@ -298,7 +297,7 @@ def test_d1_problems_get_curves(tmp_path):
     process_shard(store, writer, 0, solver, grid, solve_fn=far_solve)
     res = read_results(writer.url)
     assert (res.problems.status == "ok").all()
-    curves, grids = read_curves(res, 0, 5, inputs=True), res.grids(0, 5, inputs=True)
+    curves, grids = res.curves(0, 5, inputs=True), res.grids(0, 5, inputs=True)
     assert curves.curve.shape == (5, 9) and curves.inputs.shape == (5, 2, 9)
     assert curves.extent.shape == (5, 2) and curves.curve.dtype == np.float32
     bary = res.barycenters

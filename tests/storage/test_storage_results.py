@@ -545,10 +545,10 @@ def test_committed_shard_whose_grids_are_gone_is_redone(tmp_path):
 
 def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     """d = 1 problems' log-density curves (max(H, W) points) go into the same
-    grids group as the grids (curve, curve_extent, curve_inputs); read_curves
+    grids group as the grids (curve, curve_extent, curve_inputs); Results.curves
     stitches them like Results.grids; shards without curves, groups written
     before curves existed and uncommitted shards read as NaN / -1."""
-    from raybary.storage.results.layout import curve_length, read_curves
+    from raybary.storage.results.layout import curve_length
 
     out = tmp_path / "out"
     writer = make_writer(str(out))
@@ -581,7 +581,7 @@ def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     assert group["curve"].metadata.dimension_names == ("problem", "x")
 
     res = read_results(str(out))
-    c = read_curves(res, 5, 25, inputs=True)
+    c = res.curves(5, 25, inputs=True)
     assert c.curve.shape == (20, length) and c.inputs.shape == (20, 3, length)
     np.testing.assert_array_equal(c.curve[5:15], curves)
     np.testing.assert_array_equal(c.extent[5:15], curve_ext)
@@ -590,14 +590,14 @@ def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     assert np.isnan(c.curve[:5]).all() and np.isnan(c.curve[15:]).all()  # grids only; not committed
     assert c.problem_id[5:15].tolist() == list(range(100, 200, 10))
     assert (c.problem_id[15:] == -1).all()
-    assert read_curves(res, 10, 12).inputs is None
+    assert res.curves(10, 12).inputs is None
     assert np.isnan(res.grids(10, 20).barycenter).all()  # no grids given for shard 1
     # a group written before curves existed (raybary.grids/2): NaN rows
     for key in ("curve", "curve_extent", "curve_inputs"):
         shutil.rmtree(out / "grids.zarr" / info["grids"] / key)
-    assert np.isnan(read_curves(read_results(str(out)), 10, 20).curve).all()
+    assert np.isnan(read_results(str(out)).curves(10, 20).curve).all()
     nogrids = make_writer(str(tmp_path / "none"), grid_shape=None, input_grid_gmms=0)
     nogrids.prepare()
     assert nogrids.curve_length is None
     with pytest.raises(ValueError, match="has no grids"):
-        read_curves(read_results(str(tmp_path / "none")))
+        read_results(str(tmp_path / "none")).curves()

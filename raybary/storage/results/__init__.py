@@ -31,15 +31,14 @@ from raybary.storage.results.layout import (
     RESULTS_VERSION,
     STATUSES,
     TMP_DIR,
-    Curves,
     barycenters_schema,
     curve_length,
     input_changes,
     problems_schema,
-    read_curves,
 )
 from raybary.storage.results.reader import (
     BarycenterNotFoundError,
+    Curves,
     Grids,
     Results,
     read_results,
@@ -49,7 +48,6 @@ from raybary.storage.results.writer import ResultWriter
 
 __all__ = [
     "Curves",
-    "read_curves",
     "curve_length",
     "RESULTS_FORMAT",
     "RESULTS_VERSION",

@@ -35,7 +35,7 @@ as they were; groups of ``raybary.grids/2`` have no curves (their rows read
 as NaN).
 
 Curves: a ``d = 1`` problem has a log-density curve of :func:`curve_length`
-points instead of a 2-D grid; :func:`read_curves` reads them as
+points instead of a 2-D grid; :meth:`Results.curves` reads them as
 :meth:`Results.grids <raybary.storage.results.Results.grids>` reads grids.
 """
 
@@ -48,9 +48,8 @@ import os
 import posixpath
 import re
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -75,8 +74,6 @@ __all__ = [
     "grid_group_name",
     "curve_length",
     "CURVE_ARRAYS",
-    "Curves",
-    "read_curves",
     "problems_schema",
     "barycenters_schema",
     "input_changes",
@@ -139,66 +136,6 @@ def curve_length(grid_shape) -> int:
     return int(max(int(grid_shape[0]), int(grid_shape[1])))
 
 
-class Curves(NamedTuple):
-    """Curve rows of positions ``start:stop`` (:func:`read_curves`); NaN / -1 where none.
-
-    ``curve[k, c]`` is the log-density of the barycenter at ``x_c``,
-    ``x = linspace(xmin, xmax, L)`` with ``(xmin, xmax) = extent[k]``;
-    ``inputs[k, j]`` that of input GMM ``j`` (``None`` unless asked for).
-    """
-
-    problem_id: np.ndarray
-    extent: np.ndarray
-    curve: np.ndarray
-    inputs: np.ndarray | None
-
-
-def read_curves(results, start: int = 0, stop: int | None = None, *,
-                inputs: bool = False) -> Curves:
-    """Load the curve rows ``start:stop`` (store positions) of ``results`` (a
-    :class:`~raybary.storage.results.Results`): the ``d = 1`` counterpart of
-    ``results.grids(start, stop, inputs=inputs)``, from the same groups.
-
-    Rows of problems without a curve (``d >= 2``, invalid; the barycenter's
-    where not ``ok``), of shards not committed, and of groups written before
-    curves existed (``raybary.grids/1`` and ``/2``) are NaN, their problem
-    id -1.
-    """
-    layout = results.layout
-    shape = layout.get("grid_shape")
-    if shape is None:
-        raise ValueError(f"{results.url} has no grids (the run had no grid_shape)")
-    n, size = int(layout["n_problems"]), int(layout["shard_size"])
-    start, stop, _ = slice(start, stop).indices(n)
-    stop = max(start, stop)
-    m, length = stop - start, curve_length(shape)
-    j = int(layout.get("input_grid_gmms") or 0) if inputs else 0
-    out = Curves(np.full(m, -1, dtype=np.int64), np.full((m, 2), np.nan),
-                 np.full((m, length), np.nan, dtype=np.float32),
-                 np.full((m, j, length), np.nan, dtype=np.float32) if j else None)
-    for shard in results.committed_shards:
-        name = results.grid_groups.get(shard)
-        lo, hi = max(shard * size, start), min((shard + 1) * size, n, stop)
-        if name is None or lo >= hi:
-            continue
-        import zarr.errors  # only where there are grids
-
-        try:  # a group that has gone: its rows stay NaN (Results.grids warns of it)
-            group = _fs.open_zarr_group(_fs.join_url(results.url, GRIDS_DIR, name), "r")
-        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-            continue
-        if "curve" not in group:  # written before curves existed
-            continue
-        dst, src = slice(lo - start, hi - start), slice(lo - shard * size, hi - shard * size)
-        out.problem_id[dst] = group["problem_id"][src]
-        out.extent[dst] = group["curve_extent"][src]
-        out.curve[dst] = group["curve"][src]
-        if out.inputs is not None and "curve_inputs" in group:
-            out.inputs[dst] = group["curve_inputs"][src]
-    return out
-
-
-# ------------------------------------------------------------------ schemas
 def _option_columns(options: dict) -> dict[str, tuple[pa.DataType, Any]]:
     """``opt_<key>`` columns: scalar options typed, others as JSON text."""
     out = {}

@@ -36,16 +36,15 @@ from raybary.storage.results.layout import (
     RESULTS_FORMAT,
     RESULTS_VERSION,
     STATUSES,
-    Curves,
     _read_markers,
     _shard_name,
     barycenters_schema,
+    curve_length,
     problems_schema,
-    read_curves,
 )
 from raybary.types import GMM
 
-__all__ = ["BarycenterNotFoundError", "Grids", "Results", "read_results", "summarize"]
+__all__ = ["BarycenterNotFoundError", "Curves", "Grids", "Results", "read_results", "summarize"]
 
 
 class BarycenterNotFoundError(RaybaryError, KeyError):
@@ -55,6 +54,31 @@ class BarycenterNotFoundError(RaybaryError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class Curves(NamedTuple):
+    """Curve rows (``d = 1`` problems) of positions ``start:stop``; NaN / -1 where none.
+
+    ``curve[k, c]`` is the log-density of the barycenter at ``x_c``,
+    ``x = linspace(xmin, xmax, L)`` with ``(xmin, xmax) = extent[k]``;
+    ``inputs[k, j]`` that of input GMM ``j`` (``None`` unless asked for).
+    """
+
+    problem_id: np.ndarray
+    extent: np.ndarray
+    curve: np.ndarray
+    inputs: np.ndarray | None
+
+
+class _Spans(NamedTuple):
+    """Rows ``start:stop`` of the grids: the grid shape, shard size, and per
+    committed shard overlapping them ``(shard, grids group or None, lo, hi)``."""
+
+    shape: tuple[int, int]
+    start: int
+    stop: int
+    size: int
+    spans: list[tuple[int, str | None, int, int]]
 
 
 class Grids(NamedTuple):
@@ -95,10 +119,49 @@ class Results:
         """Whether the run finished with every shard committed."""
         return bool(self.manifest and self.manifest.get("complete"))
 
+    def _grid_spans(self, start: int, stop: int | None) -> _Spans:
+        """Where rows ``start:stop`` (store positions) of the grids and curves are."""
+        shape = self.layout.get("grid_shape")
+        if shape is None:
+            raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
+        n, size = int(self.layout["n_problems"]), int(self.layout["shard_size"])
+        start, stop, _ = slice(start, stop).indices(n)
+        stop = max(start, stop)
+        spans = []
+        for shard in self.committed_shards:
+            lo, hi = max(shard * size, start), min((shard + 1) * size, n, stop)
+            if lo < hi:
+                spans.append((shard, self.grid_groups.get(shard), lo, hi))
+        return _Spans((int(shape[0]), int(shape[1])), start, stop, size, spans)
+
     def curves(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Curves:
-        """Load the curve rows (d = 1 problems) ``start:stop`` (store positions), as
-        :meth:`grids` loads grids: see :func:`~raybary.storage.results.layout.read_curves`."""
-        return read_curves(self, start, stop, inputs=inputs)
+        """Load the curve rows (``d = 1`` problems) ``start:stop`` (store positions),
+        from the same groups as :meth:`grids`.
+
+        Rows of problems without a curve (``d >= 2``, invalid; the barycenter's
+        where not ``ok``), of shards not committed, and of groups written before
+        curves existed (``raybary.grids/1`` and ``/2``) are NaN, their problem
+        id -1.
+        """
+        rows = self._grid_spans(start, stop)
+        j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
+        m, length = rows.stop - rows.start, curve_length(rows.shape)
+        out = Curves(np.full(m, -1, dtype=np.int64), np.full((m, 2), np.nan),
+                     np.full((m, length), np.nan, dtype=np.float32),
+                     np.full((m, j, length), np.nan, dtype=np.float32) if j else None)
+        for shard, name, lo, hi in rows.spans:
+            # a group that has gone: its rows stay NaN (grids() warns of it)
+            source = _attempt_group(self.url, shard, name, warn=False) if name else None
+            if source is None or "curve" not in source:  # none, or written before curves
+                continue
+            dst, src = slice(lo - rows.start, hi - rows.start), slice(lo - shard * rows.size,
+                                                                      hi - shard * rows.size)
+            out.problem_id[dst] = source["problem_id"][src]
+            out.extent[dst] = source["curve_extent"][src]
+            out.curve[dst] = source["curve"][src]
+            if out.inputs is not None and "curve_inputs" in source:
+                out.inputs[dst] = source["curve_inputs"][src]
+        return out
 
     def grids(self, start: int = 0, stop: int | None = None, *, inputs: bool = False) -> Grids:
         """Load grid rows ``start:stop`` (store positions) from ``grids.zarr``.
@@ -107,24 +170,16 @@ class Results:
         group its marker names), so they always match its rows in
         :attr:`problems`; rows of other shards are NaN / -1.
         """
-        shape = self.layout.get("grid_shape")
-        if shape is None:
-            raise ValueError(f"{self.url} has no grids (the run had no grid_shape)")
-        n, size = int(self.layout["n_problems"]), int(self.layout["shard_size"])
-        start, stop, _ = slice(start, stop).indices(n)
-        stop = max(start, stop)
+        rows = self._grid_spans(start, stop)
         j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
-        out = _empty_grids(stop - start, (int(shape[0]), int(shape[1])), j)
+        out = _empty_grids(rows.stop - rows.start, rows.shape, j)
         legacy = _LegacyGrids(self.url)
-        for shard in self.committed_shards:
-            lo, hi = max(shard * size, start), min((shard + 1) * size, n, stop)
-            if lo >= hi:
-                continue
-            name = self.grid_groups.get(shard)
+        for shard, name, lo, hi in rows.spans:
             source = _attempt_group(self.url, shard, name) if name else legacy.group()
-            first = shard * size if name else 0  # the store position of the source's row 0
+            first = shard * rows.size if name else 0  # the store position of the source's row 0
             if source is not None:
-                _copy_rows(out, source, slice(lo - start, hi - start), slice(lo - first, hi - first))
+                _copy_rows(out, source, slice(lo - rows.start, hi - rows.start),
+                           slice(lo - first, hi - first))
         return out
 
     # -------------------------------------------------------- barycenters as GMMs
@@ -265,14 +320,15 @@ class _LegacyGrids:
         return self._group
 
 
-def _attempt_group(url: str, shard: int, name: str):
+def _attempt_group(url: str, shard: int, name: str, *, warn: bool = True):
     """The grids group ``name`` of shard ``shard``'s committed attempt (``None``, with a
-    warning, if it has gone: its rows stay NaN)."""
+    warning unless ``warn`` is false, if it has gone: its rows stay NaN)."""
     try:
         return _fs.open_zarr_group(_fs.join_url(url, GRIDS_DIR, name), "r")
     except _missing():
-        warnings.warn(f"the grids of shard {shard} ({GRIDS_DIR}/{name}) are missing: its grid "
-                      "rows are left NaN (a re-run redoes the shard)", stacklevel=3)
+        if warn:
+            warnings.warn(f"the grids of shard {shard} ({GRIDS_DIR}/{name}) are missing: its "
+                          "grid rows are left NaN (a re-run redoes the shard)", stacklevel=3)
         return None
 
 
