@@ -9,21 +9,29 @@ For Gaussians :math:`\mathcal{N}(m_1, C_1)` and :math:`\mathcal{N}(m_2, C_2)`,
 Every function here acts on the trailing ``(d, d)`` (or ``(d,)``) axes and
 broadcasts over leading axes, so it can be vmapped or applied to whole blocks
 of matrices at once. The dimension ``d`` is static: ``d = 1`` and ``d = 2`` use
-closed forms (no eigendecomposition), larger ``d`` a symmetric
-eigendecomposition with eigenvalues floored at ``10 eps`` times the largest
+closed forms (no eigendecomposition), ``3 <= d <= 8`` one-sided Jacobi
+rotations written as elementwise arithmetic over the batch
+(:func:`jacobi_eigh`, :func:`jacobi_svd`: 4-10x faster on CPU than a batch of
+LAPACK calls for these sizes, and as accurate), larger ``d`` a symmetric
+eigendecomposition; eigenvalues are floored at ``10 eps`` times the largest
 (what rounding to the dtype cannot resolve).
 
 References:
-  Bhatia, Jain & Lim (2019), *On the Bures–Wasserstein distance between
+  Hestenes (1958), *Inversion of matrices by biorthogonalization*; Demmel &
+  Veselić (1992), *Jacobi's method is more accurate than QR* (one-sided
+  Jacobi). Bhatia, Jain & Lim (2019), *On the Bures–Wasserstein distance between
   positive definite matrices*. The 2x2 square root is the Cayley–Hamilton
   formula :math:`\sqrt{A} = (A + \sqrt{\det A}\, I) / \sqrt{\operatorname{tr} A + 2\sqrt{\det A}}`.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "jacobi_eigh",
+    "jacobi_svd",
     "symmetrize",
     "sqrtm",
     "sqrtm_and_inv",
@@ -73,6 +81,104 @@ def _rel_floor(dtype) -> float:
     with it the covariance fixed point (float32, condition numbers ~1e4).
     """
     return 10.0 * float(jnp.finfo(dtype).eps)
+
+
+JACOBI_MAX_DIM = 8  # above, LAPACK's eigh (the unrolled rotations grow as d^3)
+
+
+def _jacobi_sweeps(d: int) -> int:
+    """Cyclic sweeps run: convergence is quadratic, 4 sweeps resolve float32 at
+    ``d = 3`` and 5 at ``d = 5`` on condition numbers 1e4; one more for margin."""
+    return 6 if d <= 5 else 7
+
+
+def _jacobi_columns(a: jnp.ndarray) -> tuple[list[list[jnp.ndarray]], list[list[jnp.ndarray]]]:
+    r"""One-sided (Hestenes) Jacobi: an orthogonal :math:`W` with :math:`A W = B`
+    of orthogonal columns.
+
+    Each rotation of columns :math:`p, q` of :math:`B` (and of :math:`W`) by
+    :math:`\begin{pmatrix} c & s \\ -s & c \end{pmatrix}` zeroes
+    :math:`b_p \cdot b_q`: with :math:`\alpha = |b_p|^2`, :math:`\beta = |b_q|^2`,
+    :math:`\gamma = b_p \cdot b_q`, :math:`\zeta = (\beta - \alpha) / 2\gamma`,
+    :math:`t = \operatorname{sign}\zeta / (|\zeta| + \sqrt{1 + \zeta^2})`,
+    :math:`c = 1/\sqrt{1 + t^2}`, :math:`s = c t`. Cyclic sweeps over all pairs
+    converge quadratically. Every entry is a separate array over the leading
+    (batch) axes, so a rotation is a few elementwise operations on whole
+    batches (what XLA vectorises well), not a call per matrix.
+
+    Returns the columns of :math:`B` and :math:`W` as ``cols[k][i]`` (entry
+    ``i`` of column ``k``).
+    """
+    d = a.shape[-1]
+    entries = jnp.moveaxis(a, (-2, -1), (0, 1))  # (d, d, ...): entries[i, k] = A[i, k]
+    b = [[entries[i, k] for i in range(d)] for k in range(d)]
+    one, zero = jnp.ones_like(entries[0, 0]), jnp.zeros_like(entries[0, 0])
+    w = [[one if i == k else zero for i in range(d)] for k in range(d)]
+    tiny = jnp.finfo(a.dtype).tiny
+
+    def dot(x, y):
+        out = x[0] * y[0]
+        for xi, yi in zip(x[1:], y[1:]):
+            out = out + xi * yi
+        return out
+
+    def rotate(x, y, c, s):
+        return [c * u - s * v for u, v in zip(x, y)], [s * u + c * v for u, v in zip(x, y)]
+
+    def sweep(_, carry):
+        b, w = [list(col) for col in carry[0]], [list(col) for col in carry[1]]
+        for p in range(d):
+            for q in range(p + 1, d):
+                alpha, beta, gamma = dot(b[p], b[p]), dot(b[q], b[q]), dot(b[p], b[q])
+                zeta = (beta - alpha) / (2.0 * jnp.where(gamma == 0, 1.0, gamma))
+                t = jnp.sign(zeta) / (jnp.abs(zeta) + jnp.sqrt(1.0 + zeta * zeta))
+                t = jnp.where(zeta == 0, 1.0, t)
+                t = jnp.where(jnp.abs(gamma) <= tiny, 0.0, t)
+                c = jax.lax.rsqrt(1.0 + t * t)
+                s = c * t
+                b[p], b[q] = rotate(b[p], b[q], c, s)
+                w[p], w[q] = rotate(w[p], w[q], c, s)
+        return b, w
+
+    return jax.lax.fori_loop(0, _jacobi_sweeps(d), sweep, (b, w))
+
+
+def _compose(w: list[list[jnp.ndarray]], values: list[jnp.ndarray]) -> jnp.ndarray:
+    r""":math:`\sum_k v_k w_k w_k^T` from columns ``w[k][i]``, as ``(..., d, d)`` (symmetric)."""
+    d = len(w)
+    out = [[None] * d for _ in range(d)]
+    for i in range(d):
+        for j in range(i, d):
+            acc = values[0] * w[0][i] * w[0][j]
+            for k in range(1, d):
+                acc = acc + values[k] * w[k][i] * w[k][j]
+            out[i][j] = out[j][i] = acc
+    return jnp.stack([jnp.stack(row, axis=-1) for row in out], axis=-2)
+
+
+def jacobi_svd(m: jnp.ndarray) -> tuple[jnp.ndarray, list[list[jnp.ndarray]]]:
+    r"""Singular values :math:`\sigma` and left singular vectors :math:`U` of
+    :math:`M = U \Sigma V^T` (``(..., d, d)``), by one-sided Jacobi on
+    :math:`M^T`: :math:`M^T U = V \Sigma` has orthogonal columns of norms
+    :math:`\sigma_i`, accurate to about ``eps`` times the largest (better, relative
+    to each, for well-scaled columns). ``U`` is returned as columns ``u[k][i]``.
+    """
+    b, u = _jacobi_columns(jnp.swapaxes(m, -1, -2))
+    sig = [jnp.sqrt(sum(x * x for x in col)) for col in b]
+    return jnp.stack(sig, axis=-1), u
+
+
+def jacobi_eigh(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    r"""Eigenvalues and eigenvectors (as columns) of symmetric ``(..., d, d)`` matrices.
+
+    One-sided Jacobi on :math:`A` orthogonalises :math:`A W`, so :math:`W`
+    diagonalises :math:`A^2`, hence :math:`A`; each eigenvalue is the Rayleigh
+    quotient :math:`w_k^T A w_k = w_k \cdot b_k` (sign included). Not sorted.
+    """
+    b, w = _jacobi_columns(a)
+    lam = jnp.stack([sum(x * y for x, y in zip(wk, bk)) for wk, bk in zip(w, b)], axis=-1)
+    vec = jnp.stack([jnp.stack(col, axis=-1) for col in w], axis=-1)  # (..., d, d), columns
+    return lam, vec
 
 
 def _eigh_apply(a: jnp.ndarray, fns):
@@ -139,12 +245,17 @@ def bures_cross_sqrtm(sqrt_s: jnp.ndarray, c: jnp.ndarray,
     :math:`S^{1/2} C S^{1/2}` are accurate to ``eps`` times the largest
     *squared*: in float32 an input of condition number 1e4 paired with an atom
     like it (1e8 in the product) loses its small directions, with cost errors
-    of several units that made the solver's outer iteration cycle.
+    of several units that made the solver's outer iteration cycle. Up to
+    ``d = 8`` the singular value decomposition is :func:`jacobi_svd` (no
+    ``2d x 2d`` matrix), above it the eigendecomposition of that matrix.
     """
     d = c.shape[-1]
     if d <= 2 or sqrt_c is None:
         return sqrtm(symmetrize(sqrt_s @ c @ sqrt_s))
     m = sqrt_s @ sqrt_c
+    if d <= JACOBI_MAX_DIM:
+        sig, u = jacobi_svd(m)
+        return _compose(u, [sig[..., k] for k in range(d)])
     zeros = jnp.zeros_like(m)
     big = jnp.concatenate(
         [jnp.concatenate([zeros, m], axis=-1),

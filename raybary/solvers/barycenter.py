@@ -105,6 +105,7 @@ __all__ = [
 
 ROUNDING_EPS = 10.0  # a cost is known to this many epsilons of the terms it is the difference of
 SOLVED_ERROR = 1e-3  # plans with a larger L1 marginal error never count as converged
+STALL_LIMIT = 3  # outer iterations in a row whose plans end at the cap unsolved: give up
 UPDATE_DIVISOR = 4  # run_batch updates at most 1/UPDATE_DIVISOR of the batch per block
 UPDATE_CHUNKS = 32  # ... in chunks of 1/UPDATE_CHUNKS of the batch, only as many as are ready
 
@@ -247,7 +248,11 @@ class BarycenterState(NamedTuple):
     terms and :math:`S^{-1/2}` of the atoms ``cost`` was computed for (the
     atom update needs them); ``plans`` is the plan solve in progress for
     ``cost``; ``blocks`` counts loop blocks (of ``config.plan_block`` plan
-    iterations each).
+    iterations each); ``stalled`` the outer iterations in a row whose plan
+    solve ran out of iterations without reaching :data:`SOLVED_ERROR` (the
+    dtype cannot resolve the plans at this epsilon: after
+    :data:`STALL_LIMIT` of them the problem stops, not converged, instead of
+    running every outer iteration to the plan cap).
     """
 
     means: jnp.ndarray
@@ -270,6 +275,7 @@ class BarycenterState(NamedTuple):
     inv_sqrt: jnp.ndarray
     plans: PlanLoop
     blocks: jnp.ndarray
+    stalled: jnp.ndarray
 
 
 class BarycenterOutput(NamedTuple):
@@ -445,6 +451,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         plans=idle_loop(init_state(cost0, jnp.zeros((J, n), dtype), zeros_l, log_a0,
                                    p.gmm_index), J, eps),  # replaced by _start_plans
         blocks=jnp.asarray(0, jnp.int32),
+        stalled=jnp.asarray(0, jnp.int32),
     )
     return _start_plans(state, p, masks, config)
 
@@ -516,11 +523,13 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     ref = s.reference
     keep = weights_keep(s.weights, m.objective, ref, m.slack, m.solved)
     unchanged = (jnp.abs(ref - m.objective) <= m.slack) & m.solved
+    capped = ~m.solved & (m.result.iteration >= config.sinkhorn_max_iterations)
+    stalled = jnp.where(capped, s.stalled + 1, 0)
     w = weights_update(
         s.weights, s.log_a, m.result.f, masks.lambdas, p.atom_mask,
         keep=keep,
         converged=unchanged & (s.iteration > 0) & keep,
-        last=s.iteration + 1 >= config.max_iterations,
+        last=(s.iteration + 1 >= config.max_iterations) | (stalled >= STALL_LIMIT),
         learn=config.learn_weights,
         first_step=config.weight_step,
         tol=config.tol,
@@ -540,6 +549,7 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
         converged=w.finished,
         error=m.result.error,
         sinkhorn_iterations=s.sinkhorn_iterations + m.result.iteration,
+        stalled=stalled,
     )
     return _start_plans(out, p, masks, config)
 

@@ -308,3 +308,23 @@ def test_log_density_matches_scipy():
     np.testing.assert_allclose(grid.ravel(), np.log(marg), rtol=1e-8)
     with pytest.raises(ValueError, match="dims"):
         raybary.log_density_grid(g, (5, 4), dims=(0, 0))
+
+
+def test_plans_the_dtype_cannot_resolve_stop_the_problem_early(tutorial):
+    # Plan solves that end at their iteration cap with a large marginal error
+    # (what float32 gives on ill-conditioned problems at small epsilon; forced
+    # here by a cap of 2 iterations) used to run every outer iteration to the
+    # cap (30,000 plan iterations for one such problem of the ragged
+    # benchmark). Now the problem stops after STALL_LIMIT of them, not
+    # converged, with finite atoms; a normal solve is unaffected.
+    from raybary.solvers.barycenter import STALL_LIMIT, SolverConfig
+
+    p, _ = tutorial[1]
+    capped = SolverConfig(relative_epsilon=False, sinkhorn_max_iterations=2)
+    [r] = raybary.solve(p, bar_size=6, epsilon=0.1, config=capped)
+    assert not r.converged and r.status == "ok"
+    assert r.iterations == STALL_LIMIT
+    assert r.extra["sinkhorn_iterations"] == STALL_LIMIT * 2
+    assert np.all(np.isfinite(r.means)) and np.all(np.isfinite(r.covs))
+    [normal] = raybary.solve(p, bar_size=6, epsilon=0.1)
+    assert normal.converged and normal.iterations > STALL_LIMIT
