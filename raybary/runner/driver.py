@@ -35,6 +35,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -264,6 +265,9 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     """
     from raybary.storage import ResultWriter, open_store
 
+    # Actors of a Ray started elsewhere (--address, or already running) have
+    # their own working directory: they get local paths absolute.
+    input_url, output_url = _absolute_local(input_url), _absolute_local(output_url)
     solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
@@ -286,6 +290,12 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     finally:
         keeper.stop()
         writer.release_lease()
+
+
+def _absolute_local(url: str) -> str:
+    """``url`` with a local path made absolute (URLs with a scheme unchanged)."""
+    url = str(url)
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
