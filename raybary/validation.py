@@ -31,6 +31,13 @@ Rules and tolerances (also in ``docs/storage.md``):
   each entry to float32 already moves the eigenvalues by about ``eps`` times
   the largest, so a smaller one has no reliable sign.
 
+Covariances read from a diagonal or spherical store (``covariance_type``
+``"diag"``/``"spherical"``, the Parquet columns ``cov_diag``/``cov_spherical``)
+arrive as full matrices; the same rules then say that each variance is finite
+and positive (and, for ``diag``, that the smallest exceeds :func:`pd_rtol`
+times the largest), and the messages name that field, e.g.
+``problem 17, gmm 2, component 0: cov_diag has a non-positive variance (-2.0)``.
+
 Shape errors (a mean of the wrong length, ...) cannot occur in a ``Problem``
 (its constructor refuses them); the storage readers report those themselves,
 with :func:`where` and the same wording.
@@ -232,6 +239,7 @@ def validate_arrays(
     renormalize: bool = False,
     max_messages: int = MAX_MESSAGES,
     dtype: str = "float64",
+    covariance_type: str = "full",
 ) -> ValidatedArrays:
     """Validate many problems of one dimension ``d`` at once (CSR layout).
 
@@ -240,13 +248,19 @@ def validate_arrays(
     and ``covs`` ``(N, d, d)``. The rules are those of :func:`problem_errors`;
     the work is vectorised and messages are built only for bad problems.
     ``dtype`` is the precision the problems will be solved in (:func:`pd_rtol`).
+    ``covariance_type`` is the form a store kept the covariances in
+    (``"full"``, ``"diag"``, ``"spherical"``): ``covs`` are full matrices
+    either way (diagonal ones unless ``"full"``: their variances are taken as
+    the eigenvalues), and the messages name the stored field (``cov_diag``, ...).
     """
+    if covariance_type not in _COV_WORDS:
+        raise ValueError(f"covariance_type must be one of {sorted(_COV_WORDS)}, got {covariance_type!r}")
     n_gmms = len(lambdas)
     n_comp = len(weights)
     d = means.shape[1] if means.ndim == 2 else 0
     if gmm_labels is None:
         gmm_labels = np.arange(n_gmms) - np.repeat(gmm_offset[:-1], np.diff(gmm_offset))
-    comp_flags = _component_flags(weights, means, covs, pd_rtol(dtype))
+    comp_flags = _component_flags(weights, means, covs, pd_rtol(dtype), covariance_type)
     w_ok = np.isfinite(weights) & (weights >= 0)
     w_clean = np.where(w_ok, weights, 0.0)
     w_sum = _segment_sum(w_clean, comp_offset)
@@ -274,7 +288,7 @@ def validate_arrays(
     }
     comp_bad = np.zeros(n_comp, dtype=bool)
     for v in comp_flags.values():
-        if v.dtype == bool:
+        if isinstance(v, np.ndarray) and v.dtype == bool:
             comp_bad |= v
     gmm_bad = np.zeros(n_gmms, dtype=bool)
     for v in gmm_flags.values():
@@ -314,8 +328,12 @@ def _segment_sum(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray,
-                     rtol: float) -> dict:
-    """Per-component failure flags, plus the numbers the messages quote."""
+                     rtol: float, covariance_type: str = "full") -> dict:
+    """Per-component failure flags, plus the numbers the messages quote.
+
+    Diagonal covariances (``covariance_type`` ``diag``/``spherical``) have
+    their variances as eigenvalues: no eigendecomposition is needed.
+    """
     n = len(weights)
     w_nonfinite = ~np.isfinite(weights)
     w_negative = ~w_nonfinite & (weights < 0)
@@ -329,7 +347,11 @@ def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray,
     d = covs.shape[-1] if covs.ndim == 3 else 0
     eig_min = np.full(n, np.nan)
     eig_max = np.full(n, np.nan)
-    if d > 0 and check.any():
+    if d > 0 and check.any() and covariance_type != "full":
+        var = np.diagonal(finite_covs[check], axis1=-2, axis2=-1)
+        eig_min[check] = var.min(axis=1)
+        eig_max[check] = var.max(axis=1)
+    elif d > 0 and check.any():
         eig = np.linalg.eigvalsh(0.5 * (finite_covs[check] + np.swapaxes(finite_covs[check], -1, -2)))
         eig_min[check] = eig[:, 0]
         eig_max[check] = eig[:, -1]
@@ -348,6 +370,8 @@ def _component_flags(weights: np.ndarray, means: np.ndarray, covs: np.ndarray,
         "eig_min": eig_min,
         "eig_max": eig_max,
         "rtol": np.float64(rtol),
+        "words": _COV_WORDS[covariance_type],
+        "first": covs[:, 0, 0] if d > 0 else np.full(n, np.nan),
     }
 
 
@@ -400,25 +424,35 @@ def _component_messages(c: int, loc: str, weights: np.ndarray, f: dict) -> list[
         messages.append(f"{loc}: weight is negative ({fmt_number(weights[c])})")
     if f["mean_nonfinite"][c]:
         messages.append(f"{loc}: mean is not finite")
+    words = f["words"]
     if f["cov_nonfinite"][c]:
-        messages.append(f"{loc}: covariance is not finite")
+        value = f" ({fmt_number(f['first'][c])})" if words["quote_value"] else ""
+        messages.append(f"{loc}: {words['name']} is not finite{value}")
     elif f["cov_asym"][c]:
         messages.append(
             f"{loc}: covariance is not symmetric (largest |C - C^T| is {fmt_number(f['asym'][c])},"
             f" more than {fmt_number(SYMMETRY_RTOL)} x its largest entry {fmt_number(f['scale'][c])})"
         )
     elif f["not_pd"][c]:
-        messages.append(
-            f"{loc}: covariance is not positive definite "
-            f"(smallest eigenvalue {fmt_number(f['eig_min'][c])})"
-        )
+        messages.append(f"{loc}: " + words["not_pd"].format(fmt_number(f["eig_min"][c])))
     elif f["singular"][c]:
         messages.append(
-            f"{loc}: covariance is numerically singular (smallest eigenvalue "
+            f"{loc}: {words['name']} is numerically singular (smallest {words['eig']} "
             f"{fmt_number(f['eig_min'][c])}, largest {fmt_number(f['eig_max'][c])})"
             + _precision_hint(f["rtol"], f["eig_min"][c] / f["eig_max"][c])
         )
     return messages
+
+
+#: How the messages name a covariance and its eigenvalues, by stored form.
+_COV_WORDS = {
+    "full": {"name": "covariance", "eig": "eigenvalue", "quote_value": False,
+             "not_pd": "covariance is not positive definite (smallest eigenvalue {})"},
+    "diag": {"name": "cov_diag", "eig": "variance", "quote_value": False,
+             "not_pd": "cov_diag has a non-positive variance ({})"},
+    "spherical": {"name": "cov_spherical", "eig": "variance", "quote_value": True,
+                  "not_pd": "cov_spherical is not positive ({})"},
+}
 
 
 def _precision_hint(rtol: float, ratio: float) -> str:

@@ -235,3 +235,38 @@ def test_pd_tolerance_depends_on_the_solve_dtype():
 
     with pytest.raises(ValueError, match="problem 0, gmm 0, component 0: covariance is numerically"):
         raybary.solve([ill], bar_size=1, dtype="float32")
+
+
+def test_stored_covariance_forms_name_their_field():
+    """Covariances read from a diagonal or spherical store: the same rules, messages
+    that name ``cov_diag`` / ``cov_spherical`` and quote variances, not eigenvalues."""
+    variances = np.array([[1.0, 2.0], [1.0, -2.0], [np.nan, 1.0], [1e-15, 1.0], [0.0, 0.0]])
+    covs = np.zeros((5, 2, 2))
+    covs[:, [0, 1], [0, 1]] = variances
+    args = dict(problem_ids=np.arange(5) + 40, gmm_offset=np.arange(6),
+                lambdas=np.ones(5), comp_offset=np.arange(6), weights=np.ones(5),
+                means=np.zeros((5, 2)), covs=covs)
+    full = validate_arrays(**args).errors
+    diag = validate_arrays(**args, covariance_type="diag").errors
+    assert full[0] is None and diag[0] is None
+    assert full[1] == "problem 41, gmm 0, component 0: covariance is not positive definite " \
+                      "(smallest eigenvalue -2.0)"
+    assert diag[1] == "problem 41, gmm 0, component 0: cov_diag has a non-positive variance (-2.0)"
+    assert diag[2] == "problem 42, gmm 0, component 0: cov_diag is not finite"
+    assert diag[3] == "problem 43, gmm 0, component 0: cov_diag is numerically singular " \
+                      "(smallest variance 1e-15, largest 1.0)"
+    assert diag[4] == "problem 44, gmm 0, component 0: cov_diag has a non-positive variance (0.0)"
+    # cleaned covariances are the same whatever the form
+    np.testing.assert_array_equal(validate_arrays(**args, covariance_type="diag").covs[0], covs[0])
+
+    sph = np.zeros((3, 2, 2))
+    sph[:, [0, 1], [0, 1]] = np.array([2.0, -1.0, np.inf])[:, None]
+    args.update(problem_ids=np.arange(3), gmm_offset=np.arange(4), lambdas=np.ones(3),
+                comp_offset=np.arange(4), weights=np.ones(3), means=np.zeros((3, 2)), covs=sph)
+    assert validate_arrays(**args, covariance_type="spherical").errors == [
+        None,
+        "problem 1, gmm 0, component 0: cov_spherical is not positive (-1.0)",
+        "problem 2, gmm 0, component 0: cov_spherical is not finite (inf)",
+    ]
+    with pytest.raises(ValueError, match="covariance_type must be one of"):
+        validate_arrays(**args, covariance_type="tied")

@@ -15,6 +15,10 @@ import click
 
 from raybary.cli.errors import user_errors
 
+#: The covariance forms (raybary.storage.columns.COVARIANCE_TYPES; spelt out so
+#: that ``raybary --help`` imports nothing of the storage layer).
+_COVARIANCE_TYPES = ("full", "diag", "spherical")
+
 #: Built-in errors of the storage layer that are the user's to fix (bad input,
 #: existing output, permissions, ...): printed as ``Error: ...`` without a traceback.
 _USER_ERRORS = (ValueError, OSError, IndexError)
@@ -55,18 +59,24 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
               help="Zarr: problems per chunk (default 8192).")
+@click.option("--covariance-type", type=click.Choice(_COVARIANCE_TYPES), default="full",
+              show_default=True,
+              help="Store the covariances full (cov), as their diagonals (cov_diag) or as their "
+                   "mean variances (cov_spherical); the same random draws either way.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @user_errors(*_USER_ERRORS)
 def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: int,
-                 chunk_problems: int | None, overwrite: bool) -> None:
+                 chunk_problems: int | None, covariance_type: str, overwrite: bool) -> None:
     """Write a seeded batch of problems to OUT (*.parquet or *.zarr)."""
     from raybary.storage.generate import generate
 
     t0 = time.perf_counter()
     with _progress(n_problems, "generating") as update:
         store = generate(out, n_problems, family=family, dim=dim, seed=seed,
-                         overwrite=overwrite, chunk_problems=chunk_problems, progress=update)
-    click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}) "
+                         overwrite=overwrite, chunk_problems=chunk_problems, progress=update,
+                         covariance_type=covariance_type)
+    kind = "" if covariance_type == "full" else f", {covariance_type} covariances"
+    click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}{kind}) "
                f"in {time.perf_counter() - t0:.1f} s")
 
 
@@ -75,9 +85,14 @@ def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: 
 @click.argument("dst", metavar="OUT")
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
               help="Zarr output: problems per chunk (default 8192).")
+@click.option("--covariance-type", type=click.Choice(_COVARIANCE_TYPES), default=None,
+              help="How OUT stores the covariances: full (cov), diag (cov_diag) or spherical "
+                   "(cov_spherical) [default: as IN]. Refused, naming the first component, "
+                   "if that would drop information (non-zero off-diagonals, unequal variances).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @user_errors(*_USER_ERRORS)
-def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool) -> None:
+def convert_cmd(src: str, dst: str, chunk_problems: int | None, covariance_type: str | None,
+                overwrite: bool) -> None:
     """Convert a problem store IN to OUT (format from the suffixes: *.parquet, *.zarr)."""
     from raybary.storage.conversion import convert
     from raybary.storage.store import open_store
@@ -86,9 +101,10 @@ def convert_cmd(src: str, dst: str, chunk_problems: int | None, overwrite: bool)
     store = open_store(src)
     with _progress(store.n_problems, "converting") as update:
         out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
-                      progress=update)
-    click.echo(f"converted {out.n_problems} problems from {src} ({store.format}) to {dst} "
-               f"({out.format}) in {time.perf_counter() - t0:.1f} s")
+                      progress=update, covariance_type=covariance_type)
+    click.echo(f"converted {out.n_problems} problems from {src} ({store.format}, "
+               f"{store.covariance_type} covariances) to {dst} ({out.format}, "
+               f"{out.covariance_type} covariances) in {time.perf_counter() - t0:.1f} s")
 
 
 @click.command("show")

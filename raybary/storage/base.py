@@ -65,12 +65,17 @@ class ProblemStore(ABC):
       n_problems: number of problems.
       dim: the dimension ``d`` if the store has a single one (always for Zarr),
         else ``None``.
+      covariance_type: the form the covariances are stored in, ``"full"``,
+        ``"diag"`` or ``"spherical"`` (the name of the covariance column or
+        array says it); :meth:`read` and :meth:`read_columns` give full
+        covariances whatever it is.
     """
 
     url: str
     format: str
     n_problems: int
     dim: int | None
+    covariance_type: str = "full"
 
     @abstractmethod
     def read_columns(self, start: int, stop: int) -> ProblemColumns:
@@ -136,7 +141,7 @@ class ProblemStore(ABC):
     def describe(self) -> dict:
         """Small JSON-able facts about the store (used by ``raybary show``)."""
         return {"url": self.url, "format": self.format, "n_problems": self.n_problems,
-                "dim": self.dim}
+                "dim": self.dim, "covariance_type": self.covariance_type}
 
     def __len__(self) -> int:
         return self.n_problems

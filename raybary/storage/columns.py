@@ -15,19 +15,49 @@ Layout (offsets start at 0 within a batch)::
 Means and covariances are kept flat, like Arrow list columns, so that a
 Parquet batch with mixed dimensions, or with a mean of the wrong length, can
 be represented and reported rather than refused.
+
+Covariances are always full here, whatever form a store keeps them in
+(:data:`COVARIANCE_TYPES`, scikit-learn's names): readers expand a diagonal
+or spherical store with :meth:`ProblemColumns.with_covariances`, writers
+compact with :meth:`ProblemColumns.stored_covariances` (refusing what the
+form cannot hold), so the solver and everything after it see one form.
+``covariance_type`` records the stored form, for the messages of validation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from raybary.storage.errors import StoreDataError
 from raybary.types import Problem
-from raybary.validation import join_messages, validate_arrays, where
+from raybary.validation import fmt_number, join_messages, validate_arrays, where
 
-__all__ = ["ProblemColumns", "segment_indices"]
+__all__ = [
+    "COVARIANCE_TYPES",
+    "COVARIANCE_FIELDS",
+    "check_covariance_type",
+    "ProblemColumns",
+    "segment_indices",
+]
+
+#: The forms a store may keep covariances in (scikit-learn's ``covariance_type``
+#: names): ``full`` ``d*d`` values row-major, ``diag`` the ``d`` variances,
+#: ``spherical`` one variance (the covariance is ``v * I``).
+COVARIANCE_TYPES = ("full", "diag", "spherical")
+#: The Parquet column (and Zarr array ``components/<name>``) of each form: the
+#: name says the form, so it is never inferred from lengths.
+COVARIANCE_FIELDS = {"full": "cov", "diag": "cov_diag", "spherical": "cov_spherical"}
+
+
+def check_covariance_type(covariance_type: str) -> str:
+    """``covariance_type`` if it is one of :data:`COVARIANCE_TYPES`, else ``ValueError``."""
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type must be one of {', '.join(map(repr, COVARIANCE_TYPES))}, "
+                         f"got {covariance_type!r}")
+    return covariance_type
 
 
 def segment_indices(offsets: np.ndarray, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +83,8 @@ class ProblemColumns:
 
     ``issues`` maps a problem's index in the batch to messages found while
     decoding (nulls, inconsistent lambdas, ...): such problems are invalid.
+    ``covariance_type`` is the form the covariances were stored in (they are
+    full here whatever it is); validation names that field in its messages.
     """
 
     problem_id: np.ndarray
@@ -66,6 +98,7 @@ class ProblemColumns:
     cov_offset: np.ndarray
     cov_values: np.ndarray
     issues: dict[int, list[str]] = field(default_factory=dict)
+    covariance_type: str = "full"
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -128,6 +161,9 @@ class ProblemColumns:
         """Concatenate batches in order."""
         if len(batches) == 1:
             return batches[0]
+        types = {b.covariance_type for b in batches}
+        if len(types) > 1:
+            raise ValueError(f"cannot concatenate batches of different covariance types {sorted(types)}")
         issues: dict[int, list[str]] = {}
         base = 0
         for b in batches:
@@ -145,6 +181,7 @@ class ProblemColumns:
             cov_offset=_concat_offsets([b.cov_offset for b in batches]),
             cov_values=_concat([b.cov_values for b in batches]),
             issues=issues,
+            covariance_type=batches[0].covariance_type if batches else "full",
         )
 
     # ------------------------------------------------------------------ sizes
@@ -213,6 +250,7 @@ class ProblemColumns:
             cov_offset=cov_offset,
             cov_values=self.cov_values[v_idx],
             issues={position[k]: v for k, v in self.issues.items() if k in position},
+            covariance_type=self.covariance_type,
         )
 
     def slice(self, start: int, stop: int) -> ProblemColumns:
@@ -227,6 +265,123 @@ class ProblemColumns:
         d_problem = np.zeros(self.n_problems, dtype=np.int64)
         d_problem[has_comp] = self.mean_lengths()[first[has_comp]]
         return d_problem
+
+    def _component_owners(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each component's problem index and GMM index."""
+        comp_gmm = np.repeat(np.arange(self.n_gmms), np.diff(self.comp_offset))
+        gmm_problem = np.repeat(np.arange(self.n_problems), np.diff(self.gmm_offset))
+        return gmm_problem[comp_gmm], comp_gmm
+
+    def _where(self, c: int, owners: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+        """The location of component ``c`` in messages: ``problem 17, gmm 2, component 0``."""
+        p, g = (int(x[c]) for x in (owners or self._component_owners()))
+        return where(self.problem_id[p], self.gmm_label[g], c - self.comp_offset[g])
+
+    # ------------------------------------------------------------ covariances
+    def with_covariances(self, covariance_type: str, values: np.ndarray,
+                         offsets: np.ndarray | None = None) -> ProblemColumns:
+        """This batch with its covariances taken from a store's ``covariance_type`` form.
+
+        ``full``: ``offsets (N+1,)`` and flat ``values``, ``d*d`` per component,
+        row-major, kept as they are. ``diag``: ``offsets`` and flat ``values``,
+        the ``d`` variances of each component. ``spherical``: ``values (N,)``,
+        one variance each. Diagonal and spherical ones become full ``d x d``
+        matrices (``diag(v)``, ``v * I``), with ``d`` the problem's dimension
+        (the length of its first mean); a ``cov_diag`` of another length is
+        reported as an issue of its problem (and expanded to NaN).
+        """
+        check_covariance_type(covariance_type)
+        values = np.asarray(values, dtype=np.float64)
+        if covariance_type == "full":
+            return replace(self, cov_offset=np.asarray(offsets, dtype=np.int64), cov_values=values,
+                           covariance_type="full")
+        owners = self._component_owners()
+        comp_problem = owners[0]
+        d = self.problem_dims()[comp_problem]
+        issues = {k: list(v) for k, v in self.issues.items()}
+        if covariance_type == "diag":
+            offsets = np.asarray(offsets, dtype=np.int64)
+            lengths = np.diff(offsets)
+            ok = lengths == d
+            # a wrong mean is reported by shape_messages; one message per component
+            for c in np.flatnonzero(~ok & (d > 0) & (self.mean_lengths() == d)):
+                full = " (d*d values: a full covariance goes in column 'cov')" \
+                    if lengths[c] == d[c] * d[c] else ""
+                issues.setdefault(int(comp_problem[c]), []).append(
+                    f"{self._where(c, owners)}: cov_diag has {lengths[c]} values, expected {d[c]} "
+                    f"(d: one variance per coordinate, for d={d[c]}){full}")
+            source = offsets[:-1]
+            step = 1
+        else:
+            ok = np.ones(len(d), dtype=bool)
+            source = np.arange(len(d), dtype=np.int64)
+            step = 0
+        cov_offset = np.zeros(len(d) + 1, dtype=np.int64)
+        np.cumsum(d * d, out=cov_offset[1:])
+        cov_values = np.zeros(int(cov_offset[-1]))
+        cov_values[segment_indices(cov_offset, np.flatnonzero(~ok))[0]] = np.nan
+        comps = np.flatnonzero(ok)
+        c = np.repeat(comps, d[comps])
+        i = np.arange(len(c)) - np.repeat(np.cumsum(d[comps]) - d[comps], d[comps])
+        cov_values[cov_offset[c] + i * (d[c] + 1)] = values[source[c] + step * i]
+        return replace(self, cov_offset=cov_offset, cov_values=cov_values, issues=issues,
+                       covariance_type=covariance_type)
+
+    def stored_covariances(self, covariance_type: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """The covariances in a store's ``covariance_type`` form: ``(offsets, values)``.
+
+        ``full``: the flat ``d*d`` values; ``diag``: the diagonals (``d``
+        values each); ``spherical``: ``offsets`` is ``None`` and ``values``
+        one variance per component. Nothing is dropped silently: a covariance
+        with a non-zero (or NaN) off-diagonal entry cannot be diagonal, nor
+        one whose variances differ spherical, and the first such component is
+        named in the :class:`StoreDataError`.
+        """
+        check_covariance_type(covariance_type)
+        if covariance_type == "full":
+            return self.cov_offset, self.cov_values
+        lengths = self.cov_lengths()
+        d = np.rint(np.sqrt(lengths)).astype(np.int64)
+        if np.any(d * d != lengths):
+            c = int(np.flatnonzero(d * d != lengths)[0])
+            raise StoreDataError(f"{self._where(c)}: cov has {lengths[c]} values, not d*d for any d")
+        field = COVARIANCE_FIELDS[covariance_type]
+        on_diagonal = np.zeros(len(self.cov_values), dtype=bool)
+        c = np.repeat(np.arange(len(d)), d)
+        i = np.arange(len(c)) - np.repeat(np.cumsum(d) - d, d)
+        on_diagonal[self.cov_offset[c] + i * (d[c] + 1)] = True
+        diag = self.cov_values[on_diagonal]
+        off = np.flatnonzero(~on_diagonal & (self.cov_values != 0))
+        if len(off):
+            k = int(np.searchsorted(self.cov_offset, off[0], side="right") - 1)
+            row, col = divmod(int(off[0] - self.cov_offset[k]), int(d[k]))
+            n_bad = len(np.unique(np.searchsorted(self.cov_offset, off, side="right")))
+            raise StoreDataError(
+                f"cannot store the covariances as {field} ({covariance_type}): {self._where(k)} "
+                f"has the off-diagonal entry {fmt_number(self.cov_values[off[0]])} at row {row}, "
+                f"column {col} ({n_bad} of the {len(d)} components of this batch have non-zero "
+                "off-diagonal entries); nothing is dropped silently: keep them with "
+                "covariance_type='full' (--covariance-type full)")
+        diag_offset = np.zeros(len(d) + 1, dtype=np.int64)
+        np.cumsum(d, out=diag_offset[1:])
+        if covariance_type == "diag":
+            return diag_offset, diag
+        if np.any(d == 0):
+            k = int(np.flatnonzero(d == 0)[0])
+            raise StoreDataError(f"cannot store {self._where(k)} as cov_spherical: its covariance is empty")
+        first = np.repeat(diag[diag_offset[:-1]], d)
+        differs = (diag != first) & ~(np.isnan(diag) & np.isnan(first))
+        if differs.any():
+            k = int(c[np.flatnonzero(differs)[0]])
+            j = int(np.flatnonzero(differs)[0] - diag_offset[k])
+            n_bad = len(np.unique(c[differs]))
+            raise StoreDataError(
+                f"cannot store the covariances as cov_spherical (spherical): {self._where(k)} is "
+                f"not isotropic (variance {fmt_number(diag[diag_offset[k]])} on coordinate 0, "
+                f"{fmt_number(diag[diag_offset[k] + j])} on coordinate {j}; {n_bad} of the {len(d)} "
+                "components of this batch are not); nothing is dropped silently: keep them with "
+                "covariance_type='diag' or 'full' (--covariance-type diag|full)")
+        return None, diag[diag_offset[:-1]]
 
     def shape_messages(self) -> dict[int, list[str]]:
         """Messages for components whose mean or cov has the wrong length.
@@ -308,6 +463,7 @@ def _validate(cols: ProblemColumns, d: int, renormalize: bool, dtype: str):
         gmm_labels=cols.gmm_label,
         renormalize=renormalize,
         dtype=dtype,
+        covariance_type=cols.covariance_type,
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from raybary.storage import _fs
 from raybary.storage.base import ProblemStore
-from raybary.storage.columns import ProblemColumns
+from raybary.storage.columns import ProblemColumns, check_covariance_type
 from raybary.storage.errors import StoreDataError
 from raybary.storage.formats import output_format, store_format
 from raybary.storage.store import open_store
@@ -36,18 +36,27 @@ def write_store(
     dim: int | None = None,
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
+    covariance_type: str = "full",
 ) -> ProblemStore:
     """Write batches (ids ascending across batches) to a new store and open it.
 
     The format comes from the suffix: ``*.parquet`` writes one Parquet file
     (row groups of 65,536 rows), ``*.zarr`` a Zarr store (``chunk_problems``
-    problems per chunk, default 8192). Batches with decoding or shape issues
+    problems per chunk, default 8192). ``covariance_type`` is the form the
+    covariances are stored in: ``"full"`` (``d*d`` values, column/array
+    ``cov``), ``"diag"`` (the ``d`` variances, ``cov_diag``) or
+    ``"spherical"`` (one variance, ``cov_spherical``); covariances that the
+    form cannot hold (a non-zero off-diagonal entry for ``diag``, variances
+    that differ for ``spherical``) are refused, naming the first such
+    component, and nothing is written. Batches with decoding or shape issues
     are refused (:class:`StoreDataError`). ``progress(n)`` is called with the
     number of problems of each batch written.
     """
+    check_covariance_type(covariance_type)
     fmt = store_format(output_format(url))
     with _fs.atomic_output(url, overwrite=overwrite) as tmp:
-        writer = fmt.writer(tmp, dim=dim, chunk_problems=chunk_problems)
+        writer = fmt.writer(tmp, dim=dim, chunk_problems=chunk_problems,
+                            covariance_type=covariance_type)
         try:
             for cols in batches:
                 _refuse_issues(cols, url)
@@ -77,13 +86,15 @@ def write_problems(
     problem_ids: Sequence[int] | None = None,
     *,
     overwrite: bool = False,
+    covariance_type: str = "full",
 ) -> ProblemStore:
-    """Write :class:`Problem` objects (ids default to ``0..P-1``, ascending) to a store."""
+    """Write :class:`Problem` objects (ids default to ``0..P-1``, ascending) to a store,
+    the covariances in the ``covariance_type`` form (see :func:`write_store`)."""
     cols = ProblemColumns.from_problems(problems, problem_ids)
     order = np.argsort(cols.problem_id, kind="stable")
     if not np.array_equal(order, np.arange(len(order))):
         cols = cols.take(order)
-    return write_store(url, [cols], overwrite=overwrite)
+    return write_store(url, [cols], overwrite=overwrite, covariance_type=covariance_type)
 
 
 def convert(
@@ -94,8 +105,10 @@ def convert(
     block_problems: int = BLOCK_PROBLEMS,
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
+    covariance_type: str | None = None,
 ) -> ProblemStore:
-    """Convert a problem store to another format (or re-chunk / sort it).
+    """Convert a problem store to another format (or re-chunk / sort it, or
+    change the form its covariances are stored in).
 
     ``src`` (a URL or an open store) is opened, and its schema checked,
     before anything is written. The
@@ -104,11 +117,17 @@ def convert(
     problems that the output cannot hold (nulls, means of the wrong length,
     lambdas that differ within a GMM; for Parquet output, problems without
     GMMs) are refused with their messages, and nothing is written.
+    ``covariance_type`` (``"full"``, ``"diag"``, ``"spherical"``; default:
+    the input's) is the output's covariance form: a diagonal store converts
+    to full losslessly, full to diagonal only if every off-diagonal entry is
+    zero (else the first offending component is named and nothing is written).
     """
     store = src if isinstance(src, ProblemStore) else open_store(src)
+    covariance_type = check_covariance_type(covariance_type or store.covariance_type)
     if _fs.strip_url(store.url) == _fs.strip_url(dst):
         raise ValueError("convert: the output must differ from the input")
     output_format(dst)
     batches = (cols for _, _, cols in store.iter_columns(block_problems))
     return write_store(dst, batches, overwrite=overwrite, dim=store.dim,
-                       chunk_problems=chunk_problems, progress=progress)
+                       chunk_problems=chunk_problems, progress=progress,
+                       covariance_type=covariance_type)

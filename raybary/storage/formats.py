@@ -69,7 +69,9 @@ class StoreFormat:
       suffixes: URL suffixes (lower case) that name this format.
       describe: what such a URL points at, for messages.
       store: the :class:`ProblemStore` class that opens it.
-      writer: ``writer(url, dim=..., chunk_problems=...)`` -> a new writer.
+      writer: ``writer(url, dim=..., chunk_problems=..., covariance_type=...)``
+        -> a new writer (``covariance_type`` ``"full"``, ``"diag"`` or
+        ``"spherical"``: the form the covariances are stored in).
       holds: ``holds(fs, path)``: whether a directory without a suffix is of
         this format (probes run in :data:`FORMATS` order).
     """
@@ -83,14 +85,16 @@ class StoreFormat:
     holds: Callable[[AbstractFileSystem, str], bool]
 
 
-def _parquet_writer(url: str, *, dim: int | None = None,
-                    chunk_problems: int | None = None) -> ProblemWriter:
-    return ParquetProblemWriter(url)  # one dimension or many; row groups, not chunks
+def _parquet_writer(url: str, *, dim: int | None = None, chunk_problems: int | None = None,
+                    covariance_type: str = "full") -> ProblemWriter:
+    # one dimension or many; row groups, not chunks
+    return ParquetProblemWriter(url, covariance_type=covariance_type)
 
 
-def _zarr_writer(url: str, *, dim: int | None = None,
-                 chunk_problems: int | None = None) -> ProblemWriter:
-    return ZarrProblemWriter(url, dim=dim, chunk_problems=chunk_problems or CHUNK_PROBLEMS)
+def _zarr_writer(url: str, *, dim: int | None = None, chunk_problems: int | None = None,
+                 covariance_type: str = "full") -> ProblemWriter:
+    return ZarrProblemWriter(url, dim=dim, chunk_problems=chunk_problems or CHUNK_PROBLEMS,
+                             covariance_type=covariance_type)
 
 
 def _holds_zarr(fs: AbstractFileSystem, path: str) -> bool:

@@ -21,6 +21,12 @@ Two families:
   and condition number ``kappa = 10^U(0, 4)`` (up to 1e4); weights
   ``~ Dirichlet(1, ..., 1)``; lambdas ``~ Dirichlet(1, ..., 1)``.
 
+Both families draw full covariances. ``covariance_type="diag"`` stores the
+same problems with each covariance replaced by its diagonal (the variances,
+``diag(C)``), ``"spherical"`` by its mean variance (``trace(C)/d * I``):
+the random draws are unchanged, so problem ``i`` of a diagonal store is
+problem ``i`` of the full one without its correlations.
+
 Problem ids are ``0..n-1``. Randomness is drawn per block of
 :data:`SEED_BLOCK` problems from ``numpy.random.default_rng([seed, block])``,
 so a problem does not depend on how the output is chunked, and ``.parquet``
@@ -30,11 +36,12 @@ and ``.zarr`` outputs with the same seed hold the same problems.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from raybary.storage.base import ProblemStore
-from raybary.storage.columns import ProblemColumns, segment_indices
+from raybary.storage.columns import ProblemColumns, check_covariance_type, segment_indices
 from raybary.storage.conversion import output_format, write_store
 from raybary.storage.errors import StoreDataError
 from raybary.types import Problem
@@ -52,6 +59,7 @@ __all__ = [
     "tutorial_problems",
     "generate",
     "random_orthogonal",
+    "project_covariances",
 ]
 
 FAMILIES = ("tutorial", "random")
@@ -228,11 +236,34 @@ def tutorial_problems(n_problems: int, *, dim: int = 2, seed: int = 0) -> list[P
     return problems
 
 
+def project_covariances(cols: ProblemColumns, covariance_type: str) -> ProblemColumns:
+    """The batch with its covariances made ``covariance_type``: ``full`` keeps them,
+    ``diag`` keeps their diagonals (``diag(C)``), ``spherical`` their mean
+    variance (``trace(C)/d * I``). Used by :func:`generate`; a store written
+    with that ``covariance_type`` then holds these covariances exactly."""
+    check_covariance_type(covariance_type)
+    if covariance_type == "full":
+        return cols
+    d = np.rint(np.sqrt(cols.cov_lengths())).astype(np.int64)
+    c = np.repeat(np.arange(len(d)), d)
+    i = np.arange(len(c)) - np.repeat(np.cumsum(d) - d, d)
+    on_diagonal = cols.cov_offset[c] + i * (d[c] + 1)
+    variances = cols.cov_values[on_diagonal]
+    if covariance_type == "spherical":
+        starts = np.concatenate([[0], np.cumsum(d)[:-1]]).astype(np.int64)
+        sums = np.add.reduceat(variances, starts) if len(variances) else np.zeros(0)
+        variances = np.repeat(sums / np.maximum(d, 1), d)
+    values = np.zeros_like(cols.cov_values)
+    values[on_diagonal] = variances
+    return replace(cols, cov_values=values)
+
+
 def _blocks(family: str, n_problems: int, dim: int | None, seed: int,
-            block_problems: int) -> Iterator[ProblemColumns]:
+            block_problems: int, covariance_type: str = "full") -> Iterator[ProblemColumns]:
     for start in range(0, n_problems, block_problems):
         n = min(block_problems, n_problems - start)
-        yield family_columns(family, n, dim=dim, seed=seed, start=start)
+        yield project_covariances(family_columns(family, n, dim=dim, seed=seed, start=start),
+                                  covariance_type)
 
 
 def generate(
@@ -245,8 +276,12 @@ def generate(
     overwrite: bool = False,
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
+    covariance_type: str = "full",
 ) -> ProblemStore:
     """Write ``n_problems`` problems of ``family`` to ``url`` (``*.parquet`` or ``*.zarr``).
+
+    ``covariance_type`` ``"diag"`` or ``"spherical"`` writes a diagonal or
+    spherical store of the same problems (:func:`project_covariances`).
 
     Generation is vectorised in blocks of 16 x :data:`SEED_BLOCK` problems, so
     memory is bounded whatever ``n_problems``. The random family mixes
@@ -257,6 +292,7 @@ def generate(
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     if n_problems < 0:
         raise ValueError("n_problems must be non-negative")
+    check_covariance_type(covariance_type)
     if output_format(url) == "zarr" and family == "random" and dim is None:
         raise StoreDataError(
             f"the random family mixes dimensions {list(RANDOM_DIMS)}, but a Zarr store holds one "
@@ -264,5 +300,6 @@ def generate(
         )
     block = 16 * SEED_BLOCK
     store_dim = 2 if family == "tutorial" and dim is None else dim
-    return write_store(url, _blocks(family, n_problems, dim, seed, block), overwrite=overwrite,
-                       dim=store_dim, chunk_problems=chunk_problems, progress=progress)
+    return write_store(url, _blocks(family, n_problems, dim, seed, block, covariance_type),
+                       overwrite=overwrite, dim=store_dim, chunk_problems=chunk_problems,
+                       progress=progress, covariance_type=covariance_type)

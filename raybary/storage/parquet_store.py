@@ -3,11 +3,21 @@
 Columns (names fixed, since outside tools write them)::
 
     problem_id int64, gmm int32, lambda float64, weight float64,
-    mean list<float64> (d values), cov list<float64> (d*d values, row-major)
+    mean list<float64> (d values), and exactly one covariance column:
+      cov           list<float64> (d*d values, row-major)   full covariances
+      cov_diag      list<float64> (d values, the variances)  diagonal ones
+      cov_spherical float64 (one variance; C = v * I)        spherical ones
+
+The covariance column's name says the form (scikit-learn's
+``covariance_type``: full, diag, spherical); it is never inferred from
+lengths, and a file with two covariance columns, or none, is refused.
+Readers expand diagonal and spherical covariances to full matrices
+(:meth:`ProblemColumns.with_covariances`).
 
 Any integer type is accepted for ``problem_id`` and ``gmm``, any integer or
-floating type for ``lambda`` and ``weight``, and any list type (list,
-large_list, fixed_size_list) of numbers for ``mean`` and ``cov``. Any other
+floating type for ``lambda``, ``weight`` and ``cov_spherical``, and any list
+type (list, large_list, fixed_size_list) of numbers for ``mean``, ``cov`` and
+``cov_diag``. Any other
 column is refused (a typo such as ``weights`` must not pass silently), except
 a pandas index (``__index_level_0__``, or the columns that pandas' metadata
 names as its index), which is ignored. The ``lambda`` of a GMM is repeated on
@@ -38,7 +48,12 @@ import pyarrow.parquet as pq
 
 from raybary.storage import _fs
 from raybary.storage.base import ProblemStore
-from raybary.storage.columns import ProblemColumns
+from raybary.storage.columns import (
+    COVARIANCE_FIELDS,
+    COVARIANCE_TYPES,
+    ProblemColumns,
+    check_covariance_type,
+)
 from raybary.storage.errors import StoreDataError, StoreFormatError
 from raybary.validation import fmt_number, where
 
@@ -47,6 +62,7 @@ __all__ = [
     "PARQUET_VERSION",
     "PARQUET_FORMAT_ID",
     "problem_schema",
+    "schema_covariance_type",
     "columns_to_table",
     "table_to_columns",
     "schema_problems",
@@ -59,19 +75,28 @@ PARQUET_VERSION = 1
 PARQUET_FORMAT_ID = f"{PARQUET_FORMAT}/{PARQUET_VERSION}"
 FORMAT_KEY = b"raybary.format"
 VERSION_KEY = b"raybary.format_version"
-COLUMNS = ("problem_id", "gmm", "lambda", "weight", "mean", "cov")
+BASE_COLUMNS = ("problem_id", "gmm", "lambda", "weight", "mean")
+#: The covariance columns, one per form (exactly one of them in a store).
+COVARIANCE_COLUMNS = tuple(COVARIANCE_FIELDS[t] for t in COVARIANCE_TYPES)
 EXPECTED = (
     "expected columns: problem_id int64, gmm int32, lambda float64, weight float64, "
-    "mean list<float64> (d values), cov list<float64> (d*d values, row-major)"
+    "mean list<float64> (d values), and one covariance column: cov list<float64> "
+    "(d*d values, row-major), cov_diag list<float64> (d variances) or cov_spherical "
+    "float64 (one variance)"
 )
+_COV_ARROW = {"full": pa.list_(pa.float64()), "diag": pa.list_(pa.float64()),
+              "spherical": pa.float64()}
 #: Rows per Parquet row group written by raybary.
 ROW_GROUP_ROWS = 65536
 #: Rows per batch when streaming a row group.
 BATCH_ROWS = 65536
 
 
-def problem_schema() -> pa.Schema:
-    """The canonical Arrow schema, with the format name and version as metadata."""
+def problem_schema(covariance_type: str = "full") -> pa.Schema:
+    """The canonical Arrow schema of a store of ``covariance_type`` covariances
+    (its column ``cov``, ``cov_diag`` or ``cov_spherical``), with the format
+    name and version as metadata."""
+    check_covariance_type(covariance_type)
     return pa.schema(
         [
             ("problem_id", pa.int64()),
@@ -79,7 +104,7 @@ def problem_schema() -> pa.Schema:
             ("lambda", pa.float64()),
             ("weight", pa.float64()),
             ("mean", pa.list_(pa.float64())),
-            ("cov", pa.list_(pa.float64())),
+            (COVARIANCE_FIELDS[covariance_type], _COV_ARROW[covariance_type]),
         ],
         metadata={FORMAT_KEY: PARQUET_FORMAT.encode(), VERSION_KEY: str(PARQUET_VERSION).encode()},
     )
@@ -101,7 +126,11 @@ _TYPE_RULES = {
     "lambda": (_is_number, "float64 (any integer or floating type is accepted)"),
     "weight": (_is_number, "float64 (any integer or floating type is accepted)"),
     "mean": (_is_number_list, "list<float64> (any list of numbers is accepted)"),
+}
+_COV_RULES = {
     "cov": (_is_number_list, "list<float64> (any list of numbers is accepted)"),
+    "cov_diag": (_is_number_list, "list<float64> (any list of numbers is accepted)"),
+    "cov_spherical": (_is_number, "float64 (any integer or floating type is accepted)"),
 }
 
 
@@ -120,9 +149,46 @@ def pandas_index_columns(schema: pa.Schema) -> set[str]:
 
 
 def unknown_columns(schema: pa.Schema) -> list[str]:
-    """Columns that are neither the six of the long format nor a pandas index."""
+    """Columns that are neither those of the long format nor a pandas index."""
     index = pandas_index_columns(schema)
-    return [n for n in schema.names if n not in COLUMNS and n not in index]
+    known = (*BASE_COLUMNS, *COVARIANCE_COLUMNS)
+    return [n for n in schema.names if n not in known and n not in index]
+
+
+def schema_covariance_type(schema: pa.Schema) -> str | None:
+    """The covariance form of a schema (``"full"``, ``"diag"``, ``"spherical"``),
+    from the name of its one covariance column; ``None`` if it has none or several."""
+    present = [t for t in COVARIANCE_TYPES if COVARIANCE_FIELDS[t] in schema.names]
+    return present[0] if len(present) == 1 else None
+
+
+def _covariance_problems(schema: pa.Schema) -> list[str]:
+    """What is wrong with the covariance column: none, several, or a wrong type."""
+    present = [n for n in COVARIANCE_COLUMNS if n in schema.names]
+    if not present:
+        return ["column 'cov' is missing (a store has exactly one covariance column, whose "
+                "name says the form: 'cov' for full covariances, 'cov_diag' for diagonal ones, "
+                "'cov_spherical' for spherical ones)"]
+    if len(present) > 1:
+        return [f"columns {' and '.join(repr(n) for n in present)} are both present: a store has "
+                "exactly one covariance column, whose name says the form ('cov' full, "
+                "'cov_diag' diagonal, 'cov_spherical' spherical); keep one"]
+    return _type_problems(schema, {present[0]: _COV_RULES[present[0]]})
+
+
+def _type_problems(schema: pa.Schema, rules: dict) -> list[str]:
+    problems = []
+    for name, (ok, expected) in rules.items():
+        idx = schema.get_all_field_indices(name)
+        if not idx:
+            problems.append(f"column {name!r} is missing")
+        elif len(idx) > 1:
+            problems.append(f"column {name!r} appears {len(idx)} times")
+        elif not ok(schema.field(idx[0]).type):
+            problems.append(
+                f"column {name!r} has type {schema.field(idx[0]).type}, expected {expected}"
+            )
+    return problems
 
 
 def schema_problems(schema: pa.Schema) -> list[str]:
@@ -137,16 +203,8 @@ def schema_problems(schema: pa.Schema) -> list[str]:
                 f"metadata says format {name!r} version {version}, expected "
                 f"{PARQUET_FORMAT!r} version {PARQUET_VERSION}"
             )
-    for name, (ok, expected) in _TYPE_RULES.items():
-        idx = schema.get_all_field_indices(name)
-        if not idx:
-            problems.append(f"column {name!r} is missing")
-        elif len(idx) > 1:
-            problems.append(f"column {name!r} appears {len(idx)} times")
-        elif not ok(schema.field(idx[0]).type):
-            problems.append(
-                f"column {name!r} has type {schema.field(idx[0]).type}, expected {expected}"
-            )
+    problems += _type_problems(schema, _TYPE_RULES)
+    problems += _covariance_problems(schema)
     unknown = unknown_columns(schema)
     if unknown:
         problems.append(
@@ -168,11 +226,15 @@ def _refuse(url: str, problems: list[str]) -> StoreFormatError:
 
 
 # ------------------------------------------------------------------ encode
-def columns_to_table(cols: ProblemColumns) -> pa.Table:
-    """Encode a batch in the long format (one row per component).
+def columns_to_table(cols: ProblemColumns, covariance_type: str = "full") -> pa.Table:
+    """Encode a batch in the long format (one row per component), its
+    covariances in the ``covariance_type`` column (``cov``, ``cov_diag``,
+    ``cov_spherical``).
 
     Raises :class:`StoreDataError` for problems the long format cannot hold:
-    a problem without GMMs or a GMM without components has no row.
+    a problem without GMMs or a GMM without components has no row; and for
+    covariances the form cannot hold (non-zero off-diagonal entries for
+    ``diag``, unequal variances for ``spherical``: nothing is dropped silently).
     """
     rows_per_gmm = np.diff(cols.comp_offset)
     empty = np.zeros(cols.n_problems, dtype=bool) | (cols.components_per_problem() == 0)
@@ -185,6 +247,9 @@ def columns_to_table(cols: ProblemColumns) -> pa.Table:
             f"without GMMs or a GMM without components: problems {cols.problem_id[empty][:10].tolist()}"
         )
     gmm_problem = np.repeat(cols.problem_id, np.diff(cols.gmm_offset))
+    cov_offset, cov_values = cols.stored_covariances(covariance_type)
+    cov = (pa.array(cov_values, pa.float64()) if cov_offset is None
+           else _list_array(cov_offset, cov_values))
     return pa.Table.from_arrays(
         [
             pa.array(np.repeat(gmm_problem, rows_per_gmm), pa.int64()),
@@ -192,9 +257,9 @@ def columns_to_table(cols: ProblemColumns) -> pa.Table:
             pa.array(np.repeat(cols.lambdas, rows_per_gmm), pa.float64()),
             pa.array(cols.weight, pa.float64()),
             _list_array(cols.mean_offset, cols.mean_values),
-            _list_array(cols.cov_offset, cols.cov_values),
+            cov,
         ],
-        schema=problem_schema(),
+        schema=problem_schema(covariance_type),
     )
 
 
@@ -207,7 +272,7 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
 # ------------------------------------------------------------------ decode
 def _normalise(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     """Select the six columns and cast them to the canonical types."""
-    target = problem_schema()
+    target = problem_schema(_covariance_type(batch.schema))
     try:
         arrays = [pc.cast(batch.column(f.name), f.type) for f in target]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -215,13 +280,24 @@ def _normalise(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=target)
 
 
+def _covariance_type(schema: pa.Schema) -> str:
+    covariance_type = schema_covariance_type(schema)
+    if covariance_type is None:
+        raise StoreDataError("; ".join(_covariance_problems(schema)))
+    return covariance_type
+
+
 def table_to_columns(table: pa.Table) -> ProblemColumns:
     """Decode long-format rows (any order) into a batch, sorted by problem then gmm.
 
-    Nulls and lambdas that differ within a GMM become per-problem issues;
-    a null ``problem_id`` raises :class:`StoreDataError`.
+    The covariances come from the table's one covariance column, expanded to
+    full matrices (:meth:`ProblemColumns.with_covariances`). Nulls and
+    lambdas that differ within a GMM become per-problem issues; a null
+    ``problem_id`` raises :class:`StoreDataError`.
     """
     table = _normalise(table)
+    covariance_type = _covariance_type(table.schema)
+    field = COVARIANCE_FIELDS[covariance_type]
     n = table.num_rows
     if table.column("problem_id").null_count:
         raise StoreDataError("column 'problem_id' has null values; every row needs a problem id")
@@ -242,7 +318,11 @@ def table_to_columns(table: pa.Table) -> ProblemColumns:
     gmm_offset = np.append(np.searchsorted(gmm_starts, problem_starts), len(gmm_starts))
     lam_rows = _floats(table.column("lambda"))
     mean_offset, mean_values, mean_null, mean_elem_null = _lists(table.column("mean"))
-    cov_offset, cov_values, cov_null, cov_elem_null = _lists(table.column("cov"))
+    if covariance_type == "spherical":
+        cov_offset, cov_values = None, _floats(table.column(field))
+        cov_null, cov_elem_null = _nulls(table.column(field)), np.zeros(n, dtype=bool)
+    else:
+        cov_offset, cov_values, cov_null, cov_elem_null = _lists(table.column(field))
     cols = ProblemColumns(
         problem_id=pid[problem_starts].astype(np.int64),
         gmm_offset=gmm_offset.astype(np.int64),
@@ -252,8 +332,8 @@ def table_to_columns(table: pa.Table) -> ProblemColumns:
         weight=_floats(table.column("weight")),
         mean_offset=mean_offset,
         mean_values=mean_values,
-        cov_offset=cov_offset,
-        cov_values=cov_values,
+        cov_offset=np.zeros(n + 1, dtype=np.int64),
+        cov_values=np.zeros(0),
     )
     flags = {
         "gmm is missing (null)": gmm_null,
@@ -261,11 +341,11 @@ def table_to_columns(table: pa.Table) -> ProblemColumns:
         "weight is missing (null)": _nulls(table.column("weight")),
         "mean is missing (null)": mean_null,
         "mean contains a missing (null) value": mean_elem_null,
-        "cov is missing (null)": cov_null,
-        "cov contains a missing (null) value": cov_elem_null,
+        f"{field} is missing (null)": cov_null,
+        f"{field} contains a missing (null) value": cov_elem_null,
     }
     cols.issues = _row_issues(cols, flags, lam_rows)
-    return cols
+    return cols.with_covariances(covariance_type, cov_values, cov_offset)
 
 
 def _nulls(col: pa.ChunkedArray) -> np.ndarray:
@@ -329,13 +409,17 @@ class ParquetProblemWriter:
     """Write batches to one Parquet file in the long format, in row groups.
 
     Problems must be written in ascending ``problem_id`` order (what the
-    store readers expect for cheap range reads). Use as a context manager or
+    store readers expect for cheap range reads). ``covariance_type`` picks the
+    covariance column (``cov``, ``cov_diag``, ``cov_spherical``); a batch
+    whose covariances that form cannot hold is refused
+    (:meth:`ProblemColumns.stored_covariances`). Use as a context manager or
     call :meth:`close`.
     """
 
     def __init__(self, url: str, *, row_group_rows: int = ROW_GROUP_ROWS,
-                 compression: str = "zstd") -> None:
+                 compression: str = "zstd", covariance_type: str = "full") -> None:
         self.url = url
+        self.covariance_type = check_covariance_type(covariance_type)
         self.row_group_rows = row_group_rows
         self._fs, self._path = _fs.url_to_fs(url)
         self._fs.makedirs(posixpath.dirname(self._path) or "/", exist_ok=True)
@@ -343,7 +427,7 @@ class ParquetProblemWriter:
         # dictionary encoding only where values repeat: on the float lists it is tried
         # page after page and abandoned, which made writing 3x slower (and files larger)
         self._writer = pq.ParquetWriter(
-            self._path if self._file is None else self._file, problem_schema(),
+            self._path if self._file is None else self._file, problem_schema(covariance_type),
             compression=compression, use_dictionary=["problem_id", "gmm", "lambda"],
         )
         self._last_id: int | None = None
@@ -356,7 +440,8 @@ class ParquetProblemWriter:
         ids = cols.problem_id
         if np.any(np.diff(ids) <= 0) or (self._last_id is not None and ids[0] <= self._last_id):
             raise StoreDataError("problems must be written in strictly ascending problem_id order")
-        self._writer.write_table(columns_to_table(cols), row_group_size=self.row_group_rows)
+        self._writer.write_table(columns_to_table(cols, self.covariance_type),
+                                 row_group_size=self.row_group_rows)
         self._last_id = int(ids[-1])
         self.n_problems += cols.n_problems
 
@@ -410,9 +495,10 @@ def _list_files(url: str) -> tuple[object, list[str]]:
 class ParquetProblemStore(ProblemStore):
     """A Parquet file or dataset (directory) in the long format.
 
-    Opening checks every file's schema and scans ``problem_id`` once (one row
-    group at a time) to build a small row-group index; see the module
-    docstring for the memory behaviour.
+    Opening checks every file's schema (all files must have the same
+    covariance column: ``covariance_type``) and scans ``problem_id`` once
+    (one row group at a time) to build a small row-group index; see the
+    module docstring for the memory behaviour.
     """
 
     format = PARQUET_FORMAT_ID
@@ -421,6 +507,7 @@ class ParquetProblemStore(ProblemStore):
         self.url = url
         fs, self._files = _list_files(url)
         problems = []
+        forms: dict[str, list[str]] = {}
         for f in self._files:
             try:
                 with self._open(fs, f) as pf:
@@ -429,9 +516,21 @@ class ParquetProblemStore(ProblemStore):
                 problems.append(f"{f}: not a readable Parquet file ({e})")
                 continue
             label = f"{f}: " if len(self._files) > 1 else ""
-            problems += [label + p for p in schema_problems(schema)]
+            found = schema_problems(schema)
+            problems += [label + p for p in found]
+            if not found:
+                forms.setdefault(schema_covariance_type(schema), []).append(f)
+        if len(forms) > 1:
+            problems.append(
+                "the files have different covariance columns ("
+                + "; ".join(f"{COVARIANCE_FIELDS[t]!r} in {', '.join(fs_[:3])}"
+                            + (f" and {len(fs_) - 3} more" if len(fs_) > 3 else "")
+                            for t, fs_ in forms.items())
+                + "): a store has one covariance form; rewrite the files in one form")
         if problems:
             raise _refuse(url, problems)
+        self.covariance_type = next(iter(forms), "full")
+        self._columns = [*BASE_COLUMNS, COVARIANCE_FIELDS[self.covariance_type]]
         self._index = self._scan(fs)
         self._unique = None if self._index.sorted else self._collect_unique(fs)
         self.n_problems = int(self._index.new.sum()) if self._index.sorted else len(self._unique)
@@ -574,8 +673,8 @@ class ParquetProblemStore(ProblemStore):
     def read_columns(self, start: int, stop: int) -> ProblemColumns:
         start, stop = self._check_range(start, stop)
         if start == stop:
-            return table_to_columns(problem_schema().empty_table())
-        return table_to_columns(self._read_rows(start, stop, list(COLUMNS)))
+            return table_to_columns(problem_schema(self.covariance_type).empty_table())
+        return table_to_columns(self._read_rows(start, stop, self._columns))
 
     def describe(self) -> dict:
         out = super().describe()

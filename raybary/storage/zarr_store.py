@@ -11,7 +11,15 @@ Layout (every array chunked along its first axis only)::
       gmms/label         int32   [G]      (optional) the GMM numbers used in messages
       components/weight  float64 [N]
       components/mean    float64 [N, d]
-      components/cov     float64 [N, d, d]
+      and exactly one covariance array, whose name says the form:
+      components/cov            float64 [N, d, d]   full covariances
+      components/cov_diag       float64 [N, d]      diagonal ones (the variances)
+      components/cov_spherical  float64 [N]         spherical ones (C = v * I)
+
+The covariance array follows the Parquet columns' rule (scikit-learn's
+``covariance_type``: full, diag, spherical); readers expand diagonal and
+spherical covariances to full matrices. A raybary that predates the forms
+refuses a diagonal or spherical store (``components/cov`` is missing).
 
 One dimension ``d`` per store (mixed-dimension batches stay in Parquet, or
 are split by ``d``). Chunks hold about ``chunk_problems`` problems (8192 by
@@ -27,7 +35,12 @@ import zarr
 
 from raybary.storage import _fs
 from raybary.storage.base import ProblemStore
-from raybary.storage.columns import ProblemColumns
+from raybary.storage.columns import (
+    COVARIANCE_FIELDS,
+    COVARIANCE_TYPES,
+    ProblemColumns,
+    check_covariance_type,
+)
 from raybary.storage.errors import StoreDataError, StoreFormatError
 
 __all__ = [
@@ -47,7 +60,9 @@ EXPECTED = (
     "expected a Zarr v3 group with attributes format='raybary.problems.zarr', "
     "format_version=1, dim=d and arrays problems/id int64[P], problems/offset int64[P+1], "
     "gmms/offset int64[G+1], gmms/lambda float64[G], components/weight float64[N], "
-    "components/mean float64[N,d], components/cov float64[N,d,d]"
+    "components/mean float64[N,d] and one covariance array: components/cov float64[N,d,d] "
+    "(full), components/cov_diag float64[N,d] (diagonal) or components/cov_spherical "
+    "float64[N] (spherical)"
 )
 
 # name: (dtype kind, shape as a function of (P, G, N, d), optional)
@@ -59,8 +74,15 @@ _ARRAYS = {
     "gmms/label": ("i", lambda P, G, N, d: (G,), True),
     "components/weight": ("f", lambda P, G, N, d: (N,), False),
     "components/mean": ("f", lambda P, G, N, d: (N, d), False),
-    "components/cov": ("f", lambda P, G, N, d: (N, d, d), False),
 }
+# the covariance arrays: exactly one is present (checked apart)
+_COV_ARRAYS = {
+    "full": ("f", lambda P, G, N, d: (N, d, d), True),
+    "diag": ("f", lambda P, G, N, d: (N, d), True),
+    "spherical": ("f", lambda P, G, N, d: (N,), True),
+}
+_COV_KEYS = {f"components/{COVARIANCE_FIELDS[t]}": t for t in COVARIANCE_TYPES}
+_ARRAYS.update({k: _COV_ARRAYS[t] for k, t in _COV_KEYS.items()})
 
 
 def _kind_ok(dtype: np.dtype, kind: str) -> bool:
@@ -83,7 +105,9 @@ class ZarrProblemStore(ProblemStore):
         self._group = None
         self._arrays: dict = {}
         group = self._open()
-        self.dim, self.n_problems, self.n_gmms, self.n_components = _check_layout(url, group)
+        (self.dim, self.n_problems, self.n_gmms, self.n_components,
+         self.covariance_type) = _check_layout(url, group)
+        self._cov_key = f"components/{COVARIANCE_FIELDS[self.covariance_type]}"
         self._has_label = "label" in group["gmms"]
 
     def __getstate__(self) -> dict:
@@ -123,16 +147,23 @@ class ZarrProblemStore(ProblemStore):
         ids = np.asarray(self._array("problems/id")[start:stop], dtype=np.int64)
         if np.any(np.diff(ids) <= 0):
             raise StoreDataError(f"{self.url}: problems/id is not strictly ascending in {start}:{stop}")
-        return ProblemColumns.from_dense(
+        cov = np.asarray(self._array(self._cov_key)[c0:c1], dtype=np.float64)
+        if self.covariance_type != "full":  # diag(v) or v * I
+            stored, d = cov, self.dim
+            cov = np.zeros((len(stored), d, d))
+            cov[:, np.arange(d), np.arange(d)] = stored if stored.ndim == 2 else stored[:, None]
+        cols = ProblemColumns.from_dense(
             problem_id=ids,
             gmm_offset=po - g0,
             lambdas=self._array("gmms/lambda")[g0:g1],
             comp_offset=go - c0,
             weight=self._array("components/weight")[c0:c1],
             mean=np.asarray(self._array("components/mean")[c0:c1], dtype=np.float64),
-            cov=np.asarray(self._array("components/cov")[c0:c1], dtype=np.float64),
+            cov=cov,
             gmm_label=label,
         )
+        cols.covariance_type = self.covariance_type
+        return cols
 
     def max_gmms(self, block_problems: int = 1 << 20) -> int:
         """The largest number of GMMs of a problem (reads ``problems/offset`` in blocks)."""
@@ -154,8 +185,8 @@ def _check_offsets(url: str, name: str, offsets: np.ndarray, end: int) -> None:
         raise StoreDataError(f"{url}: {name} is corrupt (not ascending, or out of 0..{end})")
 
 
-def _check_layout(url: str, group) -> tuple[int, int, int, int]:
-    """Check format attributes and arrays; return ``(d, P, G, N)`` or raise."""
+def _check_layout(url: str, group) -> tuple[int, int, int, int, str]:
+    """Check format attributes and arrays; return ``(d, P, G, N, covariance_type)`` or raise."""
     problems: list[str] = []
     if group.metadata.zarr_format != 3:
         problems.append(f"the group is Zarr v{group.metadata.zarr_format}, expected Zarr v3")
@@ -184,6 +215,7 @@ def _check_layout(url: str, group) -> tuple[int, int, int, int]:
             problems.append(f"array {key} has dtype {arr.dtype}, expected {want} dtype")
         else:
             arrays[key] = arr
+    problems += _covariance_problems(group, arrays)
     if not problems:
         problems += _shape_problems(arrays, dim)
     if problems:
@@ -194,7 +226,29 @@ def _check_layout(url: str, group) -> tuple[int, int, int, int]:
     P = arrays["problems/id"].shape[0]
     G = arrays["gmms/lambda"].shape[0]
     N = arrays["components/weight"].shape[0]
-    return dim, P, G, N
+    return dim, P, G, N, next(t for k, t in _COV_KEYS.items() if k in arrays)
+
+
+def _covariance_problems(group, arrays: dict) -> list[str]:
+    """Exactly one covariance array must be there (a mistyped one is reported already)."""
+    there = [k for k in _COV_KEYS if k in arrays or _member(group, k)]
+    if not there:
+        return ["array components/cov is missing (a store has exactly one covariance array, "
+                "whose name says the form: components/cov for full covariances, "
+                "components/cov_diag for diagonal ones, components/cov_spherical for spherical "
+                "ones)"]
+    if len(there) > 1:
+        return [f"arrays {' and '.join(there)} are both present: a store has exactly one "
+                "covariance array, whose name says the form; keep one"]
+    return []
+
+
+def _member(group, key: str) -> bool:
+    try:
+        group[key]
+    except KeyError:
+        return False
+    return True
 
 
 def _shape_problems(arrays: dict, d: int) -> list[str]:
@@ -228,12 +282,18 @@ class ZarrProblemWriter:
       url: where to write (replaced if it exists).
       dim: the dimension; taken from the first batch if ``None``.
       chunk_problems: problems per chunk.
+      covariance_type: ``"full"``, ``"diag"`` or ``"spherical"``: which
+        covariance array is written (``components/cov``, ``cov_diag``,
+        ``cov_spherical``); a batch whose covariances that form cannot hold
+        is refused (:meth:`ProblemColumns.stored_covariances`).
     """
 
     def __init__(self, url: str, *, dim: int | None = None,
-                 chunk_problems: int = CHUNK_PROBLEMS) -> None:
+                 chunk_problems: int = CHUNK_PROBLEMS, covariance_type: str = "full") -> None:
         self.url = url
         self.dim = dim
+        self.covariance_type = check_covariance_type(covariance_type)
+        self._cov_key = f"components/{COVARIANCE_FIELDS[covariance_type]}"
         self.chunk_problems = int(chunk_problems)
         self._group = _fs.open_zarr_group(url, "w")
         self._arrays: dict[str, zarr.Array] | None = None
@@ -252,7 +312,9 @@ class ZarrProblemWriter:
             "gmms/label": ((0,), (cg,), "int32"),
             "components/weight": ((0,), (cc,), "float64"),
             "components/mean": ((0, d), (cc, d), "float64"),
-            "components/cov": ((0, d, d), (cc, d, d), "float64"),
+            self._cov_key: {"full": ((0, d, d), (cc, d, d), "float64"),
+                            "diag": ((0, d), (cc, d), "float64"),
+                            "spherical": ((0,), (cc,), "float64")}[self.covariance_type],
         }
         self._arrays = {}
         for key, (shape, chunks, dtype) in spec.items():
@@ -277,11 +339,14 @@ class ZarrProblemWriter:
         ids = cols.problem_id
         if np.any(np.diff(ids) <= 0) or (self._last_id is not None and ids[0] <= self._last_id):
             raise StoreDataError("problems must be written in strictly ascending problem_id order")
+        mean, _ = cols.dense()
+        _, cov = cols.stored_covariances(self.covariance_type)  # refused before any write
+        cov = cov.reshape({"full": (-1, d, d), "diag": (-1, d), "spherical": (-1,)}
+                          [self.covariance_type])
         self.dim = d
         if self._arrays is None:
             self._create(cols.n_gmms / cols.n_problems, cols.n_components / cols.n_problems)
         P, G, N = self._sizes
-        mean, cov = cols.dense()
         a = self._arrays
         a["problems/id"].append(ids)
         a["problems/offset"].append(cols.gmm_offset[1:] + G)
@@ -290,7 +355,7 @@ class ZarrProblemWriter:
         a["gmms/label"].append(cols.gmm_label.astype(np.int32))
         a["components/weight"].append(cols.weight)
         a["components/mean"].append(mean)
-        a["components/cov"].append(cov)
+        a[self._cov_key].append(cov)
         self._sizes = [P + cols.n_problems, G + cols.n_gmms, N + cols.n_components]
         self._last_id = int(ids[-1])
 

@@ -13,23 +13,22 @@ real solver.
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from docs_blocks import blocks as doc_blocks
 
 from raybary.types import Result
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "storage.md"
-FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
 STORAGE_COMMANDS = {"generate", "convert", "show"}
 
 
 def blocks() -> list[tuple[str, str]]:
-    return [(m.group(1).strip(), m.group(2)) for m in FENCE.finditer(DOC.read_text())]
+    return doc_blocks(DOC)
 
 
 def test_doc_names_every_format():
@@ -98,6 +97,7 @@ def test_worked_example_runs(tmp_path, monkeypatch, solver):
     assert "all 4 problems: 1 invalid" in joined
     assert "problem 3, gmm 1, component 2: weight is negative (-0.2)" in joined
     assert "status: ok 3, invalid 1, failed 0" in joined
+    assert "covariance_type: diag" in joined  # the diagonal store of the covariance forms
 
 
 @pytest.mark.parametrize("lang", ["python notest"])
