@@ -13,7 +13,12 @@ inside the conversion functions, so ``import raybary.interop`` (and
   POT's other backends);
 * :mod:`~raybary.interop.ott`: OTT-JAX's
   ``ott.tools.gaussian_mixture.gaussian_mixture.GaussianMixture`` -- extra
-  ``raybary[ott]``.
+  ``raybary[ott]``;
+* :mod:`~raybary.interop.ray_data`: Ray Data -- :class:`BarycenterSolver` for
+  ``ds.map_batches``, :func:`read_problems_dataset` (a problem store as a
+  dataset of one row per problem), :func:`problems_to_table` and
+  :func:`results_to_gmms` (no extra: Ray is a dependency; see ``docs/ray_data.md``).
+  Imported on first use, so the other conversions do not load PyArrow.
 
 The usual entry points are the methods of :class:`raybary.GMM`, which call
 these functions: ``GMM.from_sklearn(gm)`` / ``gmm.to_sklearn()``,
@@ -23,9 +28,14 @@ these functions: ``GMM.from_sklearn(gm)`` / ``gmm.to_sklearn()``,
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from raybary.interop.ott import from_ott, to_ott
 from raybary.interop.pot import from_pot, to_pot
 from raybary.interop.sklearn import expand_covariances, from_sklearn, to_sklearn
+
+_RAY_DATA = ("BarycenterSolver", "read_problems_dataset", "problems_to_table", "results_to_gmms")
 
 __all__ = [
     "from_sklearn",
@@ -35,5 +45,23 @@ __all__ = [
     "to_pot",
     "from_ott",
     "to_ott",
+    "BarycenterSolver",
+    "read_problems_dataset",
+    "problems_to_table",
+    "results_to_gmms",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raybary.interop.ray_data import (
+        BarycenterSolver,
+        problems_to_table,
+        read_problems_dataset,
+        results_to_gmms,
+    )
+
+
+def __getattr__(name: str):
+    if name in _RAY_DATA:
+        return getattr(importlib.import_module("raybary.interop.ray_data"), name)
+    raise AttributeError(f"module 'raybary.interop' has no attribute {name!r}")
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
+from docs_blocks import blocks as doc_blocks
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
-FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
 
 
 def blocks() -> list[tuple[str, str]]:
-    return [(m.group(1).strip(), m.group(2)) for m in FENCE.finditer(DOC.read_text())]
+    return doc_blocks(DOC)
 
 
 def test_doc_examples_run(tmp_path, monkeypatch, capsys):
