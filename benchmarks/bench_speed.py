@@ -23,12 +23,20 @@ same initialisation, on a sample. Needs the ``test`` extra (POT, OTT-JAX)::
 
     python benchmarks/bench_speed.py                 # ~3-5 min on 2 cores
     python benchmarks/bench_speed.py --problems 1024 --sinkhorn
+    python benchmarks/bench_speed.py --write-docs    # also rewrite docs/performance.md's table
+
+``--write-docs [PATH]`` replaces the text between the ``bench_speed`` markers
+of PATH (default ``docs/performance.md``) with this run's table, its date and
+machine, and the floor, OTT-JAX and POT lines (:func:`render_docs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +50,18 @@ from bench_solver import shared_init  # noqa: E402  (same folder)
 import raybary  # noqa: E402
 from raybary.solvers.barycenter import SolverConfig  # noqa: E402
 from raybary.storage.generate import random_columns, tutorial_problems  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+BEGIN, END = "<!-- bench_speed:begin -->", "<!-- bench_speed:end -->"
+LABELS = {  # case names as printed -> as in docs/performance.md
+    "tutorial, epsilon=0.1": "tutorial family, `epsilon=0.1`",
+    "tutorial, default epsilon": "tutorial family, default epsilon",
+    "tutorial, epsilon=0.1, Sinkhorn plans": "tutorial family, `epsilon=0.1`, Sinkhorn plans",
+    "ragged mix, epsilon=0.1, first call (compiles)":
+        "ragged mix (d 1-5, J 1-6, K 1-8), `epsilon=0.1`, first call (compiles; "
+        "persistent cache {jax_cache})",
+    "ragged mix, epsilon=0.1": "ragged mix, `epsilon=0.1`",
+}
 
 
 def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, float]:
@@ -157,6 +177,79 @@ def pot_gaps(problems, sample: int, **kw):
     return np.array(gaps)
 
 
+def _digits(x: float, significant: int) -> str:
+    """``x`` with at least ``significant`` significant digits, no exponent: 5.90, 89.8, 143."""
+    if not np.isfinite(x) or x == 0:
+        return f"{x:.0f}"
+    decimals = max(0, significant - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:,.{decimals}f}"
+
+
+def render_row(row: dict, newton_floor: float, jax_cache: str = "present") -> str:
+    """One Markdown table row of a case (a :func:`summarise` dict)."""
+    label = LABELS.get(row["case"], row["case"]).format(jax_cache=jax_cache)
+    converged = f"{math.floor(row['converged'] * 1000) / 10:g}%"
+    its = " / ".join(f"{row[k]:,.0f}" for k in ("it_mean", "it_p99", "it_max"))
+    return (f"| {label} | {row['problems']} | {row['rate']:,.0f} | {converged} | {its} | "
+            f"{_digits(row['us_per_it'], 3)} us | {_digits(row['us_per_it'] / newton_floor, 2)}x | "
+            f"{row['idle']:.2f} |")
+
+
+def render_docs(run: dict) -> str:
+    """The Markdown that goes between the markers of docs/performance.md.
+
+    ``run`` holds ``date`` (str), ``machine`` (str), ``rows`` (the
+    :func:`summarise` dicts, the first at ``epsilon=0.1``), ``floors``
+    (:func:`floors`), ``ott`` (problems/s, NaN if skipped), ``gaps`` (label ->
+    array of relative gaps, may be empty), ``jax_cache`` ("present"/"empty").
+    """
+    fl = run["floors"]
+    lines = [f"_{run['date']}, {run['machine']}; float32; times after compilation unless "
+             "marked; every row from the same run of `python benchmarks/bench_speed.py`._", "",
+             "| case | problems | problems/s | converged | plan iterations per problem: "
+             "mean / p99 / max | wall per needed iteration | / Newton-step floor | "
+             "idle slot share |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [render_row(r, fl["newton"], run.get("jax_cache", "present")) for r in run["rows"]]
+    text = "Same run: "
+    if np.isfinite(run["ott"]):
+        text += (f"OTT-JAX's jitted solver in a loop, {run['ott']:.1f} problems/s (raybary is "
+                 f"{run['rows'][0]['rate'] / run['ott']:.0f}x faster at the same epsilon); ")
+    text += (f"floors on a batch of 1024: a bare Newton step of the solver {fl['newton']:.2f} us "
+             f"per problem, a plain log-domain Sinkhorn iteration (no masks, no schedule) "
+             f"{fl['sinkhorn']:.2f} us.")
+    if run["gaps"]:
+        n = len(next(iter(run["gaps"].values())))
+        parts = [f"{label.replace('epsilon=0.1', '`epsilon=0.1`').replace(', ', ' ')} median "
+                 f"{np.median(g):.1e} (max {np.max(g):.1e})" for label, g in run["gaps"].items()]
+        text += (" Exact MW2 objective (POT's `gmm_ot_loss`) relative to POT's exact fixed "
+                 f"point from the same initialisation, {n} problems: {', '.join(parts)}.")
+    return "\n".join(lines) + "\n\n" + text + "\n"
+
+
+def split_docs(path: str | Path) -> tuple[str, str]:
+    """The text of ``path`` before its ``bench_speed`` begin marker and from its end marker."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: needs one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    return head, rest.split(END)[1]
+
+
+def write_docs(path: str | Path, block: str) -> None:
+    """Replace the text between the ``bench_speed`` markers of ``path`` by ``block``."""
+    head, tail = split_docs(path)
+    Path(path).write_text(f"{head}{BEGIN}\n{block}{END}{tail}", encoding="utf-8")
+
+
+def machine() -> str:
+    """Cores, platform, JAX version and backend, and the load when the run started."""
+    import jax
+
+    return (f"{os.cpu_count()} cores, {platform.platform()}, JAX {jax.__version__} "
+            f"({jax.default_backend()} backend), load average {os.getloadavg()[0]:.1f} at start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=4096, help="tutorial problems per case")
@@ -164,7 +257,16 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=12, help="problems compared with POT (0: skip)")
     ap.add_argument("--ott", type=int, default=20, help="problems solved by OTT-JAX (0: skip)")
     ap.add_argument("--sinkhorn", action="store_true", help="also the old Sinkhorn plan solver")
+    ap.add_argument("--write-docs", nargs="?", const=str(DOCS), default=None, metavar="PATH",
+                    help="write this run's table between the bench_speed markers of PATH "
+                         f"(default {DOCS.relative_to(DOCS.parents[1])})")
     args = ap.parse_args()
+    if args.write_docs:
+        split_docs(args.write_docs)  # a missing marker fails now, not after ten minutes
+    cache = os.environ.get("RAYBARY_JAX_CACHE",
+                           os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax"))
+    jax_cache = "present" if os.path.isdir(cache) and any(os.scandir(cache)) else "empty"
+    started, where = datetime.date.today().isoformat(), machine()
 
     tut = tutorial_problems(args.problems, seed=0)
     rows = [run_case("tutorial, epsilon=0.1", tut, 6, epsilon=0.1),
@@ -202,13 +304,19 @@ def main() -> None:
     if np.isfinite(ott):
         print(f"\ntutorial at epsilon=0.1 against OTT-JAX in the same run: "
               f"{rows[0]['rate'] / ott:.0f}x")
+    gaps = {}
     if args.sample:
         for label, kw in (("epsilon=0.1, float32", dict(epsilon=0.1)),
                           ("epsilon=0.1, float64", dict(epsilon=0.1, dtype="float64")),
                           ("default epsilon, float32", {})):
-            g = pot_gaps(tut, args.sample, **kw)
+            g = gaps[label] = pot_gaps(tut, args.sample, **kw)
             print(f"exact MW2 gap vs POT's fixed point (same init, {len(g)} problems, {label}): "
                   f"median {np.median(g):.2e}, max {g.max():.2e}")
+    if args.write_docs:
+        write_docs(args.write_docs, render_docs(dict(
+            date=started, machine=where, rows=rows, floors=fl, ott=ott, gaps=gaps,
+            jax_cache=jax_cache)))
+        print(f"\nwrote the table to {args.write_docs}", file=sys.stderr)
 
 
 if __name__ == "__main__":
