@@ -120,8 +120,10 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         before = state.blocks.copy()
         # Nothing to refill from: run longer per call (narrow batches are cheap per block).
         blocks = REFILL_BLOCKS * max(1, TAIL_CALL_SLOTS // width if queue.empty() else 1)
+        key = _program_key(batch, width, config)
+        compiling = key not in _COMPILED  # this call's time is mostly the compile, not the tail
         state = _tree_map(np.array, bc.run_batch(state, batch, config, blocks))
-        _COMPILED.add(_program_key(batch, width, config))
+        _COMPILED.add(key)
         ended = np.flatnonzero(state.done & (rows >= 0))
         queue.store(rows[ended], state, ended, width * int(np.max(state.blocks - before)))
         rows[ended] = -1
@@ -136,8 +138,8 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         if len(busy) == 0:
             return
         if len(busy) <= width // 8 and width // 8 >= MIN_WIDTH and queue.empty():
-            key = _program_key(batch, width, config)
-            _TAIL_SECONDS[key] += time.perf_counter() - started
+            if not compiling:
+                _TAIL_SECONDS[key] += time.perf_counter() - started
             if (width // 8 < EAGER_WIDTH
                     and _program_key(batch, width // 8, config) not in _COMPILED
                     and _TAIL_SECONDS[key] < SHRINK_AFTER_S):
