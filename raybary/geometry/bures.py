@@ -9,12 +9,13 @@ For Gaussians :math:`\mathcal{N}(m_1, C_1)` and :math:`\mathcal{N}(m_2, C_2)`,
 Every function here acts on the trailing ``(d, d)`` (or ``(d,)``) axes and
 broadcasts over leading axes, so it can be vmapped or applied to whole blocks
 of matrices at once. The dimension ``d`` is static: ``d = 1`` and ``d = 2`` use
-closed forms (no eigendecomposition), ``3 <= d <= 8`` one-sided Jacobi
-rotations written as elementwise arithmetic over the batch
-(:func:`jacobi_eigh`, :func:`jacobi_svd`: 4-10x faster on CPU than a batch of
-LAPACK calls for these sizes, and as accurate), larger ``d`` a symmetric
-eigendecomposition; eigenvalues are floored at ``10 eps`` times the largest
-(what rounding to the dtype cannot resolve).
+closed forms (no eigendecomposition); larger ``d`` a symmetric
+eigendecomposition, with eigenvalues floored at ``10 eps`` times the largest
+(what rounding to the dtype cannot resolve), except for the cross terms of
+``3 <= d <= 8`` (one per atom and component: the bulk of the work), which
+come from :func:`jacobi_svd`, one-sided Jacobi rotations written as
+elementwise arithmetic over the batch: 4-10x faster on CPU than a batch of
+LAPACK calls at these sizes, and as accurate.
 
 References:
   Hestenes (1958), *Inversion of matrices by biorthogonalization*; Demmel &
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "jacobi_eigh",
     "jacobi_svd",
     "symmetrize",
     "sqrtm",
@@ -156,29 +156,24 @@ def _compose(w: list[list[jnp.ndarray]], values: list[jnp.ndarray]) -> jnp.ndarr
     return jnp.stack([jnp.stack(row, axis=-1) for row in out], axis=-2)
 
 
-def jacobi_svd(m: jnp.ndarray) -> tuple[jnp.ndarray, list[list[jnp.ndarray]]]:
-    r"""Singular values :math:`\sigma` and left singular vectors :math:`U` of
-    :math:`M = U \Sigma V^T` (``(..., d, d)``), by one-sided Jacobi on
-    :math:`M^T`: :math:`M^T U = V \Sigma` has orthogonal columns of norms
-    :math:`\sigma_i`, accurate to about ``eps`` times the largest (better, relative
-    to each, for well-scaled columns). ``U`` is returned as columns ``u[k][i]``.
-    """
+def _svd_columns(m: jnp.ndarray) -> tuple[list[jnp.ndarray], list[list[jnp.ndarray]]]:
+    """Singular values and left singular vectors of ``m`` as separate arrays
+    (``sig[k]``, ``u[k][i]``): :func:`jacobi_svd` before stacking."""
     b, u = _jacobi_columns(jnp.swapaxes(m, -1, -2))
-    sig = [jnp.sqrt(sum(x * x for x in col)) for col in b]
-    return jnp.stack(sig, axis=-1), u
+    return [jnp.sqrt(sum(x * x for x in col)) for col in b], u
 
 
-def jacobi_eigh(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    r"""Eigenvalues and eigenvectors (as columns) of symmetric ``(..., d, d)`` matrices.
+def jacobi_svd(m: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    r"""Singular values :math:`\sigma` ``(..., d)`` (unsorted) and left singular
+    vectors :math:`U` ``(..., d, d)`` (as columns) of :math:`M = U \Sigma V^T`.
 
-    One-sided Jacobi on :math:`A` orthogonalises :math:`A W`, so :math:`W`
-    diagonalises :math:`A^2`, hence :math:`A`; each eigenvalue is the Rayleigh
-    quotient :math:`w_k^T A w_k = w_k \cdot b_k` (sign included). Not sorted.
+    One-sided Jacobi on :math:`M^T`: :math:`M^T U = V \Sigma` has orthogonal
+    columns of norms :math:`\sigma_i`, accurate to about ``eps`` times the
+    largest (better, relative to each, for well-scaled columns).
     """
-    b, w = _jacobi_columns(a)
-    lam = jnp.stack([sum(x * y for x, y in zip(wk, bk)) for wk, bk in zip(w, b)], axis=-1)
-    vec = jnp.stack([jnp.stack(col, axis=-1) for col in w], axis=-1)  # (..., d, d), columns
-    return lam, vec
+    sig, u = _svd_columns(m)
+    return (jnp.stack(sig, axis=-1),
+            jnp.stack([jnp.stack(col, axis=-1) for col in u], axis=-1))
 
 
 def _eigh_apply(a: jnp.ndarray, fns):
@@ -254,8 +249,8 @@ def bures_cross_sqrtm(sqrt_s: jnp.ndarray, c: jnp.ndarray,
         return sqrtm(symmetrize(sqrt_s @ c @ sqrt_s))
     m = sqrt_s @ sqrt_c
     if d <= JACOBI_MAX_DIM:
-        sig, u = jacobi_svd(m)
-        return _compose(u, [sig[..., k] for k in range(d)])
+        sig, u = _svd_columns(m)
+        return _compose(u, sig)
     zeros = jnp.zeros_like(m)
     big = jnp.concatenate(
         [jnp.concatenate([zeros, m], axis=-1),
