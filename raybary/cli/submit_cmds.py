@@ -9,13 +9,13 @@ connection, the runtime environment and ``--wait``.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from urllib.parse import urlparse
 
 import click
 
 from raybary.cli.errors import user_errors
+from raybary.storage._fs import absolute_local
 
 _ADDRESS_HELP = ("The head node's dashboard, http://HEAD:8265 [env RAY_API_SERVER_ADDRESS; "
                  "default http://127.0.0.1:8265].")
@@ -93,7 +93,7 @@ def _cluster_path(url: str, address: str) -> str:
     """A local path as the cluster will see it (absolute), with a note if the cluster is remote."""
     if not _is_local_path(url):
         return url
-    path = os.path.abspath(os.path.expanduser(url))
+    path = absolute_local(url)
     host = urlparse(address).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"note: {url} is a local path; the cluster's nodes must see it at {path} "

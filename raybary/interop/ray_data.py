@@ -39,7 +39,6 @@ with ``failed``, and every other row of the batch is solved.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -591,13 +590,11 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
     import ray.data
 
     from raybary.storage import open_store
+    from raybary.storage._fs import absolute_local
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    url = str(url)
-    if "://" not in url:  # Ray's workers have their own working directory
-        url = os.path.abspath(url)
-    store = open_store(url)
+    store = open_store(absolute_local(url))  # Ray's workers have their own working directory
     n_shards = -(-store.n_problems // shard_size)
     return ray.data.range(n_shards, override_num_blocks=max(1, n_shards)).map_batches(
         _read_shards, batch_size=1, batch_format="numpy",

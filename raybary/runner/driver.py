@@ -35,7 +35,6 @@ import collections
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +60,7 @@ from raybary.runner.pool import (
     finished_result,
 )
 from raybary.runner.shard import ShardSummary, peak_rss_mb
-from raybary.storage._fs import redact_url
+from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
@@ -267,7 +266,7 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
 
     # Actors of a Ray started elsewhere (--address, or already running) have
     # their own working directory: they get local paths absolute.
-    input_url, output_url = _absolute_local(input_url), _absolute_local(output_url)
+    input_url, output_url = absolute_local(input_url), absolute_local(output_url)
     solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
@@ -290,12 +289,6 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     finally:
         keeper.stop()
         writer.release_lease()
-
-
-def _absolute_local(url: str) -> str:
-    """``url`` with a local path made absolute (URLs with a scheme unchanged)."""
-    url = str(url)
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,

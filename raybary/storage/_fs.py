@@ -25,6 +25,7 @@ __all__ = [
     "open_zarr_group",
     "join_url",
     "strip_url",
+    "absolute_local",
     "atomic_output",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -116,6 +117,14 @@ def redact_url(url: str) -> str:
 
 def has_credentials(url: str) -> bool:
     return bool(_CREDENTIALS.match(str(url)))
+
+
+def absolute_local(url: str) -> str:
+    """``url`` with a local path made absolute (``~`` expanded); URLs with a
+    scheme unchanged. Ray workers have their own working directory, so what
+    is handed to them must not depend on the caller's."""
+    url = str(url)
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def strip_url(url: str) -> str:
