@@ -17,11 +17,15 @@ import ray
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
 from raybary.runner.shard import ShardSummary, fail_shard, peak_rss_mb, process_shard
 
-__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor", "CRASH_ENV"]
+__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor", "CRASH_ENV",
+           "CRASH_AFTER_COMMIT_ENV"]
 
 #: Test hook: comma-separated shard indices on which an actor process exits
 #: abruptly (set through ``ExecOptions.actor_env``); exercises the give-up path.
 CRASH_ENV = "RAYBARY_RUNNER_CRASH_SHARDS"
+#: Test hook: shard indices that an actor commits and then dies on before it
+#: replies (its reply is lost; the shard is done): exercises the marker check.
+CRASH_AFTER_COMMIT_ENV = "RAYBARY_RUNNER_CRASH_AFTER_COMMIT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +57,21 @@ class ShardWorker:
 
     def run_shard(self, shard_index: int) -> ShardSummary:
         """Solve and commit shard ``shard_index`` (:func:`~raybary.runner.shard.process_shard`)."""
-        if str(shard_index) in os.environ.get(CRASH_ENV, "").split(","):
+        if _hooked(CRASH_ENV, shard_index):
             os._exit(70)  # test hook: this process dies on this shard, like a segfault would
         out = process_shard(self.store, self.writer, shard_index, self.solver, self.grid)
+        if _hooked(CRASH_AFTER_COMMIT_ENV, shard_index):
+            os._exit(70)  # test hook: committed, then dead before the reply
         return dataclasses.replace(out, node=self.node_id)
 
     def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
         """Commit shard ``shard_index`` as failed (:func:`~raybary.runner.shard.fail_shard`)."""
         out = fail_shard(self.store, self.writer, shard_index, message)
         return dataclasses.replace(out, node=self.node_id)
+
+
+def _hooked(env: str, shard_index: int) -> bool:
+    return str(shard_index) in os.environ.get(env, "").split(",")
 
 
 def actor_env(exe: ExecOptions) -> dict[str, str]:

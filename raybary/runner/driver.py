@@ -14,7 +14,9 @@ or committed with its valid problems ``failed`` (never silently dropped):
 
 * an attempt lost to a dead actor or node is re-queued at once (the actor is
   replaced; shards queued behind it on that actor never started and go back
-  first, without counting), up to ``max_attempts`` lost attempts;
+  first, without counting), up to ``max_attempts`` lost attempts; an
+  attempt that committed its shard before its actor died (the reply was lost
+  with the process) counts as committed: the driver reads the shard's marker;
 * an attempt whose task raised (a storage fault, ...) is retried after
   waits of 1, 2, 4, ... s (at most 30 s), up to ``max(max_attempts,
   FAULT_ATTEMPTS)`` lost attempts (6 by default);
@@ -39,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from raybary.errors import RaybaryError
 from raybary.runner.options import (
@@ -59,9 +61,12 @@ from raybary.runner.pool import (
     TaskRecord,
     finished_result,
 )
-from raybary.runner.shard import ShardSummary, peak_rss_mb
+from raybary.runner.shard import ShardSummary, peak_rss_mb, summary_from_marker
 from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
+
+if TYPE_CHECKING:
+    from raybary.storage import ResultWriter
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
 
@@ -89,6 +94,7 @@ class RunReport:
     shards_lost: list[int] = field(default_factory=list)  # not committed
     retries: int = 0  # lost attempts that were re-queued
     requeued_unstarted: int = 0  # queued on an actor that died before starting them
+    replies_lost: int = 0  # committed by an actor that died before its reply was sent
     actor_replacements: int = 0
     actors: int = 0
     counts_run: dict = field(default_factory=lambda: {"ok": 0, "invalid": 0, "failed": 0})
@@ -121,9 +127,10 @@ class RunReport:
         if self.time_to_first_shard_s is None:
             self.time_to_first_shard_s = time.perf_counter() - t0
         self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, out.peak_rss_mb)
-        self.shards_by_node[out.node] = self.shards_by_node.get(out.node, 0) + 1
-        if out.pid not in self.pids:
-            self.pids.append(out.pid)
+        if out.pid:  # 0: rebuilt from the marker of a shard whose reply was lost
+            self.shards_by_node[out.node] = self.shards_by_node.get(out.node, 0) + 1
+            if out.pid not in self.pids:
+                self.pids.append(out.pid)
 
 
 # ------------------------------------------------------------------ progress
@@ -321,7 +328,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
             pool = ActorPool(lambda: make_actor(exe, store.url, writer, solver, grid), n_actors)
-            _Scheduler(pool, todo, exe, report, progress, t0, on_shard).run()
+            _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:
         stopped = e
     else:
@@ -420,8 +427,8 @@ class _Scheduler:
 
     def __init__(self, pool: ActorPool, todo: collections.deque[ShardTask], exe: ExecOptions,
                  report: RunReport, progress: _Progress, t0: float,
-                 on_shard: Callable[[ShardSummary], None] | None) -> None:
-        self.pool, self.todo, self.exe = pool, todo, exe
+                 on_shard: Callable[[ShardSummary], None] | None, writer: ResultWriter) -> None:
+        self.pool, self.todo, self.exe, self.writer = pool, todo, exe, writer
         self.report, self.progress, self.t0, self.on_shard = report, progress, t0, on_shard
         self.delayed: list[tuple[float, ShardTask]] = []  # (due time, task): backing off
         self.stuck = 0  # failures since the last success
@@ -509,22 +516,51 @@ class _Scheduler:
         self.stuck += 1
         why = f"actor died ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         # An actor runs its tasks one at a time in submission order, so of the
-        # tasks it still had, the first submitted was the one running: that
-        # attempt counts; the others never started and go back first.
-        lost = [rec]
-        for ref, other in self.pool.take(rec.slot):
-            out = finished_result(ref)  # finished before the actor died?
+        # tasks it still had, the first submitted that did not finish was the
+        # one running: that attempt counts; the others never started and go
+        # back first. But a task can commit its shard and still lose its reply
+        # with its process (the reply is sent after the task returns, while the
+        # next task may already be killing the process): the shard's marker
+        # says it is done. Then the death came after that commit, during the
+        # next task or between the two: which one is not known, so no attempt
+        # counts (a task that kills its actor counts once it runs first).
+        unknown = []
+        done_seq = -1  # the last task whose shard is committed
+        for ref, other in [(None, rec), *self.pool.take(rec.slot)]:
+            out = None if ref is None else finished_result(ref)  # finished before it died?
+            if out is None:
+                out = self._committed_without_reply(other)
+                done_seq = other.seq if out is not None else done_seq
             if out is not None:
                 self._committed(out)
             else:
-                lost.append(other)
-        lost.sort(key=lambda r: r.seq)
-        self._lost(lost[0].task, why)
-        for unstarted in reversed(lost[1:]):
-            self.todo.appendleft(unstarted.task)
+                unknown.append(other)
+        unknown.sort(key=lambda r: r.seq)
+        # ran and ended before a committed one, without commit: each attempt counts
+        for ran in [r for r in unknown if r.seq < done_seq]:
+            self._lost(ran.task, why)
+        unstarted = [r for r in unknown if r.seq > done_seq]
+        if unstarted and done_seq < 0:
+            self._lost(unstarted.pop(0).task, why)
+        for task in reversed([r.task for r in unstarted]):
+            self.todo.appendleft(task)
         if self.pool.holds(rec.slot):
             self._replace(rec.slot)
-            self.report.requeued_unstarted += len(lost) - 1
+            self.report.requeued_unstarted += len(unstarted)
+
+    def _committed_without_reply(self, rec: TaskRecord) -> ShardSummary | None:
+        """The summary of ``rec``'s shard if that task committed it solved before
+        its actor died (the reply was lost), else ``None``."""
+        if rec.task.kind is not TaskKind.SOLVE:
+            return None  # a give-up commit is cheap to redo; an old marker may say gave_up
+        try:
+            marker = self.writer.solved_marker(rec.task.shard)
+        except Exception:  # noqa: BLE001 - storage unreadable now: treat it as lost
+            return None
+        if marker is None:
+            return None
+        self.report.replies_lost += 1
+        return summary_from_marker(marker)
 
     def _lost(self, task: ShardTask, why: str, backoff: bool = False) -> None:
         """``task`` was lost: try again, commit the shard as failed, or (a lost

@@ -64,6 +64,14 @@ class ShardSummary:
         return self.stop - self.start
 
 
+def summary_from_marker(marker: dict) -> ShardSummary:
+    """The summary of a shard committed by an actor that died before replying,
+    rebuilt from its commit marker (no step timings, process or node)."""
+    return ShardSummary(shard=int(marker["shard"]), start=int(marker["start"]),
+                        stop=int(marker["stop"]), counts=dict(marker["counts"]),
+                        solve_s=float(marker.get("seconds", 0.0)))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

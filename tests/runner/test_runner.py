@@ -366,6 +366,29 @@ def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, referenc
                                ref.loc[lost, "objective"], rtol=1e-9)
 
 
+def test_shard_committed_by_an_actor_that_died_before_replying_counts_as_done(data, reference):
+    """The reply of a task is sent after it returns; a process that dies just
+    then (here: on purpose, right after its commit) loses the reply of a shard
+    that is committed. Even with one attempt allowed, the driver must count
+    that shard as committed (not charge, re-solve or give it up), and the
+    shard queued behind it, which may or may not have started, goes back
+    without counting."""
+    from raybary.runner.actor import CRASH_AFTER_COMMIT_ENV
+
+    out = str(data["root"] / "reply-lost")
+    report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
+                 exe(actors=1, max_attempts=1, actor_env={CRASH_AFTER_COMMIT_ENV: "1,5"}),
+                 stream=None)
+    assert report.complete and report.shards_given_up == 0, report
+    assert report.replies_lost == 2 and report.actor_replacements == 2, report
+    assert report.retries == 0 and report.shards_run == N // SHARD, report
+    assert report.counts == {"ok": N, "invalid": 0, "failed": 0}, report
+    res = read_results(out)
+    check_exactly_once(res)
+    ref = read_results(reference[0]).problems
+    np.testing.assert_allclose(res.problems.objective, ref.objective, rtol=1e-9)
+
+
 class _BlockCommitsOnce(io.StringIO):
     """A progress stream that makes OUTPUT/_tmp a file when the run starts (every
     commit then fails with a storage error, in the actor) and clears it once the

@@ -394,6 +394,20 @@ class ResultWriter:
         names = fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json"))
         return {_shard_of(n) for n in names}
 
+    def solved_marker(self, shard_index: int) -> dict | None:
+        """The commit marker of shard ``shard_index`` if the shard is committed
+        solved (not given up), else ``None``. The driver asks this of a shard
+        whose actor died: the actor may have committed it and died before its
+        reply was sent."""
+        fs, root = self._paths()
+        path = posixpath.join(root, COMMITS_DIR, _shard_name(shard_index) + ".json")
+        _fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
+        try:
+            info = _fs.read_json(fs, path)
+        except FileNotFoundError:
+            return None
+        return None if info.get("gave_up") else info
+
     def commit_shard(
         self,
         shard_index: int,
