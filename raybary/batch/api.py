@@ -53,6 +53,45 @@ TAIL_CALL_SLOTS = 1024  # with none waiting, a call runs REFILL_BLOCKS * this / 
 SHRINK_AFTER_S = 1.5  # a tail moves to a batch not yet compiled after this long (~1/3 of a compile)
 _COMPILED: set = set()  # (problem shapes, width, config) run in this process
 _TAIL_SECONDS: dict = defaultdict(float)  # time tails spent at a program key, over all calls
+MAP_HEADROOM = 20_000  # memory maps kept free for new programs (about 8 solver programs)
+_CACHE_CLEARS = [0]  # times _keep_map_room dropped the compiled programs (tests read it)
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """This process's memory maps and the most Linux allows it
+    (``vm.max_map_count``); ``None`` where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return used, limit
+
+
+def _keep_map_room() -> None:
+    """Drop every compiled program before the process runs out of memory maps.
+
+    XLA's CPU backend maps each compiled program's code in many pieces: about
+    1,800 maps per solver program of d <= 2 and 2,500 of d = 5 (measured with
+    jaxlib 0.10.2), and Linux allows ``vm.max_map_count`` maps per process
+    (65,530 by default). Past about 30 programs in one process (a long run over
+    many shapes, or many ``solve`` calls), the next compile would abort the
+    process ("LLVM ERROR: Unable to allocate section memory"). So once fewer
+    than :data:`MAP_HEADROOM` remain, ``jax.clear_caches()`` drops them all (the
+    maps go with them); a program needed again is traced again and loaded
+    from the persistent compilation cache (about a second, not a compile).
+    Called before each compile.
+    """
+    maps = _memory_maps()
+    if maps is None or maps[1] - maps[0] >= MAP_HEADROOM:
+        return
+    import jax
+
+    jax.clear_caches()
+    _COMPILED.clear()
+    _CACHE_CLEARS[0] += 1
 
 
 def _tree_map(fn, *trees):
@@ -126,6 +165,8 @@ def _lane(queue: _Queue, problems, config, width: int) -> None:
         blocks = REFILL_BLOCKS * max(1, TAIL_CALL_SLOTS // width if queue.empty() else 1)
         key = _program_key(batch, width, config)
         compiling = key not in _COMPILED  # this call's time is mostly the compile, not the tail
+        if compiling:
+            _keep_map_room()
         state = _tree_map(np.array, bc.run_batch(state, batch, config, blocks))
         _COMPILED.add(key)
         ended = np.flatnonzero(state.done & (rows >= 0))
@@ -179,6 +220,7 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
     from raybary.solvers import barycenter as bc
 
     configure_jax()
+    _keep_map_room()  # init_batch and finish_batch may compile too
     with jax.enable_x64(dtype == "float64"):
         problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
         size = problems.weights.shape[0]

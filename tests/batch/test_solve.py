@@ -328,3 +328,27 @@ def test_plans_the_dtype_cannot_resolve_stop_the_problem_early(tutorial):
     assert np.all(np.isfinite(r.means)) and np.all(np.isfinite(r.covs))
     [normal] = raybary.solve(p, bar_size=6, epsilon=0.1)
     assert normal.converged and normal.iterations > STALL_LIMIT
+
+
+def test_compiled_programs_are_dropped_before_memory_maps_run_out(tutorial, monkeypatch):
+    # XLA's CPU backend maps each compiled program in ~2,000 pieces; past
+    # vm.max_map_count (65,530 by default, ~30 programs) the next compile
+    # aborts the process. The guard drops every program first (forced here
+    # with a headroom above the limit); the solve goes on, the same.
+    from raybary.batch import api
+
+    maps = api._memory_maps()
+    if maps is None:
+        pytest.skip("this system has no /proc/self/maps")
+    p, _ = tutorial[1]
+    want = raybary.solve(p, bar_size=6, epsilon=0.1)[0]
+    used, limit = api._memory_maps()
+    assert 0 < used < limit
+    monkeypatch.setattr(api, "MAP_HEADROOM", limit + 1)
+    api._keep_map_room()  # the loaded programs' maps go with them
+    assert api._memory_maps()[0] < used - 1000
+    before = api._CACHE_CLEARS[0]
+    got = raybary.solve(p, bar_size=6, epsilon=0.1)[0]
+    assert api._CACHE_CLEARS[0] > before
+    np.testing.assert_allclose(got.objective, want.objective, rtol=1e-6)
+    np.testing.assert_allclose(got.means, want.means, rtol=1e-5, atol=1e-5)
