@@ -70,8 +70,6 @@ def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, flo
     import jax
     import jax.numpy as jnp
 
-    from raybary.solvers import sinkhorn as sk
-
     rng = np.random.default_rng(0)
     cost = jnp.asarray(rng.uniform(0, 1, (width, 6, 10)), dtype)
     eps = 1e-2
@@ -90,32 +88,68 @@ def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, flo
             return jax.lax.fori_loop(0, iterations, body, (jnp.zeros(6, dtype), jnp.zeros(10, dtype)))
         return jax.vmap(one)(c)
 
-    gmm_index = jnp.asarray([0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], jnp.int32)
-    comp = jnp.arange(12) < 10
-    member = (gmm_index[None, :] == jnp.arange(3)[:, None]) & comp[None, :]
-    cost12 = jnp.asarray(rng.uniform(0, 1, (width, 6, 12)), dtype)
+    jax.block_until_ready(plain(cost))
+    t = time.perf_counter()
+    jax.block_until_ready(plain(cost))
+    return {"sinkhorn": (time.perf_counter() - t) / iterations / width * 1e6,
+            "newton": newton_floor((2, 3, 5), width, pad_to=12, dtype=dtype,
+                                   iterations=iterations)}
+
+
+def newton_floor(ks: tuple[int, ...], width: int, pad_to: int | None = None, n: int = 6,
+                 dtype=np.float32, iterations: int = 200) -> float:
+    """Microseconds per problem of one bare Newton step of the plan solver
+    (``raybary.solvers.sinkhorn.newton_step`` in a ``fori_loop``) on a batch
+    of ``width`` problems with ``n`` atoms and GMMs of ``ks`` components,
+    padded with masked components to ``pad_to`` (the solver's layout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from raybary.solvers import sinkhorn as sk
+
+    J, L = len(ks), sum(ks)
+    slots = pad_to or L
+    index = np.concatenate([np.repeat(np.arange(J), ks), np.zeros(slots - L, int)])
+    gmm_index = jnp.asarray(index, jnp.int32)
+    comp = jnp.arange(slots) < L
+    member = (gmm_index[None, :] == jnp.arange(J)[:, None]) & comp[None, :]
+    cost = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (width, n, slots)), dtype)
     options = sk.PlanOptions(tol=0.0, max_iterations=iterations)
+    eps = 1e-2
 
     @jax.jit
     def newton(c):
         def one(c):
             log_b = jnp.where(comp, jnp.log(1.0 / jnp.sum(member, axis=1)[gmm_index]), 0.0)
-            geo = sk.plan_geometry(jnp.full((6,), -np.log(6.0), dtype), log_b.astype(dtype),
-                                   gmm_index, member, jnp.ones(3, dtype), jnp.ones(6, bool))
-            state = sk.init_state(c, jnp.zeros((3, 6), dtype), jnp.zeros(12, dtype),
+            geo = sk.plan_geometry(jnp.full((n,), -np.log(n), dtype), log_b.astype(dtype),
+                                   gmm_index, member, jnp.ones(J, dtype), jnp.ones(n, bool))
+            state = sk.init_state(c, jnp.zeros((J, n), dtype), jnp.zeros(slots, dtype),
                                   geo.log_a, gmm_index)
             loop = sk.newton_init(state, geo, eps, eps, options)
             loop = jax.lax.fori_loop(0, iterations, lambda _, s: sk.newton_step(s, geo, eps, options), loop)
             return loop.error
         return jax.vmap(one)(c)
 
-    out = {}
-    for name, fn, arg in (("sinkhorn", plain, cost), ("newton", newton, cost12)):
-        jax.block_until_ready(fn(arg))
-        t = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        out[name] = (time.perf_counter() - t) / iterations / width * 1e6
-    return out
+    jax.block_until_ready(newton(cost))
+    t = time.perf_counter()
+    jax.block_until_ready(newton(cost))
+    return (time.perf_counter() - t) / iterations / width * 1e6
+
+
+def exact_shape_floor(problems, results, width: int = 256) -> float:
+    """Microseconds per needed plan iteration if every problem ran at the bare
+    Newton step of its own shape (no padding, no idle slots, no calls):
+    ``sum_i iterations_i * newton_floor(K_i) / sum_i iterations_i``, with the
+    floor measured once per (J, L) class (one representative K_j each)."""
+    its = np.array([r.extra["sinkhorn_iterations"] for r in results], float)
+    classes: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(problems):
+        classes.setdefault((p.n_gmms, p.n_components), []).append(i)
+    total = 0.0
+    for idx in classes.values():
+        ks = tuple(sorted(g.n_components for g in problems[idx[0]].gmms))
+        total += its[idx].sum() * newton_floor(ks, width, iterations=100)
+    return total / its.sum()
 
 
 def run_case(name, problems, n, **kw):
@@ -218,6 +252,11 @@ def render_docs(run: dict) -> str:
     text += (f"floors on a batch of 1024: a bare Newton step of the solver {fl['newton']:.2f} us "
              f"per problem, a plain log-domain Sinkhorn iteration (no masks, no schedule) "
              f"{fl['sinkhorn']:.2f} us.")
+    if "ragged_exact" in fl:
+        text += (" The ragged mix's floor at its problems' own shapes (a bare Newton step of each "
+                 "problem's own size, no padding, no idle slots), weighted by the iterations they "
+                 f"needed: {fl['ragged_exact']:.2f} us per needed iteration, "
+                 f"{fl['ragged_exact'] / fl['newton']:.1f}x the tutorial's.")
     if run["gaps"]:
         n = len(next(iter(run["gaps"].values())))
         parts = [f"{label.replace('epsilon=0.1', '`epsilon=0.1`').replace(', ', ' ')} median "
@@ -257,6 +296,9 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=12, help="problems compared with POT (0: skip)")
     ap.add_argument("--ott", type=int, default=20, help="problems solved by OTT-JAX (0: skip)")
     ap.add_argument("--sinkhorn", action="store_true", help="also the old Sinkhorn plan solver")
+    ap.add_argument("--exact-floor", action="store_true",
+                    help="also the ragged mix's floor at its problems' own shapes (~100 small "
+                         "compiles, a few minutes)")
     ap.add_argument("--write-docs", nargs="?", const=str(DOCS), default=None, metavar="PATH",
                     help="write this run's table between the bench_speed markers of PATH "
                          f"(default {DOCS.relative_to(DOCS.parents[1])})")
@@ -289,9 +331,15 @@ def main() -> None:
         r = summarise("ragged mix, epsilon=0.1, first call (compiles)", rag, first, first_wall, stats)
         rows.append(r)
         rows.append(run_case("ragged mix, epsilon=0.1", rag, 6, epsilon=0.1))
+        if args.exact_floor:
+            print("ragged mix, floor at its own shapes ...", file=sys.stderr, flush=True)
+            fl["ragged_exact"] = exact_shape_floor(rag, rows[-1]["results"])
 
     print(f"\nfloor, same run, batch 1024: plain Sinkhorn iteration {fl['sinkhorn']:.2f} us/problem, "
           f"bare Newton step {fl['newton']:.2f} us/problem")
+    if "ragged_exact" in fl:
+        print(f"ragged mix at its problems' own shapes: bare Newton step {fl['ragged_exact']:.2f} us "
+              f"per needed iteration, {fl['ragged_exact'] / fl['newton']:.1f}x the tutorial's")
     if np.isfinite(ott):
         print(f"OTT-JAX (jitted, looped, epsilon=0.1): {ott:.1f} problems/s")
     print("\n| case | problems | problems/s | converged | iterations mean / p99 / max "

@@ -368,6 +368,10 @@ def test_bench_speed_renders_the_docs_table(bench_speed):
     bare = bench_speed.render_docs({**RUN_2026_11_26, "ott": float("nan"), "gaps": {},
                                     "jax_cache": "empty"})
     assert "OTT-JAX" not in bare and "POT" not in bare and "persistent cache empty" in bare
+    assert "own shapes" not in block  # only a run with --exact-floor says it
+    exact = bench_speed.render_docs({**RUN_2026_11_26,
+                                     "floors": {**RUN_2026_11_26["floors"], "ragged_exact": 17.44}})
+    assert "17.44 us per needed iteration, 8.0x the tutorial's." in exact
 
 
 def test_bench_speed_rewrites_only_between_the_markers(bench_speed, tmp_path):
