@@ -84,7 +84,8 @@ def _keep_map_room() -> None:
     than :data:`MAP_HEADROOM` remain, ``jax.clear_caches()`` drops them all (the
     maps go with them); a program needed again is traced again and loaded
     from the persistent compilation cache (about a second, not a compile).
-    Called before each compile.
+    Called only before a compile: reading ``/proc/self/maps`` takes ~50 ms
+    when the maps are many.
     """
     maps = _memory_maps()
     if maps is None or maps[1] - maps[0] >= MAP_HEADROOM:
@@ -242,10 +243,13 @@ def _solve_arrays(arrays: dict, config, dtype: str, slots: int | None = None,
     from raybary.solvers import barycenter as bc
 
     configure_jax()
-    _keep_map_room()  # init_batch and finish_batch may compile too
     with jax.enable_x64(dtype == "float64"):
         problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
         size = problems.weights.shape[0]
+        whole = ("init, finish", _program_key(problems, size, config))
+        if whole not in _COMPILED:  # new shapes: init_batch and finish_batch compile
+            _keep_map_room()
+            _COMPILED.add(whole)
         stats = {} if stats is None else stats
         stats.setdefault("slot_blocks", 0)
         if size <= SMALL_BATCH:
