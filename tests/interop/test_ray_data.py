@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from docs_blocks import fenced
+from stores import write_broken_copy
 
 import raybary
 from raybary.errors import OptionsError
@@ -35,15 +36,8 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_data")
     clean = generate(str(root / "tut.parquet"), N, family="tutorial", seed=5)
     zarr = generate(str(root / "tut.zarr"), N, family="tutorial", seed=5)
-    rows = pq.read_table(clean.url).to_pylist()
-    ids = clean.problem_ids()
-    for pos, what in BAD.items():
-        r = next(r for r in rows if r["problem_id"] == ids[pos])
-        r.update({"weight": -0.5} if what == "weight" else {"lambda": None})
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(clean.url)),
-                   root / "bad.parquet")
     return {"root": root, "parquet": clean.url, "zarr": zarr.url,
-            "bad": str(root / "bad.parquet")}
+            "bad": write_broken_copy(clean, root / "bad.parquet", BAD)}
 
 
 def _close(got, want, rtol=1e-5):

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
+from stores import write_broken_copy
 
 import raybary
 from raybary.runner import ExecOptions, GridOptions, SolverOptions, run
@@ -54,17 +55,8 @@ def data(tmp_path_factory):
     pq_store = generate(str(root / "tut.parquet"), N, family="tutorial", seed=7)
     zr_store = generate(str(root / "tut.zarr"), N, family="tutorial", seed=7)
     # a copy with four invalid problems, all in shard 1
-    rows = pq.read_table(pq_store.url).to_pylist()
-    ids = pq_store.problem_ids()
-    for pos, column in BAD_POSITIONS.items():
-        r = next(r for r in rows if r["problem_id"] == ids[pos])
-        r.update({"weight": -0.5} if column == "weight" else
-                 {"cov": [1.0, 3.0, 3.0, 1.0]} if column == "cov" else
-                 {"mean": [float("nan"), 0.0]} if column == "mean" else {"lambda": None})
-    table = pa.Table.from_pylist(rows, schema=pq.read_schema(pq_store.url))
-    pq.write_table(table, root / "bad.parquet")
     return {"root": root, "parquet": pq_store.url, "zarr": zr_store.url,
-            "bad": str(root / "bad.parquet")}
+            "bad": write_broken_copy(pq_store, root / "bad.parquet", BAD_POSITIONS)}
 
 
 @pytest.fixture(scope="module")
