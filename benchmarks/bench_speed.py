@@ -10,7 +10,7 @@ the same state of a shared, noisy machine) it prints:
 - the floor, measured in the same run on the same batch width: one plain
   log-domain Sinkhorn iteration (two half-steps, no masks, no schedule, a
   ``fori_loop`` over a ``(B, 6, 10)`` batch) and one bare Newton step of the
-  solver (``raybary.solvers.sinkhorn.newton_step`` in a ``fori_loop``);
+  solver (``raybary.solvers.plans.newton_step`` in a ``fori_loop``);
 - the share of slot iterations that did no needed work (finished, padded or
   waiting slots: ``1 - needed / (slot_blocks * plan_block)``).
 
@@ -99,13 +99,13 @@ def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, flo
 def newton_floor(ks: tuple[int, ...], width: int, pad_to: int | None = None, n: int = 6,
                  dtype=np.float32, iterations: int = 200) -> float:
     """Microseconds per problem of one bare Newton step of the plan solver
-    (``raybary.solvers.sinkhorn.newton_step`` in a ``fori_loop``) on a batch
+    (``raybary.solvers.plans.newton_step`` in a ``fori_loop``) on a batch
     of ``width`` problems with ``n`` atoms and GMMs of ``ks`` components,
     padded with masked components to ``pad_to`` (the solver's layout)."""
     import jax
     import jax.numpy as jnp
 
-    from raybary.solvers import sinkhorn as sk
+    from raybary.solvers import plans as pl
 
     J, L = len(ks), sum(ks)
     slots = pad_to or L
@@ -114,19 +114,19 @@ def newton_floor(ks: tuple[int, ...], width: int, pad_to: int | None = None, n: 
     comp = jnp.arange(slots) < L
     member = (gmm_index[None, :] == jnp.arange(J)[:, None]) & comp[None, :]
     cost = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (width, n, slots)), dtype)
-    options = sk.PlanOptions(tol=0.0, max_iterations=iterations)
+    options = pl.PlanOptions(tol=0.0, max_iterations=iterations)
     eps = 1e-2
 
     @jax.jit
     def newton(c):
         def one(c):
             log_b = jnp.where(comp, jnp.log(1.0 / jnp.sum(member, axis=1)[gmm_index]), 0.0)
-            geo = sk.plan_geometry(jnp.full((n,), -np.log(n), dtype), log_b.astype(dtype),
+            geo = pl.plan_geometry(jnp.full((n,), -np.log(n), dtype), log_b.astype(dtype),
                                    gmm_index, member, jnp.ones(J, dtype), jnp.ones(n, bool))
-            state = sk.init_state(c, jnp.zeros((J, n), dtype), jnp.zeros(slots, dtype),
+            state = pl.init_state(c, jnp.zeros((J, n), dtype), jnp.zeros(slots, dtype),
                                   geo.log_a, gmm_index)
-            loop = sk.newton_init(state, geo, eps, eps, options)
-            loop = jax.lax.fori_loop(0, iterations, lambda _, s: sk.newton_step(s, geo, eps, options), loop)
+            loop = pl.newton_init(state, geo, eps, eps, options)
+            loop = jax.lax.fori_loop(0, iterations, lambda _, s: pl.newton_step(s, geo, eps, options), loop)
             return loop.error
         return jax.vmap(one)(c)
 
@@ -141,7 +141,7 @@ def exact_shape_floor(problems, results, width: int = 256) -> float:
     Newton step of its own shape (no padding, no idle slots, no calls):
     ``sum_i iterations_i * newton_floor(K_i) / sum_i iterations_i``, with the
     floor measured once per (J, L) class (one representative K_j each)."""
-    its = np.array([r.extra["sinkhorn_iterations"] for r in results], float)
+    its = np.array([r.extra["plan_iterations"] for r in results], float)
     classes: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(problems):
         classes.setdefault((p.n_gmms, p.n_components), []).append(i)
@@ -165,7 +165,7 @@ def run_case(name, problems, n, **kw):
 
 
 def summarise(name, problems, results, wall, stats, cpu=float("nan")):
-    it = np.array([r.extra["sinkhorn_iterations"] for r in results], float)
+    it = np.array([r.extra["plan_iterations"] for r in results], float)
     slot_it = stats.get("slot_blocks", 0) * stats.get("plan_block", 1)
     return {
         "case": name,

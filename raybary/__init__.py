@@ -16,7 +16,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "solve": "raybary.batch.api",
-    "SolverConfig": "raybary.solvers.barycenter",
+    "Engine": "raybary.batch.engine",
+    "SolverOptions": "raybary.options",
+    "SolverConfig": "raybary.solvers.config",
     "log_density": "raybary.density",
     "log_density_grid": "raybary.density",
     "read_results": "raybary.storage.results",
@@ -26,8 +28,10 @@ __all__ = ["GMM", "Problem", "Result", "RaybaryError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from raybary.batch.api import solve
+    from raybary.batch.engine import Engine
     from raybary.density import log_density, log_density_grid
-    from raybary.solvers.barycenter import SolverConfig
+    from raybary.options import SolverOptions
+    from raybary.solvers.config import SolverConfig
     from raybary.storage.results import read_results
 
 

@@ -11,7 +11,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GMM", "Problem", "Result"]
+__all__ = ["GMM", "Problem", "Result", "BatchOutcome", "STATUSES"]
+
+#: What became of a problem: solved, rejected by validation, or not solved.
+STATUSES = ("ok", "invalid", "failed")
 
 
 def _as_float_array(x, name: str, ndim: int) -> np.ndarray:
@@ -176,3 +179,52 @@ class Result:
 
     def gmm(self) -> GMM:
         return GMM(self.weights, self.means, self.covs)
+
+
+@dataclass(eq=False)
+class BatchOutcome:
+    """What became of each problem of a batch (a shard of a run, a Ray Data
+    batch), in the batch's order; :func:`raybary.batch.outcome.solve_outcome`
+    fills it, the results writer and Ray Data's rows read it.
+
+    Attributes:
+      problem_ids: ``int64 (n,)``, the problems' ids.
+      statuses: :data:`STATUSES`, one per problem.
+      errors: the message of each ``invalid`` or ``failed`` problem (``None``
+        for ``ok`` ones).
+      results: the :class:`Result` of each problem the solver ran on (a
+        ``failed`` one may have one), ``None`` for the others.
+      seconds: each solved problem's share of the batch's solver time, NaN
+        where none.
+    """
+
+    problem_ids: np.ndarray
+    statuses: list[str]
+    errors: list[str | None]
+    results: list[Result | None]
+    seconds: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.problem_ids = np.asarray(self.problem_ids, dtype=np.int64).reshape(-1)
+        self.statuses, self.errors = list(self.statuses), list(self.errors)
+        self.results = list(self.results)
+        n = len(self.problem_ids)
+        self.seconds = np.broadcast_to(np.asarray(self.seconds, dtype=np.float64), (n,)).copy()
+        for name in ("statuses", "errors", "results"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for "
+                                 f"{n} problem ids")
+        bad = sorted({s for s in self.statuses if s not in STATUSES})
+        if bad:
+            raise ValueError(f"unknown statuses {bad}; expected one of {STATUSES}")
+        for i, (s, r) in enumerate(zip(self.statuses, self.results)):
+            if s == "ok" and r is None:
+                raise ValueError(f"problem {self.problem_ids[i]} has status 'ok' but no result")
+            self.errors[i] = None if s == "ok" else (self.errors[i] or f"{s} (no message given)")
+
+    def __len__(self) -> int:
+        return len(self.problem_ids)
+
+    def counts(self) -> dict[str, int]:
+        """Problems by status."""
+        return {s: self.statuses.count(s) for s in STATUSES}

@@ -31,6 +31,7 @@ from raybary.density import (  # noqa: E402
 )
 from raybary.storage.generate import generate  # noqa: E402
 from raybary.storage.results import ResultWriter  # noqa: E402
+from raybary.types import BatchOutcome  # noqa: E402
 
 GRID = (48, 40)  # H != W, so a transposed grid cannot pass
 
@@ -385,8 +386,8 @@ def one_d(tmp_path_factory):
     writer.prepare(overwrite=True)
     grids = shard_grids(problems, results, ["ok"] * 3, GridOptions(shape=GRID, input_gmms=3),
                         writer.curve_length)
-    writer.commit_shard(0, 0, 3, store.problem_ids(), ["ok"] * 3, [None] * 3, results, 0.01,
-                        **grids.commit_kwargs())
+    writer.committer.commit_shard(
+        0, BatchOutcome(store.problem_ids(), ["ok"] * 3, [None] * 3, results, 0.01), grids)
     writer.finalize({})
     return {"out": writer.url, "problems": problems, "results": results}
 

@@ -132,7 +132,8 @@ def pad_problems(
     :class:`raybary.solvers.barycenter.PaddedProblem` as NumPy arrays and the
     normalisation to undo on the outputs. ``keys`` is ``(len(problems), 2)``
     uint32 key data; ``restarts`` the restart index of each problem (default
-    0). An absolute epsilon is divided by ``scale**2``.
+    0). An absolute epsilon is divided by ``scale**2``; ``relative_epsilon``
+    is recorded per row (the solver reads it there).
     """
     d, n, J, L = bucket.d, bucket.n, bucket.J, bucket.L
     K = bucket.K or L
@@ -151,6 +152,7 @@ def pad_problems(
         "key": np.zeros((B, 2), np.uint32),
         "restart": np.zeros((B,), np.int32),
         "block_index": np.full((B, J, K), L, np.int32),
+        "relative_epsilon": np.full((B,), bool(relative_epsilon)),
     }
     centers = np.zeros((B, d))
     scales = np.ones((B,))

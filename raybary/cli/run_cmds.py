@@ -69,6 +69,10 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
               show_default=True)
 @click.option("--seed", type=int, default=_default(_S, "seed"), show_default=True,
               help="Seed of the initialisation.")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=_default(_S, "max_iterations"),
+              help="Outer iterations at most per problem (default: the solver's for the dtype).")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=_default(_S, "tol"),
+              help="Relative objective tolerance (default: the solver's for the dtype).")
 @click.option("--grid", "grid_shape", default=format_grid(_default(_G, "shape")),
               show_default=True, callback=_parsed_by(parse_grid, "--grid"),
               help="Log-density grid H or HxW per problem (d = 1: a curve of max(H, W) "

@@ -8,14 +8,15 @@ import click
 import numpy as np
 
 from raybary.cli.errors import user_errors
+from raybary.options import DTYPES, SolverOptions
 
 
 @click.command("tutorial")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the problem.")
-@click.option("--bar-size", "-n", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Components of the barycenter.")
+@click.option("--bar-size", "-n", type=click.IntRange(min=1), default=SolverOptions.bar_size,
+              show_default=True, help="Components of the barycenter.")
 @click.option("--learn-weights", is_flag=True, help="Also optimise the barycenter's weights.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64",
+@click.option("--dtype", type=click.Choice(DTYPES), default="float64",
               show_default=True)
 @user_errors()
 def tutorial_cmd(seed: int, bar_size: int, learn_weights: bool, dtype: str) -> None:

@@ -27,11 +27,11 @@ and cast; Ray's tensor columns (what ``ray.data.from_items`` makes of
 
 The nested rows are decoded into :class:`~raybary.storage.columns.ProblemColumns`
 and validated by :meth:`~raybary.storage.columns.ProblemColumns.to_problems`
-(the rules and messages of ``raybary run``), then solved together by
-:func:`raybary.solve` with the runner's failure isolation
-(:func:`raybary.runner.shard.solve_isolated`): an invalid problem is returned
-with status ``invalid`` and its message, a problem on which the solver raises
-with ``failed``, and every other row of the batch is solved.
+(the rules and messages of ``raybary run``), then solved together with the
+runner's failure isolation (:func:`raybary.batch.outcome.solve_outcome`): an
+invalid problem is returned with status ``invalid`` and its message, a
+problem on which the solver raises with ``failed``, and every other row of
+the batch is solved.
 
 ``ray`` is imported only inside the functions that need it, so
 ``import raybary.interop`` stays light.
@@ -46,8 +46,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raybary.options import SolverOptions
+from raybary.storage.arrow import list_array, offsets
+from raybary.storage.base import DEFAULT_SHARD_SIZE, shard_bounds, shard_count
 from raybary.storage.columns import ProblemColumns
-from raybary.types import GMM, Problem, Result
+from raybary.storage.results.layout import result_columns
+from raybary.types import GMM, BatchOutcome, Problem
 from raybary.validation import join_messages, where
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,9 +66,6 @@ __all__ = [
     "result_row_schema",
     "DEFAULT_SHARD_SIZE",
 ]
-
-#: Problems per read task of :func:`read_problems_dataset` (the runner's default shard).
-DEFAULT_SHARD_SIZE = 1000
 
 _F64 = pa.float64()
 _LIST1 = pa.list_(_F64)
@@ -185,12 +186,6 @@ def _floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, nulls
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def _owner(lengths: np.ndarray) -> np.ndarray:
     """For a CSR level, the parent of each child."""
     return np.repeat(np.arange(len(lengths)), lengths)
@@ -224,7 +219,7 @@ def _structure(table: pa.Table, rows: np.ndarray, pid: np.ndarray,
     k = np.stack([per_gmm[n][0] for n in per_gmm])
     nulls = np.stack([per_gmm[n][1] for n in per_gmm])
     gmm_bad = nulls.any(axis=0) | (k != k[0]).any(axis=0)
-    local = np.arange(len(gmm_row)) - _offsets(np.bincount(gmm_row, minlength=len(rows)))[gmm_row]
+    local = np.arange(len(gmm_row)) - offsets(np.bincount(gmm_row, minlength=len(rows)))[gmm_row]
     for g in np.flatnonzero(gmm_bad):
         r = int(rows[gmm_row[g]])
         loc = where(pid[r], local[g])
@@ -257,15 +252,15 @@ def _decode(table: pa.Table, rows: np.ndarray, pid: np.ndarray, flat_covs: bool)
         np.logical_or.at(c_part_null, row_comp, row_null)
         bad_row = row_len != c_len[row_comp]
         square[row_comp[bad_row]] = False
-        row_offsets = _offsets(row_len)
-        c_rows = _offsets(c_len)
+        row_offsets = offsets(row_len)
+        c_rows = offsets(c_len)
         c_len = row_offsets[c_rows[1:]] - row_offsets[c_rows[:-1]]
     c_values, c_value_null = _floats(c)
     np.logical_or.at(c_part_null, _owner(c_len), c_value_null)
     m_part_null = np.zeros(len(m_len), dtype=bool)
     np.logical_or.at(m_part_null, _owner(m_len), m_value_null)
-    gmm_offset = _offsets(n_gmm)
-    comp_offset = _offsets(n_comp)
+    gmm_offset = offsets(n_gmm)
+    comp_offset = offsets(n_comp)
     cols = ProblemColumns(
         problem_id=pid[rows].astype(np.int64),
         gmm_offset=gmm_offset,
@@ -273,9 +268,9 @@ def _decode(table: pa.Table, rows: np.ndarray, pid: np.ndarray, flat_covs: bool)
         lambdas=lam_values,
         comp_offset=comp_offset,
         weight=w_values,
-        mean_offset=_offsets(m_len),
+        mean_offset=offsets(m_len),
         mean_values=m_values,
-        cov_offset=_offsets(c_len),
+        cov_offset=offsets(c_len),
         cov_values=c_values,
     )
     comp_flags = {
@@ -349,21 +344,19 @@ def decode_problems(batch: Any) -> ProblemColumns:
     for i, v in good.issues.items():
         issues.setdefault(int(rows[i]), []).extend(v)
     return ProblemColumns(
-        problem_id=pid.astype(np.int64), gmm_offset=_offsets(n_gmm), gmm_label=good.gmm_label,
+        problem_id=pid.astype(np.int64), gmm_offset=offsets(n_gmm), gmm_label=good.gmm_label,
         lambdas=good.lambdas, comp_offset=good.comp_offset, weight=good.weight,
         mean_offset=good.mean_offset, mean_values=good.mean_values,
         cov_offset=good.cov_offset, cov_values=good.cov_values, issues=issues)
 
 
 # ------------------------------------------------------------------ CSR to nested rows
-def _list(offsets: np.ndarray, values: pa.Array, mask: np.ndarray | None = None) -> pa.ListArray:
-    if offsets[-1] >= 2**31:
-        raise ValueError("a batch is too large for one Arrow list array; use smaller batches")
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
-                                    mask=None if mask is None else pa.array(mask))
+def _list(offs: np.ndarray, values: pa.Array, mask: np.ndarray | None = None) -> pa.ListArray:
+    """A nested level of a batch's rows (:func:`raybary.storage.arrow.list_array`)."""
+    return list_array(offs, values, mask=mask, smaller="batches")
 
 
-def columns_to_table(cols: ProblemColumns, errors: Sequence[str | None] | None = None,
+def columns_to_rows(cols: ProblemColumns, errors: Sequence[str | None] | None = None,
                      flat_covs: bool = False) -> pa.Table:
     """Problem rows of a batch (the inverse of :func:`decode_problems`).
 
@@ -380,7 +373,7 @@ def columns_to_table(cols: ProblemColumns, errors: Sequence[str | None] | None =
         square = r * r == n
         rows_per = np.where(square, r, np.minimum(n, 1))
         row_len = np.repeat(np.where(square, r, n), rows_per)
-        cov = _list(_offsets(rows_per), _list(_offsets(row_len), values))
+        cov = _list(offsets(rows_per), _list(offsets(row_len), values))
     comp = cols.comp_offset
     if errors is None:
         errors = [None] * cols.n_problems
@@ -399,24 +392,19 @@ def problems_to_table(problems: Sequence[Problem], problem_ids: Sequence[int] | 
                       *, flat_covs: bool = False) -> pa.Table:
     """:class:`raybary.Problem` objects as problem rows (ids default to ``0..P-1``);
     ``ray.data.from_arrow(table)`` makes a dataset of them."""
-    return columns_to_table(ProblemColumns.from_problems(list(problems), problem_ids),
+    return columns_to_rows(ProblemColumns.from_problems(list(problems), problem_ids),
                             flat_covs=flat_covs)
 
 
 # ------------------------------------------------------------------ results
-def results_table(problem_ids: np.ndarray, statuses: Sequence[str],
-                  errors: Sequence[str | None], results: Sequence[Result | None]) -> pa.Table:
-    """Result rows: the scalars of every result given, the barycenter of ``ok`` ones."""
-    n = len(problem_ids)
-
-    def field(get, dtype):
-        return pa.array([None if r is None else get(r) for r in results], dtype)
-
-    ok = np.array([s == "ok" for s in statuses], dtype=bool)
-    kept = [r for r, good in zip(results, ok) if good]
-    sizes = np.zeros(n, dtype=np.int64)
+def results_table(outcome: BatchOutcome) -> pa.Table:
+    """Result rows of a batch's outcome: the scalars of every result, the
+    barycenter of ``ok`` ones (null elsewhere)."""
+    ok = np.array([s == "ok" for s in outcome.statuses], dtype=bool)
+    kept = [r for r, good in zip(outcome.results, ok) if good]
+    sizes = np.zeros(len(outcome), dtype=np.int64)
     sizes[ok] = [len(r.weights) for r in kept]
-    dims = np.zeros(n, dtype=np.int64)
+    dims = np.zeros(len(outcome), dtype=np.int64)
     dims[ok] = [r.means.shape[1] for r in kept]
     comp_dim = np.repeat(dims, sizes)
 
@@ -425,22 +413,18 @@ def results_table(problem_ids: np.ndarray, statuses: Sequence[str],
         return pa.array(np.concatenate(parts) if parts else np.zeros(0), _F64)
 
     null = ~ok
-    weights = _list(_offsets(sizes), flat(lambda r: r.weights), null)
-    means = _list(_offsets(sizes), _list(_offsets(comp_dim), flat(lambda r: r.means)), null)
-    cov_rows = _list(_offsets(np.repeat(comp_dim, comp_dim)), flat(lambda r: r.covs))
-    covs = _list(_offsets(sizes), _list(_offsets(comp_dim), cov_rows), null)
-    return pa.Table.from_arrays([
-        pa.array(problem_ids, pa.int64()),
-        pa.array(list(statuses), pa.string()),
-        pa.array(list(errors), pa.string()),
-        field(lambda r: float(r.objective), _F64),
-        field(lambda r: int(r.iterations), pa.int32()),
-        field(lambda r: bool(r.converged), pa.bool_()),
-        field(lambda r: float(r.marginal_error), _F64),
-        field(lambda r: int(r.restart), pa.int32()),
-        field(lambda r: len(r.weights), pa.int32()),
-        weights, means, covs,
-    ], schema=result_row_schema())
+    cov_rows = _list(offsets(np.repeat(comp_dim, comp_dim)), flat(lambda r: r.covs))
+    columns = {
+        "problem_id": pa.array(outcome.problem_ids, pa.int64()),
+        "status": pa.array(outcome.statuses, pa.string()),
+        "error": pa.array(outcome.errors, pa.string()),
+        **result_columns(outcome.results),
+        "weights": _list(offsets(sizes), flat(lambda r: r.weights), null),
+        "means": _list(offsets(sizes), _list(offsets(comp_dim), flat(lambda r: r.means)), null),
+        "covs": _list(offsets(sizes), _list(offsets(comp_dim), cov_rows), null),
+    }
+    schema = result_row_schema()
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
 def results_to_gmms(batch: Any) -> list[GMM | None]:
@@ -481,13 +465,14 @@ class BarycenterSolver:
     for the next actor).
 
     Args:
-      bar_size, epsilon, relative_epsilon, restarts, learn_weights, dtype, seed:
-        as for :func:`raybary.solve` (and ``raybary run``); the defaults are
-        the CLI's (``bar_size=6``, ``relative_epsilon=3e-4``, float32).
-        Problem ``i``'s initialisation is seeded by ``seed`` and its
-        ``problem_id``, so a result does not depend on the batch it was in.
-      batch_size: problems per compiled call of :func:`raybary.solve`
-        (default 4096): a Ray batch of more rows is solved in several calls.
+      options: the fields of :class:`raybary.SolverOptions` (``bar_size``,
+        ``epsilon``, ``relative_epsilon``, ``restarts``, ``learn_weights``,
+        ``dtype``, ``seed``, ``max_iterations``, ``tol``), with its defaults
+        (those of ``raybary run``). Problem ``i``'s initialisation is seeded
+        by ``seed`` and its ``problem_id``, so a result does not depend on the
+        batch it was in.
+      batch_size: problems per compiled call of the solver (default: that of
+        :func:`raybary.solve`): a Ray batch of more rows is solved in several calls.
       keep_columns: input columns copied, unchanged, to the output rows
         (keys that later steps of the pipeline need).
 
@@ -500,17 +485,11 @@ class BarycenterSolver:
     ``failed``; the rest are solved.
     """
 
-    def __init__(self, *, bar_size: int = 6, epsilon: float | None = None,
-                 relative_epsilon: float | None = None, restarts: int = 1,
-                 learn_weights: bool = False, dtype: str = "float32", seed: int = 0,
-                 batch_size: int | None = None, keep_columns: Sequence[str] = ()) -> None:
+    def __init__(self, *, batch_size: int | None = None, keep_columns: Sequence[str] = (),
+                 **options: Any) -> None:
         from raybary.batch.api import configure_jax
-        from raybary.runner.options import SolverOptions
 
-        self.options = SolverOptions(bar_size=int(bar_size), epsilon=epsilon,
-                                     relative_epsilon=relative_epsilon, restarts=int(restarts),
-                                     learn_weights=bool(learn_weights), dtype=str(dtype),
-                                     seed=int(seed)).resolved()
+        self.options = SolverOptions.build(**options).resolved()
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -523,29 +502,20 @@ class BarycenterSolver:
     def __repr__(self) -> str:
         return f"BarycenterSolver({self.options})"
 
-    def _solve(self, problems, **kw):
-        import raybary
+    def _solve(self, problems: Sequence[Problem], options: SolverOptions,
+               ids: Sequence[int]) -> list:
+        from raybary.batch.api import solve_with
 
-        if self.batch_size is not None:
-            kw["batch_size"] = self.batch_size
-        return raybary.solve(problems, **kw)
+        kw = {} if self.batch_size is None else {"batch_size": self.batch_size}
+        return solve_with(problems, options, ids=ids, validate=False, **kw)
 
     def __call__(self, batch: Any) -> pa.Table:
-        from raybary.runner.shard import solve_isolated
+        from raybary.batch.outcome import solve_outcome
 
         cols = decode_problems(batch)
         problems, errors = cols.to_problems(dtype=self.options.dtype)
-        statuses = ["invalid" if e is not None else "ok" for e in errors]
-        results: list[Result | None] = [None] * len(problems)
-        valid = [i for i, p in enumerate(problems) if p is not None]
-        solved = solve_isolated([problems[i] for i in valid], self.options,
-                                self._solve,
-                                [int(cols.problem_id[i]) for i in valid])
-        for i, r in zip(valid, solved):
-            results[i] = r
-            if r.status != "ok":
-                statuses[i], errors[i] = "failed", r.error or "solver failed (no message)"
-        out = results_table(cols.problem_id, statuses, errors, results)
+        out = results_table(solve_outcome(cols.problem_id, problems, errors, self.options,
+                                          solve_fn=self._solve))
         if self.keep_columns:
             kept = _as_table(batch, {n: None for n in self.keep_columns})
             for name in self.keep_columns:
@@ -558,12 +528,11 @@ def _read_shards(batch: dict, *, store, shard_size: int) -> pa.Table:
     """Map function of :func:`read_problems_dataset`: shard indices to problem rows."""
     tables = []
     for shard in np.asarray(batch["id"]).tolist():
-        start = shard * shard_size
-        cols = store.read_columns(start, min(start + shard_size, store.n_problems))
+        cols = store.read_columns(*shard_bounds(shard, store.n_problems, shard_size))
         structural = cols.structural_messages()
         errors = [join_messages(structural[i]) if i in structural else None
                   for i in range(cols.n_problems)]
-        tables.append(columns_to_table(cols, errors))
+        tables.append(columns_to_rows(cols, errors))
     return pa.concat_tables(tables) if tables else problem_row_schema().empty_table()
 
 
@@ -595,7 +564,7 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     store = open_store(absolute_local(url))  # Ray's workers have their own working directory
-    n_shards = -(-store.n_problems // shard_size)
+    n_shards = shard_count(store.n_problems, shard_size)
     return ray.data.range(n_shards, override_num_blocks=max(1, n_shards)).map_batches(
         _read_shards, batch_size=1, batch_format="numpy",
         fn_kwargs={"store": store, "shard_size": shard_size}, **ray_remote_args)

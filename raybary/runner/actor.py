@@ -1,4 +1,4 @@
-"""The Ray actor: holds an open store, the result writer and a warm (jitted) solver.
+"""The Ray actor: holds an open store, the shard committer and a warm (jitted) solver.
 
 Each actor is one worker process; JAX compiles on the first shard of each
 bucket shape and keeps the compiled programs for the life of the process (and
@@ -40,13 +40,14 @@ class ActorInfo:
 class ShardWorker:
     """Solves shards of one run; each method returns a small summary."""
 
-    def __init__(self, store_url: str, writer, solver: SolverOptions, grid: GridOptions) -> None:
+    def __init__(self, store_url: str, committer, solver: SolverOptions,
+                 grid: GridOptions) -> None:
         from raybary.batch.api import configure_jax
         from raybary.storage import open_store
 
         configure_jax()
         self.store = open_store(store_url)
-        self.writer = writer
+        self.committer = committer
         self.solver = solver
         self.grid = grid
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -59,14 +60,14 @@ class ShardWorker:
         """Solve and commit shard ``shard_index`` (:func:`~raybary.runner.shard.process_shard`)."""
         if _hooked(CRASH_ENV, shard_index):
             os._exit(70)  # test hook: this process dies on this shard, like a segfault would
-        out = process_shard(self.store, self.writer, shard_index, self.solver, self.grid)
+        out = process_shard(self.store, self.committer, shard_index, self.solver, self.grid)
         if _hooked(CRASH_AFTER_COMMIT_ENV, shard_index):
             os._exit(70)  # test hook: committed, then dead before the reply
         return dataclasses.replace(out, node=self.node_id)
 
     def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
         """Commit shard ``shard_index`` as failed (:func:`~raybary.runner.shard.fail_shard`)."""
-        out = fail_shard(self.store, self.writer, shard_index, message)
+        out = fail_shard(self.store, self.committer, shard_index, self.solver, message)
         return dataclasses.replace(out, node=self.node_id)
 
 
@@ -103,7 +104,7 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
     return env
 
 
-def make_actor(exe: ExecOptions, store_url: str, writer, solver: SolverOptions,
+def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOptions,
                grid: GridOptions):
     """Start one :class:`ShardWorker` actor with the resources and environment of ``exe``.
 
@@ -116,4 +117,4 @@ def make_actor(exe: ExecOptions, store_url: str, writer, solver: SolverOptions,
                 scheduling_strategy="SPREAD")
     if exe.resources:
         opts["resources"] = dict(exe.resources)
-    return cls.options(**opts).remote(store_url, writer, solver, grid)
+    return cls.options(**opts).remote(store_url, committer, solver, grid)

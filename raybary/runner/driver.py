@@ -289,13 +289,13 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,
                           input_fingerprint=store.fingerprint(), input_shards=shard_ids)
-    writer.acquire_lease()  # one run per OUTPUT
-    keeper = _LeaseKeeper(writer)
+    writer.lease.acquire()  # one run per OUTPUT
+    keeper = _LeaseKeeper(writer.lease)
     try:
         return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token)
     finally:
         keeper.stop()
-        writer.release_lease()
+        writer.lease.release()
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
@@ -327,7 +327,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             started = _connect(exe, token)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
-            pool = ActorPool(lambda: make_actor(exe, store.url, writer, solver, grid), n_actors)
+            pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid),
+                             n_actors)
             _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:
         stopped = e
@@ -370,12 +371,12 @@ def _finish_report(report: RunReport, writer, t0: float) -> None:
 class _LeaseKeeper:
     """Refreshes the run's lease on OUTPUT from a daemon thread."""
 
-    def __init__(self, writer) -> None:
+    def __init__(self, lease) -> None:
         import threading
 
         from raybary.storage.results import LEASE_HEARTBEAT_S
 
-        self.writer, self.period = writer, LEASE_HEARTBEAT_S
+        self.lease, self.period = lease, LEASE_HEARTBEAT_S
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="raybary-lease", daemon=True)
         self.thread.start()
@@ -383,12 +384,12 @@ class _LeaseKeeper:
     def _loop(self) -> None:
         while not self.done.wait(self.period):
             try:
-                if not self.writer.heartbeat():
+                if not self.lease.heartbeat():
                     log.error("another run has taken over %s; this run's commits may be "
-                              "overwritten", self.writer.url)
+                              "overwritten", self.lease.url)
                     return
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried
-                log.warning("could not refresh the lease on %s: %s", self.writer.url, e)
+                log.warning("could not refresh the lease on %s: %s", self.lease.url, e)
 
     def stop(self) -> None:
         self.done.set()

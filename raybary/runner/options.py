@@ -1,26 +1,28 @@
-"""Options of a run: what the solver computes (recorded with the results, and
-compared on a re-run) and how the work is spread (free to change between runs).
+"""Options of a run: what the solver computes (:class:`~raybary.options.SolverOptions`,
+re-exported here) and the grids (both recorded with the results, and compared
+on a re-run), and how the work is spread (free to change between runs).
 
-Stdlib only, so the CLI can build and check options without Ray or JAX; the
-CLI takes its defaults, choices and parsers from here. Bad options raise
-:class:`~raybary.errors.OptionsError` (a ``ValueError``; exit status 2).
+No Ray or JAX here, so the CLI can build and check options before either is
+imported; the CLI takes its defaults, choices and parsers from here. Bad
+options raise :class:`~raybary.errors.OptionsError` (a ``ValueError``; exit
+status 2).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 from raybary.errors import OptionsError
+from raybary.options import DTYPES, SolverOptions
+from raybary.storage.base import DEFAULT_SHARD_SIZE
 
 __all__ = ["SolverOptions", "GridOptions", "ExecOptions", "parse_grid", "parse_bounds",
            "parse_dims", "format_grid", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID", "DTYPES",
            "FAULT_ATTEMPTS", "RETRY_BACKOFF_S", "MAX_BACKOFF_S", "MAX_ATTEMPTS_HELP",
            "OptionsError"]
 
-DEFAULT_SHARD_SIZE = 1000
 DEFAULT_GRID = (50, 50)
-DTYPES = ("float32", "float64")
 
 # Retries (the driver's policy, stated here so that the CLI's help says the same).
 RETRY_BACKOFF_S = 1.0  # first wait before a shard whose task raised is tried again
@@ -34,47 +36,6 @@ MAX_ATTEMPTS_HELP = (
     "that raised (e.g. a storage fault) is retried after waits of 1, 2, 4, ... s (at most "
     f"{MAX_BACKOFF_S:g} s), up to max(this, {FAULT_ATTEMPTS}). Both kinds count toward one "
     "total per shard. A re-run solves such shards again.")
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    """Arguments of :func:`raybary.solve`; together with :class:`GridOptions` they
-    define the results, so a re-run must use the same ones (or ``--overwrite``)."""
-
-    bar_size: int = 6
-    epsilon: float | None = None
-    relative_epsilon: float | None = None
-    restarts: int = 1
-    learn_weights: bool = False
-    dtype: str = "float32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.bar_size < 1:
-            raise OptionsError(f"bar_size must be at least 1, got {self.bar_size}")
-        if self.epsilon is not None and self.relative_epsilon is not None:
-            raise OptionsError("give --epsilon or --relative-epsilon, not both")
-        for name in ("epsilon", "relative_epsilon"):
-            v = getattr(self, name)
-            if v is not None and not (v > 0 and v < float("inf")):
-                raise OptionsError(f"{name} must be a positive finite number, got {v}")
-        if self.restarts < 1:
-            raise OptionsError(f"restarts must be at least 1, got {self.restarts}")
-        if self.dtype not in DTYPES:
-            raise OptionsError(f"dtype must be float32 or float64, got {self.dtype!r}")
-
-    def resolved(self) -> SolverOptions:
-        """These options with the solver's default regularisation filled in, so the
-        value used is recorded (and a re-run after a change of default is refused)."""
-        if self.epsilon is None and self.relative_epsilon is None:
-            from raybary.batch.api import DEFAULT_RELATIVE_EPSILON
-
-            return replace(self, relative_epsilon=float(DEFAULT_RELATIVE_EPSILON))
-        return self
-
-    def solve_kwargs(self) -> dict:
-        """Keyword arguments for :func:`raybary.solve`."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -160,7 +121,7 @@ class ExecOptions:
 def recorded_options(solver: SolverOptions, grid: GridOptions) -> dict:
     """What is written to the results' layout and compared on a re-run (options
     left at ``None`` are left out, so they read back as unset)."""
-    out = {k: v for k, v in asdict(solver).items() if v is not None}
+    out = solver.recorded()
     if grid.bounds is not None:
         out["grid_bounds"] = [float(x) for x in grid.bounds]
     out["grid_dims"] = [int(x) for x in grid.dims]

@@ -4,13 +4,9 @@
 is plain Python so it can be tested and profiled without Ray. The problem
 data stay in this process: the caller gets back a small :class:`ShardSummary`.
 
-Failure isolation: invalid problems come back from the store as ``None``
-with a message (status ``invalid``). The valid ones are solved together; if
-the solver raises, the batch is split in halves and each half is retried, so
-one poison problem costs ``O(log n)`` extra solver calls and ends up alone
-with status ``failed`` and the exception's message, while the rest of the
-shard is solved normally. Results the solver itself marks ``failed``
-(non-finite values) keep that status and message.
+Failure isolation is :func:`raybary.batch.outcome.solve_outcome`'s: invalid
+problems come back from the store as ``None`` with a message (``invalid``), a
+problem the solver raises on is ``failed`` alone, the rest are solved.
 """
 
 from __future__ import annotations
@@ -19,20 +15,20 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
+from raybary.batch.outcome import SolveFn, solve_outcome
 from raybary.batch.padding import next_pow2
-from raybary.runner.options import GridOptions, SolverOptions
+from raybary.options import SolverOptions
+from raybary.runner.options import GridOptions
+from raybary.storage.results import ShardGrids
 from raybary.types import Problem, Result
 
-__all__ = ["process_shard", "fail_shard", "solve_isolated", "shard_grids", "problem_extents",
-           "ShardGrids", "ShardSummary", "peak_rss_mb"]
-
-SolveFn = Callable[..., list]
+__all__ = ["process_shard", "fail_shard", "shard_grids", "problem_extents", "ShardSummary",
+           "peak_rss_mb"]
 
 
 @dataclass(frozen=True)
@@ -78,44 +74,6 @@ def peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
 
 
-def _default_solve(problems, **kw):
-    import raybary
-
-    return raybary.solve(problems, **kw)
-
-
-def _failed(message: str) -> Result:
-    nan = float("nan")
-    return Result(weights=np.zeros(0), means=np.zeros((0, 0)), covs=np.zeros((0, 0, 0)),
-                  objective=nan, converged=False, iterations=0, marginal_error=nan,
-                  status="failed", error=message)
-
-
-def solve_isolated(problems: Sequence[Problem], solver: SolverOptions,
-                   solve_fn: SolveFn | None = None,
-                   ids: Sequence[int] | None = None) -> list[Result]:
-    """Solve ``problems`` (already validated); an exception fails only the
-    problem(s) that raise it (found by bisection), with its message. ``ids``
-    (the problems' ids) seed each problem's initialisation, so a result does
-    not depend on the shard size or the problem's place in the shard."""
-    solve_fn = solve_fn or _default_solve
-    problems = list(problems)
-    if not problems:
-        return []
-    ids = list(range(len(problems))) if ids is None else [int(i) for i in ids]
-    try:
-        out = list(solve_fn(problems, validate=False, ids=ids, **solver.solve_kwargs()))
-        if len(out) != len(problems):
-            raise RuntimeError(f"solver returned {len(out)} results for {len(problems)} problems")
-        return out
-    except Exception as e:  # noqa: BLE001 - anything the solver raises is isolated
-        if len(problems) == 1:
-            return [_failed(f"solver error: {type(e).__name__}: {e}".strip())]
-    half = len(problems) // 2
-    return (solve_isolated(problems[:half], solver, solve_fn, ids[:half])
-            + solve_isolated(problems[half:], solver, solve_fn, ids[half:]))
-
-
 # ------------------------------------------------------------------ grids
 def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1),
                     barycenter: Result | None = None) -> np.ndarray:
@@ -134,28 +92,6 @@ def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1),
     if barycenter is not None and len(barycenter.weights):
         gmms.append((barycenter.weights, barycenter.means, barycenter.covs))
     return covering_extent(gmms, (0,) if problem.dim == 1 else tuple(dims))
-
-
-class ShardGrids(NamedTuple):
-    """The log-densities of one shard, as :meth:`ResultWriter.commit_shard` takes them.
-
-    ``d >= 2`` problems have grids (``barycenter [n,H,W]``, ``extent [n,4]``,
-    ``inputs [n,J,H,W]``), ``d = 1`` problems curves (``curve [n,L]``,
-    ``curve_extent [n,2]``, ``curve_inputs [n,J,L]``); rows are NaN where
-    there is none. ``inputs`` and ``curve_inputs`` are ``None`` without input grids.
-    """
-
-    barycenter: np.ndarray
-    extent: np.ndarray
-    inputs: np.ndarray | None
-    curve: np.ndarray
-    curve_extent: np.ndarray
-    curve_inputs: np.ndarray | None
-
-    def commit_kwargs(self) -> dict:
-        return {"grids": self.barycenter, "grid_extents": self.extent,
-                "input_grids": self.inputs, "curves": self.curve,
-                "curve_extents": self.curve_extent, "input_curves": self.curve_inputs}
 
 
 def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
@@ -257,73 +193,51 @@ def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | N
 
 
 # ------------------------------------------------------------------ shards
-def process_shard(store, writer, shard_index: int, solver: SolverOptions, grid: GridOptions,
+def process_shard(store, committer, shard_index: int, solver: SolverOptions, grid: GridOptions,
                   *, solve_fn: SolveFn | None = None) -> ShardSummary:
     """Read, validate, solve, grid and commit shard ``shard_index``; return a summary.
 
-    ``store`` is a :class:`~raybary.storage.ProblemStore`, ``writer`` the run's
-    :class:`~raybary.storage.ResultWriter`. The summary holds the shard index,
-    its range, counts by status and timings (seconds) of each step.
+    ``store`` is a :class:`~raybary.storage.ProblemStore`, ``committer`` the
+    run's :class:`~raybary.storage.results.ShardCommitter`. The summary holds
+    the shard index, its range, counts by status and the seconds of each step.
     """
     t0 = time.perf_counter()
-    start, stop = writer.shard_range(shard_index)
-    shard = store.read(start, stop, dtype=solver.dtype)
-    writer.check_input(store, shard_index, shard.problem_ids)
+    shard = _read(store, committer, shard_index, solver.dtype)
     t_read = time.perf_counter()
-    n = len(shard)
-    statuses = ["invalid" if e is not None else "ok" for e in shard.errors]
-    errors: list[str | None] = list(shard.errors)
-    results: list[Result | None] = [None] * n
-    valid = shard.valid()
-    solved = solve_isolated([shard.problems[i] for i in valid], solver, solve_fn,
-                            [shard.problem_ids[i] for i in valid])
+    outcome = solve_outcome(shard.problem_ids, shard.problems, shard.errors, solver,
+                            solve_fn=solve_fn)
     t_solve = time.perf_counter()
-    for i, r in zip(valid, solved):
-        results[i] = r
-        if r.status != "ok":
-            statuses[i], errors[i] = "failed", r.error or "solver failed (no message)"
-    seconds = problem_seconds(t_solve - t_read, results, statuses)
-    grids = {}
-    if writer.grid_shape is not None:
-        grids = shard_grids(shard.problems, results, statuses, grid,
-                            writer.curve_length).commit_kwargs()
+    grids = None
+    if committer.grid_shape is not None:
+        grids = shard_grids(shard.problems, outcome.results, outcome.statuses, grid,
+                            committer.curve_length)
     t_grid = time.perf_counter()
-    info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
-                               [r if s != "invalid" else None for r, s in zip(results, statuses)],
-                               seconds, **grids)
+    info = committer.commit_shard(shard_index, outcome, grids)
     t_end = time.perf_counter()
-    return ShardSummary(shard_index, start, stop, info["counts"], read_s=t_read - t0,
-                        solve_s=t_solve - t_read, grid_s=t_grid - t_solve,
+    return ShardSummary(shard_index, shard.start, shard.stop, info["counts"],
+                        read_s=t_read - t0, solve_s=t_solve - t_read, grid_s=t_grid - t_solve,
                         commit_s=t_end - t_grid, total_s=t_end - t0, pid=os.getpid(),
                         peak_rss_mb=peak_rss_mb())
 
 
-def problem_seconds(total: float, results: Sequence[Result | None],
-                    statuses: Sequence[str]) -> np.ndarray:
-    """Each solved problem's share of a batch's solver time: ``total`` split in
-    proportion to the plan iterations it needed (the unit of work of the
-    batched solver; a problem's own wall time does not exist when a thousand
-    are solved at once). NaN for invalid problems."""
-    work = np.array([float(max((r.extra or {}).get("sinkhorn_iterations", 0), 1))
-                     if r is not None and s != "invalid" else 0.0
-                     for r, s in zip(results, statuses)])
-    out = np.full(len(statuses), np.nan)
-    if work.sum() > 0:
-        mask = work > 0
-        out[mask] = total * work[mask] / work.sum()
-    return out
-
-
-def fail_shard(store, writer, shard_index: int, message: str) -> ShardSummary:
+def fail_shard(store, committer, shard_index: int, solver: SolverOptions,
+               message: str) -> ShardSummary:
     """Commit shard ``shard_index`` without solving: valid problems get status
     ``failed`` with ``message`` (used when solving it kept killing processes),
-    invalid ones keep their validation message."""
-    start, stop = writer.shard_range(shard_index)
-    shard = store.read(start, stop)
-    writer.check_input(store, shard_index, shard.problem_ids)
-    statuses = ["invalid" if e is not None else "failed" for e in shard.errors]
-    errors = [e if e is not None else message for e in shard.errors]
-    info = writer.commit_shard(shard_index, start, stop, shard.problem_ids, statuses, errors,
-                               [None] * len(shard), None, gave_up=message)
-    return ShardSummary(shard_index, start, stop, info["counts"], pid=os.getpid(),
+    invalid ones keep their validation message (read for the run's dtype, as
+    :func:`process_shard` reads it, so a problem is ``invalid`` either way)."""
+    shard = _read(store, committer, shard_index, solver.dtype)
+    outcome = solve_outcome(shard.problem_ids, shard.problems, shard.errors, solver,
+                            give_up=message)
+    info = committer.commit_shard(shard_index, outcome, gave_up=message)
+    return ShardSummary(shard_index, shard.start, shard.stop, info["counts"], pid=os.getpid(),
                         peak_rss_mb=peak_rss_mb(), gave_up=True)
+
+
+def _read(store, committer, shard_index: int, dtype: str):
+    """Shard ``shard_index`` of ``store``, validated for ``dtype``, after checking
+    that the input is still the run's."""
+    start, stop = committer.shard_range(shard_index)
+    shard = store.read(start, stop, dtype=dtype)
+    committer.check_input(store, shard_index, shard.problem_ids)
+    return shard

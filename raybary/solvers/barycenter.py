@@ -12,7 +12,7 @@ the transport objective
 over plans :math:`P_j \in \Pi(a, w_j)` and atoms, by block-coordinate descent
 (Cuturi & Doucet 2014, Algorithm 2; Delon & Desolneux 2020, Section 5):
 
-1. *plans*: entropic OT (:mod:`raybary.solvers.sinkhorn`) for the current costs;
+1. *plans*: entropic OT (:mod:`raybary.solvers.plans`) for the current costs;
 2. *atoms*: atom i becomes the Gaussian barycenter of **all** input components
    with weights :math:`\lambda_j P_{j,ik} / \sum`: mean
    :math:`x_i = \sum \bar w\, m`, covariance by the fixed point of
@@ -49,13 +49,12 @@ waits for another's plans; :mod:`raybary.batch.api` refills the slots of
 finished problems between calls (continuous batching).
 
 Everything per problem is jittable and vmappable (flat layout: see
-:mod:`raybary.solvers.sinkhorn`); :func:`solve_batch` solves a whole batch
+:mod:`raybary.solvers.plans`); :func:`solve_batch` solves a whole batch
 in one call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -69,12 +68,12 @@ from raybary.geometry.bures import (
     sqrtm_and_inv,
     trace,
 )
+from raybary.solvers.config import SolverConfig
 from raybary.solvers.init import kmeanspp_init, mass_init
-from raybary.solvers.sinkhorn import (
+from raybary.solvers.plans import (
     PlanGeometry,
     PlanLoop,
-    PlanOptions,
-    SinkhornState,
+    PlanState,
     block_slots,
     idle_loop,
     init_state,
@@ -110,98 +109,6 @@ UPDATE_DIVISOR = 4  # run_batch updates at most 1/UPDATE_DIVISOR of the batch pe
 UPDATE_CHUNKS = 32  # ... in chunks of 1/UPDATE_CHUNKS of the batch, only as many as are ready
 
 
-@dataclass(frozen=True)
-class SolverConfig:
-    """Static options of the solver (hashable: one compile per distinct config).
-
-    Attributes:
-      max_iterations: outer (plans / atoms) iterations at most.
-      tol: converged when the change of the objective between two outer
-        iterations is at most ``tol * objective + e * scale``, where ``e`` is
-        the plans' L1 marginal error (the second term is the noise floor of
-        such plans; ``scale`` is the mean initial cost), and ``e`` is at most
-        ``max(10 * sinkhorn_tol, 1e-3)``.
-      relative_epsilon: if true, the per-problem ``epsilon`` is relative to the
-        mean cost of the initial barycenter against the inputs (scale-free);
-        otherwise it is absolute, in squared units of the data.
-      plan_solver: ``"newton"`` (damped Newton on the semi-dual,
-        :func:`raybary.solvers.sinkhorn.newton_step`; default) or ``"sinkhorn"``
-        (over-relaxed Sinkhorn). Both solve the same entropic problem.
-      sinkhorn_tol: L1 marginal error at which the plan solver stops.
-      sinkhorn_max_iterations: plan-solver iterations at most per outer iteration.
-      epsilon_decay: factor of the epsilon-scaling schedule (``None``: 0.2
-        for Newton, 0.6 for Sinkhorn).
-      warm_epsilon_factor: from the second outer iteration on, the plan
-        solver's epsilon-scaling restarts (warm) at this factor times the
-        largest change of a cost entry since the previous plans, clipped to
-        ``[epsilon, scale]`` (``None``: 0.05 for Newton, whose line search
-        moves the potentials by as much as the cost changed in a few steps,
-        so its warm solves mostly start at epsilon itself; this cut the plan
-        iterations at the default epsilon by 30% against 2.0; 2.0 for
-        Sinkhorn, which moves them by about epsilon per iteration).
-      fixed_point_steps: covariance fixed-point steps per atom update.
-      learn_weights: also optimise the barycenter's component weights.
-      weight_step: first log-step of the weight updates, relative to the
-        spread of the gradient (adapted: x1.5 on success, /2 on failure).
-      level_tol: marginal error at which epsilon-scaling goes down a level
-        (``None``: 0.1 for Newton, which recovers from a coarse level in a
-        few steps, 1e-3 for Sinkhorn, which loses small plan entries if it
-        goes down too early).
-      relaxation: over-relaxation factor of the Sinkhorn updates (1 is plain
-        Sinkhorn; 1.5 cut the iterations by about a third on the tutorial's
-        problems; Thibault et al. 2017).
-      newton_damping, newton_armijo: smallest Levenberg–Marquardt damping and
-        sufficient-increase fraction of the Newton plan solver.
-      plan_block: plan-solver iterations between two looks at whether a
-        problem's plans are solved. The barycenter update runs under a mask
-        once per block, so its cost is shared by this many iterations, and a
-        problem waits at most this many iterations for it.
-    """
-
-    max_iterations: int = 100
-    tol: float = 1e-6
-    relative_epsilon: bool = True
-    plan_solver: str = "newton"
-    sinkhorn_tol: float = 1e-5
-    sinkhorn_max_iterations: int = 300
-    epsilon_decay: float | None = None
-    warm_epsilon_factor: float | None = None
-    fixed_point_steps: int = 1
-    learn_weights: bool = False
-    weight_step: float = 0.5
-    level_tol: float | None = None
-    relaxation: float = 1.5
-    newton_damping: float = 1e-6
-    newton_armijo: float = 0.1
-    plan_block: int = 2
-
-    def warm_factor(self) -> float:
-        """``warm_epsilon_factor``, its default resolved for the plan solver."""
-        if self.warm_epsilon_factor is not None:
-            return self.warm_epsilon_factor
-        return 0.05 if self.plan_solver == "newton" else 2.0
-
-    def plan_options(self) -> PlanOptions:
-        """The options of the plan solver (:class:`~raybary.solvers.sinkhorn.PlanOptions`)."""
-        newton = self.plan_solver == "newton"
-        decay = self.epsilon_decay
-        if decay is None:
-            decay = 0.2 if newton else 0.6
-        level_tol = self.level_tol
-        if level_tol is None:
-            level_tol = 0.1 if newton else 1e-3
-        return PlanOptions(
-            method=self.plan_solver,
-            tol=self.sinkhorn_tol,
-            max_iterations=self.sinkhorn_max_iterations,
-            decay=decay,
-            level_tol=level_tol,
-            relaxation=self.relaxation,
-            damping=self.newton_damping,
-            armijo=self.newton_armijo,
-        )
-
-
 class PaddedProblem(NamedTuple):
     """One problem in the flat padded layout (batch axis in front under vmap).
 
@@ -214,7 +121,8 @@ class PaddedProblem(NamedTuple):
     ``block_index (J, K)`` (int32: flat index of the k-th component of GMM j,
     ``L`` past its last; K is the largest GMM's size, padded) and
     ``comp_sqrt (L, d, d)``, the components' covariance square roots
-    (constant: computed once, when padding).
+    (constant: computed once, when padding), and ``relative_epsilon ()``
+    (bool: ``epsilon`` is relative to the mean initial cost, else absolute).
     Padded components have weight 0 and identity covariance, padded GMMs
     lambda 0, padded atoms ``atom_mask`` false.
     """
@@ -233,6 +141,7 @@ class PaddedProblem(NamedTuple):
     restart: jnp.ndarray
     block_index: jnp.ndarray
     comp_sqrt: jnp.ndarray
+    relative_epsilon: jnp.ndarray
 
 
 class BarycenterState(NamedTuple):
@@ -268,7 +177,7 @@ class BarycenterState(NamedTuple):
     done: jnp.ndarray
     converged: jnp.ndarray
     error: jnp.ndarray
-    sinkhorn_iterations: jnp.ndarray
+    plan_iterations: jnp.ndarray
     epsilon: jnp.ndarray
     scale: jnp.ndarray
     cross: jnp.ndarray
@@ -288,7 +197,7 @@ class BarycenterOutput(NamedTuple):
     converged: jnp.ndarray
     iterations: jnp.ndarray
     marginal_error: jnp.ndarray
-    sinkhorn_iterations: jnp.ndarray
+    plan_iterations: jnp.ndarray
     epsilon: jnp.ndarray
 
 
@@ -423,7 +332,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
     a0 = jnp.where(p.atom_mask, 1.0 / masks.n_atoms, 0.0)
     scale = jnp.sum(a0[:, None] * (masks.component_lambda * p.weights)[None, :] * cost0)
     scale = jnp.maximum(scale, jnp.finfo(dtype).eps)
-    eps = p.epsilon * scale if config.relative_epsilon else p.epsilon
+    eps = jnp.where(p.relative_epsilon, p.epsilon * scale, p.epsilon)
     eps = jnp.maximum(eps, jnp.finfo(dtype).eps * scale).astype(dtype)
 
     inf = jnp.asarray(jnp.inf, dtype)
@@ -443,7 +352,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         done=jnp.asarray(False),
         converged=jnp.asarray(False),
         error=inf,
-        sinkhorn_iterations=jnp.asarray(0, jnp.int32),
+        plan_iterations=jnp.asarray(0, jnp.int32),
         epsilon=eps,
         scale=scale,
         cross=jnp.zeros((n, L, d, d), dtype),
@@ -465,7 +374,7 @@ class PlanMeasure(NamedTuple):
     plans' marginal error is small enough for them to count.
     """
 
-    result: SinkhornState
+    result: PlanState
     weight_il: jnp.ndarray
     objective: jnp.ndarray
     slack: jnp.ndarray
@@ -497,7 +406,7 @@ def _measure_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     rounding = ROUNDING_EPS * jnp.finfo(dtype).eps * jnp.sum(weight_il * size)
     slack = (config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
              + rounding)
-    solved = result.error <= max(10 * config.sinkhorn_tol, SOLVED_ERROR)
+    solved = result.error <= max(10 * config.plan_tol, SOLVED_ERROR)
     return PlanMeasure(result, weight_il, objective, slack, solved)
 
 
@@ -523,7 +432,7 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     ref = s.reference
     keep = weights_keep(s.weights, m.objective, ref, m.slack, m.solved)
     unchanged = (jnp.abs(ref - m.objective) <= m.slack) & m.solved
-    capped = ~m.solved & (m.result.iteration >= config.sinkhorn_max_iterations)
+    capped = ~m.solved & (m.result.iteration >= config.plan_max_iterations)
     stalled = jnp.where(capped, s.stalled + 1, 0)
     w = weights_update(
         s.weights, s.log_a, m.result.f, masks.lambdas, p.atom_mask,
@@ -548,7 +457,7 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
         done=w.stop,
         converged=w.finished,
         error=m.result.error,
-        sinkhorn_iterations=s.sinkhorn_iterations + m.result.iteration,
+        plan_iterations=s.plan_iterations + m.result.iteration,
         stalled=stalled,
     )
     return _start_plans(out, p, masks, config)
@@ -619,7 +528,7 @@ def finish_one(state: BarycenterState, p: PaddedProblem) -> BarycenterOutput:
         converged=state.converged,
         iterations=state.iteration,
         marginal_error=state.error,
-        sinkhorn_iterations=state.sinkhorn_iterations,
+        plan_iterations=state.plan_iterations,
         epsilon=state.epsilon,
     )
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from raybary.solvers.sinkhorn import masked_logsumexp
+from raybary.solvers.plans import masked_logsumexp
 
 __all__ = ["WeightState", "WeightStep", "weights_init", "weights_keep", "weights_update",
            "normalise_log", "weight_gradient"]

@@ -23,7 +23,25 @@ from raybary.storage import _fs
 from raybary.storage.columns import ProblemColumns
 from raybary.types import Problem
 
-__all__ = ["ShardInput", "ProblemStore"]
+__all__ = ["ShardInput", "ProblemStore", "DEFAULT_SHARD_SIZE", "shard_count", "shard_bounds"]
+
+#: Problems per shard, the unit of reading, solving, committing and resuming.
+DEFAULT_SHARD_SIZE = 1000
+
+
+def shard_count(n_problems: int, shard_size: int) -> int:
+    """Shards of ``shard_size`` consecutive problems covering ``n_problems``."""
+    return math.ceil(int(n_problems) / int(shard_size))
+
+
+def shard_bounds(shard: int, n_problems: int, shard_size: int) -> tuple[int, int]:
+    """Positions ``(start, stop)`` of shard ``shard``: ``shard * shard_size`` up to
+    ``shard_size`` problems, the last one shorter; ``IndexError`` outside."""
+    count = shard_count(n_problems, shard_size)
+    if not 0 <= shard < count:
+        raise IndexError(f"shard {shard} is outside 0..{count - 1}")
+    start = shard * int(shard_size)
+    return start, min(start + int(shard_size), int(n_problems))
 
 
 @dataclass
@@ -108,8 +126,8 @@ class ProblemStore(ABC):
 
     def shards(self, shard_size: int) -> list[tuple[int, int]]:
         """The ranges ``(start, stop)`` of consecutive shards of ``shard_size`` problems."""
-        n = math.ceil(self.n_problems / shard_size)
-        return [(i * shard_size, min((i + 1) * shard_size, self.n_problems)) for i in range(n)]
+        return [shard_bounds(i, self.n_problems, shard_size)
+                for i in range(shard_count(self.n_problems, shard_size))]
 
     def max_gmms(self, block_problems: int = 65536) -> int:
         """The largest number of GMMs of a problem (a scan in blocks; memory stays bounded)."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from raybary.storage import arrow
 from raybary.storage.errors import StoreDataError
 from raybary.types import Problem
 from raybary.validation import fmt_number, join_messages, validate_arrays, where
@@ -70,8 +71,7 @@ def segment_indices(offsets: np.ndarray, segments: np.ndarray) -> tuple[np.ndarr
     segments = np.asarray(segments, dtype=np.int64)
     starts = offsets[segments]
     lengths = offsets[segments + 1] - starts
-    new_offsets = np.zeros(len(segments) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
+    new_offsets = arrow.offsets(lengths)
     total = int(new_offsets[-1])
     shift = np.repeat(starts - new_offsets[:-1], lengths)
     return np.arange(total, dtype=np.int64) + shift, new_offsets
@@ -139,8 +139,8 @@ class ProblemColumns:
         if problem_ids is None:
             problem_ids = np.arange(len(problems))
         gmms = [g for p in problems for g in p.gmms]
-        gmm_offset = _offsets([p.n_gmms for p in problems])
-        comp_offset = _offsets([g.n_components for g in gmms])
+        gmm_offset = arrow.offsets([p.n_gmms for p in problems])
+        comp_offset = arrow.offsets([g.n_components for g in gmms])
         means = [g.means[k] for g in gmms for k in range(g.n_components)]
         covs = [g.covs[k].reshape(-1) for g in gmms for k in range(g.n_components)]
         return cls(
@@ -150,9 +150,9 @@ class ProblemColumns:
             lambdas=_concat([p.lambdas for p in problems]),
             comp_offset=comp_offset,
             weight=_concat([g.weights for g in gmms]),
-            mean_offset=_offsets([len(m) for m in means]),
+            mean_offset=arrow.offsets([len(m) for m in means]),
             mean_values=_concat(means),
-            cov_offset=_offsets([len(c) for c in covs]),
+            cov_offset=arrow.offsets([len(c) for c in covs]),
             cov_values=_concat(covs),
         )
 
@@ -465,12 +465,6 @@ def _validate(cols: ProblemColumns, d: int, renormalize: bool, dtype: str):
         dtype=dtype,
         covariance_type=cols.covariance_type,
     )
-
-
-def _offsets(lengths: Sequence[int]) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(lengths, dtype=np.int64), out=out[1:])
-    return out
 
 
 def _local_index(offsets: np.ndarray) -> np.ndarray:

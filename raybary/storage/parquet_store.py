@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raybary.storage import _fs
+from raybary.storage.arrow import list_array
 from raybary.storage.base import ProblemStore
 from raybary.storage.columns import (
     COVARIANCE_FIELDS,
@@ -249,24 +250,18 @@ def columns_to_table(cols: ProblemColumns, covariance_type: str = "full") -> pa.
     gmm_problem = np.repeat(cols.problem_id, np.diff(cols.gmm_offset))
     cov_offset, cov_values = cols.stored_covariances(covariance_type)
     cov = (pa.array(cov_values, pa.float64()) if cov_offset is None
-           else _list_array(cov_offset, cov_values))
+           else list_array(cov_offset, cov_values))
     return pa.Table.from_arrays(
         [
             pa.array(np.repeat(gmm_problem, rows_per_gmm), pa.int64()),
             pa.array(np.repeat(cols.gmm_label, rows_per_gmm).astype(np.int32), pa.int32()),
             pa.array(np.repeat(cols.lambdas, rows_per_gmm), pa.float64()),
             pa.array(cols.weight, pa.float64()),
-            _list_array(cols.mean_offset, cols.mean_values),
+            list_array(cols.mean_offset, cols.mean_values),
             cov,
         ],
         schema=problem_schema(covariance_type),
     )
-
-
-def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    if offsets[-1] >= 2**31:
-        raise StoreDataError("a block is too large for one Arrow list array; write smaller blocks")
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.float64()))
 
 
 # ------------------------------------------------------------------ decode

@@ -320,11 +320,11 @@ def test_plans_the_dtype_cannot_resolve_stop_the_problem_early(tutorial):
     from raybary.solvers.barycenter import STALL_LIMIT, SolverConfig
 
     p, _ = tutorial[1]
-    capped = SolverConfig(relative_epsilon=False, sinkhorn_max_iterations=2)
+    capped = SolverConfig(plan_max_iterations=2)
     [r] = raybary.solve(p, bar_size=6, epsilon=0.1, config=capped)
     assert not r.converged and r.status == "ok"
     assert r.iterations == STALL_LIMIT
-    assert r.extra["sinkhorn_iterations"] == STALL_LIMIT * 2
+    assert r.extra["plan_iterations"] == STALL_LIMIT * 2
     assert np.all(np.isfinite(r.means)) and np.all(np.isfinite(r.covs))
     [normal] = raybary.solve(p, bar_size=6, epsilon=0.1)
     assert normal.converged and normal.iterations > STALL_LIMIT
@@ -333,22 +333,28 @@ def test_plans_the_dtype_cannot_resolve_stop_the_problem_early(tutorial):
 def test_compiled_programs_are_dropped_before_memory_maps_run_out(tutorial, monkeypatch):
     # XLA's CPU backend maps each compiled program in ~2,000 pieces; past
     # vm.max_map_count (65,530 by default, ~30 programs) the next compile
-    # aborts the process. The guard drops every program first (forced here
-    # with a headroom above the limit); the solve goes on, the same.
-    from raybary.batch import api
+    # aborts the process. The guard drops the solver's programs first (forced
+    # here with a headroom above the limit), never the caller's own; the
+    # solve goes on, the same.
+    import jax
+    import jax.numpy as jnp
 
-    maps = api._memory_maps()
-    if maps is None:
+    from raybary.batch import engine as eng
+
+    if eng.memory_maps() is None:
         pytest.skip("this system has no /proc/self/maps")
     p, _ = tutorial[1]
-    want = raybary.solve(p, bar_size=6, epsilon=0.1)[0]
-    used, limit = api._memory_maps()
-    assert 0 < used < limit
-    monkeypatch.setattr(api, "MAP_HEADROOM", limit + 1)
-    api._keep_map_room()  # the loaded programs' maps go with them
-    assert api._memory_maps()[0] < used - 1000
-    before = api._CACHE_CLEARS[0]
-    got = raybary.solve(p, bar_size=6, epsilon=0.1)[0]
-    assert api._CACHE_CLEARS[0] > before
+    engine = eng.Engine()
+    want = raybary.solve(p, bar_size=6, epsilon=0.1, engine=engine)[0]
+    mine = jax.jit(lambda x: jnp.cos(x) * 3.0)
+    mine(jnp.ones(3))
+    assert mine._cache_size() == 1
+    used, limit = eng.memory_maps()
+    monkeypatch.setattr(eng, "MAP_HEADROOM", limit + 1)
+    engine.keep_map_room()  # the solver's programs' maps go with them
+    assert eng.memory_maps()[0] < used - 1000
+    assert mine._cache_size() == 1 and engine.cache_clears == 1 and not engine.compiled
+    got = raybary.solve(p, bar_size=6, epsilon=0.1, engine=engine)[0]
+    assert engine.cache_clears > 1
     np.testing.assert_allclose(got.objective, want.objective, rtol=1e-6)
     np.testing.assert_allclose(got.means, want.means, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import raybary
+from raybary.batch.outcome import solve_isolated
 from raybary.cli import main
 from raybary.runner.options import (
     ExecOptions,
@@ -19,7 +20,7 @@ from raybary.runner.options import (
     parse_grid,
     recorded_options,
 )
-from raybary.runner.shard import problem_extents, process_shard, solve_isolated
+from raybary.runner.shard import fail_shard, problem_extents, process_shard
 from raybary.storage import ResultsConflictError, ResultWriter, open_store, read_results
 from raybary.storage.generate import generate, tutorial_problems
 from raybary.types import Result
@@ -52,9 +53,9 @@ POISON = 0.123456  # lambdas[0] of the problem that makes the fake solver raise
 NAN_PROBLEM = 0.654321  # lambdas[0] of the problem the fake solver returns as 'failed'
 
 
-def fake_solve(problems, *, bar_size, validate, **kw):
-    """A stand-in for raybary.solve: barycenter = the first GMM (2 components)."""
-    assert validate is False and bar_size == 2
+def fake_solve(problems, options, ids):
+    """A stand-in for the solver: barycenter = the first GMM (2 components)."""
+    assert options.bar_size == 2 and len(ids) == len(problems)
     if any(abs(p.lambdas[0] - POISON) < 1e-12 for p in problems):
         raise FloatingPointError("poisoned batch")
     out = []
@@ -73,9 +74,9 @@ def test_solve_isolated_bisects_to_the_poison_problem():
     probs = tutorial_problems(9)
     calls = []
 
-    def counting(ps, **kw):
+    def counting(ps, options, ids):
         calls.append(len(ps))
-        return fake_solve(ps, **kw)
+        return fake_solve(ps, options, ids)
 
     probs[5] = raybary.Problem(probs[5].gmms, np.r_[POISON, probs[5].lambdas[1:]])
     out = solve_isolated(probs, SolverOptions(bar_size=2), counting)
@@ -111,7 +112,7 @@ def test_process_shard_isolates_failures_and_writes_grids(tmp_path, small_store,
                           grid_shape=grid.shape, input_grid_gmms=3,
                           options=recorded_options(solver, grid), input_url=store.url)
     writer.prepare()
-    summ = process_shard(store, writer, 0, solver, grid, solve_fn=fake_solve)
+    summ = process_shard(store, writer.committer, 0, solver, grid, solve_fn=fake_solve)
     assert summ.counts == {"ok": 4, "invalid": 0, "failed": 2}
     res = read_results(writer.url)
     df = res.problems.set_index("problem_id")
@@ -173,7 +174,7 @@ def test_grid_extents_of_a_marginal_and_the_shard_summary(tmp_path):
     (density.marginal_components) and more (density.covering_extent); fail_shard's
     summary is a ShardSummary."""
     from raybary.density import covering_extent, marginal_components
-    from raybary.runner.shard import ShardSummary, fail_shard
+    from raybary.runner.shard import ShardSummary
 
     store = generate(str(tmp_path / "r.parquet"), 12, family="random", dim=3, seed=4)
     p = store.read(0, 1).problems[0]
@@ -190,7 +191,7 @@ def test_grid_extents_of_a_marginal_and_the_shard_summary(tmp_path):
     writer = ResultWriter(str(tmp_path / "out"), n_problems=12, shard_size=6, grid_shape=None,
                           input_url=store.url)
     writer.prepare()
-    out = fail_shard(store, writer, 1, "gave up (test)")
+    out = fail_shard(store, writer.committer, 1, SolverOptions(), "gave up (test)")
     assert isinstance(out, ShardSummary) and out.gave_up and out.n_problems == 6
     assert (out.shard, out.start, out.stop) == (1, 6, 12) and out.counts["failed"] == 6
     assert out.peak_rss_mb > 0 and out.pid > 0
@@ -215,20 +216,32 @@ def test_a_covariance_float32_cannot_hold_is_invalid_in_float32_runs_only(tmp_pa
         writer = ResultWriter(str(tmp_path / dtype), n_problems=3, shard_size=3, grid_shape=None,
                               options=recorded_options(solver, grid), input_url=store.url)
         writer.prepare()
-        counts[dtype] = process_shard(store, writer, 0, solver, grid, solve_fn=fake_solve).counts
+        counts[dtype] = process_shard(store, writer.committer, 0, solver, grid, solve_fn=fake_solve).counts
         df = read_results(writer.url).problems.set_index("position")
         if dtype == "float32":
             assert df.loc[1, "status"] == "invalid"
             assert "numerically singular" in df.loc[1, "error"] and "float64" in df.loc[1, "error"]
     assert counts == {"float32": {"ok": 2, "invalid": 1, "failed": 0},
                       "float64": {"ok": 3, "invalid": 0, "failed": 0}}
+    # a shard given up in a float32 run reads the problems as the run does: the
+    # problem float32 cannot hold stays invalid, with its message, not failed
+    solver = SolverOptions(bar_size=2, dtype="float32")
+    writer = ResultWriter(str(tmp_path / "gave-up"), n_problems=3, shard_size=3, grid_shape=None,
+                          options=recorded_options(solver, GridOptions(shape=None)),
+                          input_url=store.url)
+    writer.prepare()
+    out = fail_shard(store, writer.committer, 0, solver, "not solved (test)")
+    assert out.counts == {"ok": 0, "invalid": 1, "failed": 2}
+    df = read_results(writer.url).problems.set_index("position")
+    assert df.loc[1, "status"] == "invalid" and "numerically singular" in df.loc[1, "error"]
+    assert (df.loc[[0, 2], "error"] == "not solved (test)").all()
 
 
 # -------------------------------------------------------------- extents and curves
-def far_solve(problems, *, bar_size, validate, **kw):
-    """A stand-in for raybary.solve whose barycenter (the first GMM, moved by +200 on
+def far_solve(problems, options, ids):
+    """A stand-in for the solver whose barycenter (the first GMM, moved by +200 on
     every coordinate and widened) lies outside every input: the extent must follow it."""
-    out = fake_solve(problems, bar_size=bar_size, validate=validate)
+    out = fake_solve(problems, options, ids)
     return [Result(weights=r.weights, means=r.means + 200.0, covs=4.0 * r.covs,
                    objective=r.objective, converged=True, iterations=3, marginal_error=0.0)
             for r in out]
@@ -254,7 +267,7 @@ def test_grid_extents_hold_every_input_and_the_barycenter(tmp_path):
                           grid_shape=grid.shape, options=recorded_options(solver, grid),
                           input_url=store.url)
     writer.prepare()
-    process_shard(store, writer, 0, solver, grid, solve_fn=far_solve)
+    process_shard(store, writer.committer, 0, solver, grid, solve_fn=far_solve)
     res = read_results(writer.url)
     g = res.grids(0, 6)
     shard = store.read(0, 6)
@@ -294,7 +307,7 @@ def test_d1_problems_get_curves(tmp_path):
                           options=recorded_options(solver, grid), input_url=store.url)
     writer.prepare()
     assert writer.curve_length == 9
-    process_shard(store, writer, 0, solver, grid, solve_fn=far_solve)
+    process_shard(store, writer.committer, 0, solver, grid, solve_fn=far_solve)
     res = read_results(writer.url)
     assert (res.problems.status == "ok").all()
     curves, grids = res.curves(0, 5, inputs=True), res.grids(0, 5, inputs=True)

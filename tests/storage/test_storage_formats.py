@@ -17,8 +17,9 @@ from hypothesis.extra.numpy import arrays
 from raybary.storage import ProblemColumns, convert, open_store, write_problems, write_store
 from raybary.storage.generate import tutorial_columns
 from raybary.storage.parquet_store import ParquetProblemWriter, table_to_columns
+from raybary.storage.results import ShardGrids
 from raybary.storage.zarr_store import ZarrProblemWriter
-from raybary.types import GMM, Problem
+from raybary.types import GMM, BatchOutcome, Problem
 
 VALUES = st.floats(width=64, allow_nan=True, allow_infinity=True)
 
@@ -272,8 +273,9 @@ def test_memory_urls_never_touch_the_local_disk(tmp_path, monkeypatch, mem_url):
     res = Result(np.ones(1), np.zeros((1, 2)), np.eye(2)[None], 1.0, True, 3, 0.0)
     for shard in range(3):
         start, stop = writer.shard_range(shard)
-        writer.commit_shard(shard, start, stop, np.arange(start, stop), ["ok"] * 10,
-                            [None] * 10, [res] * 10, grids=np.zeros((10, 4, 3)))
+        writer.committer.commit_shard(
+            shard, BatchOutcome(np.arange(start, stop), ["ok"] * 10, [None] * 10, [res] * 10, 0.0),
+            ShardGrids(barycenter=np.zeros((10, 4, 3))))
     writer.finalize()
     assert read_results(f"{mem_url}/out").grids(0, 30).barycenter.shape == (30, 4, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

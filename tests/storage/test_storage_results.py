@@ -18,7 +18,8 @@ from click.testing import CliRunner
 import raybary
 from raybary.cli import main
 from raybary.storage import ResultsConflictError, ResultWriter, read_results
-from raybary.types import Result
+from raybary.storage.results import OutputLease, ShardGrids
+from raybary.types import BatchOutcome, Result
 
 H, W = 6, 5
 OPTIONS = {"epsilon": 0.1, "n": 3, "scale_free": False, "init": "kmeans", "tol": [1e-6, 1e-9]}
@@ -43,8 +44,11 @@ def make_writer(url: str, n_problems: int = 25, shard_size: int = 10, **kw) -> R
     return ResultWriter(url, **args)
 
 
-def commit(writer: ResultWriter, shard: int, *, shift: float = 0.0, with_grids: bool = True):
-    start, stop = writer.shard_range(shard)
+def commit(writer, shard: int, *, shift: float = 0.0, with_grids: bool = True):
+    """Commit shard ``shard`` with ``writer`` (a ResultWriter, or a ShardCommitter
+    as an actor has it): fake results, and invalid and failed problems."""
+    committer = getattr(writer, "committer", writer)
+    start, stop = committer.shard_range(shard)
     ids = np.arange(start, stop) * 10
     statuses, errors, results = [], [], []
     for pid in ids:
@@ -65,9 +69,9 @@ def commit(writer: ResultWriter, shard: int, *, shift: float = 0.0, with_grids: 
              if with_grids else None)
     extents = np.tile([-30.0, 90.0, -30.0, 90.0], (n, 1))
     inputs = np.ones((n, 2, H, W), dtype=np.float32) * (start + shift)
-    return writer.commit_shard(shard, start, stop, ids, statuses, errors, results,
-                               np.linspace(0.1, 1.0, n), grids=grids, grid_extents=extents,
-                               input_grids=inputs)
+    outcome = BatchOutcome(ids, statuses, errors, results, np.linspace(0.1, 1.0, n))
+    return committer.commit_shard(
+        shard, outcome, ShardGrids(barycenter=grids, extent=extents, inputs=inputs))
 
 
 def test_full_run_and_read_back_with_pyarrow_pandas_duckdb(tmp_path):
@@ -273,29 +277,38 @@ def test_commit_checks_its_inputs(tmp_path):
     ids = np.arange(10)
     ok = ["ok"] * 10
     res = [fake_result(i) for i in range(10)]
-    with pytest.raises(ValueError, match="shard 1 covers positions 10:20"):
-        writer.commit_shard(1, 0, 10, ids, ok, [None] * 10, res)
-    with pytest.raises(ValueError, match="statuses has 9 entries, expected 10"):
-        writer.commit_shard(0, 0, 10, ids, ok[:9], [None] * 10, res)
+    good = BatchOutcome(ids, ok, [None] * 10, res, 0.0)
+    with pytest.raises(ValueError, match=r"shard 2 has 5 problems \(positions 20:25\), "
+                                          "the outcome 10"):
+        writer.committer.commit_shard(2, good)
+    with pytest.raises(IndexError, match="shard 3 is outside 0..2"):
+        writer.committer.commit_shard(3, good)
+    with pytest.raises(ValueError, match="statuses has 9 entries for 10 problem ids"):
+        BatchOutcome(ids, ok[:9], [None] * 10, res, 0.0)
     with pytest.raises(ValueError, match="unknown statuses"):
-        writer.commit_shard(0, 0, 10, ids, ["done"] * 10, [None] * 10, res)
+        BatchOutcome(ids, ["done"] * 10, [None] * 10, res, 0.0)
     with pytest.raises(ValueError, match="status 'ok' but no result"):
-        writer.commit_shard(0, 0, 10, ids, ok, [None] * 10, [None] * 10)
-    with pytest.raises(ValueError, match=r"grids must have shape \(10, 6, 5\)"):
-        writer.commit_shard(0, 0, 10, ids, ok, [None] * 10, res, grids=np.zeros((10, 5, 5)))
+        BatchOutcome(ids, ok, [None] * 10, [None] * 10, 0.0)
+    with pytest.raises(ValueError, match=r"grids.barycenter must have shape \(10, 6, 5\)"):
+        writer.committer.commit_shard(0, good, ShardGrids(barycenter=np.zeros((10, 5, 5))))
+    with pytest.raises(ValueError, match=r"grids.inputs must have shape \(10, J <= 3, 6, 5\)"):
+        writer.committer.commit_shard(0, good, ShardGrids(inputs=np.zeros((10, 4, 6, 5))))
     assert writer.committed_shards() == set()
 
 
-def test_memory_url_without_grids_and_pickled_writer(mem_url):
+def test_memory_url_without_grids_and_pickled_committer(mem_url):
     out = f"{mem_url}/out"
     writer = ResultWriter(out, n_problems=12, shard_size=5, options={"eps": 1})
+    writer.lease.acquire()
     writer.prepare()
-    clone = pickle.loads(pickle.dumps(writer))  # as sent to a Ray actor
+    clone = pickle.loads(pickle.dumps(writer.committer))  # as sent to a Ray actor
+    assert clone == writer.committer and not hasattr(clone, "lease")
     for shard in range(3):
         start, stop = clone.shard_range(shard)
         ids = np.arange(start, stop)
-        clone.commit_shard(shard, start, stop, ids, ["ok"] * len(ids), [None] * len(ids),
-                           [fake_result(int(i), n=2, d=1) for i in ids], 0.01)
+        clone.commit_shard(shard, BatchOutcome(ids, ["ok"] * len(ids), [None] * len(ids),
+                                               [fake_result(int(i), n=2, d=1) for i in ids], 0.01))
+    writer.lease.release()
     writer.finalize()
     res = read_results(out, as_="pyarrow")
     assert res.problems.num_rows == 12 and res.barycenters.num_rows == 24
@@ -346,11 +359,11 @@ def test_one_writer_per_output_lease(tmp_path):
 
     out = str(tmp_path / "out")
     first, second = make_writer(out), make_writer(out)
-    first.acquire_lease()
+    first.lease.acquire()
     assert first.prepare() == set()
     with pytest.raises(ResultsConflictError, match="another run is writing .*last heartbeat"):
-        second.acquire_lease()
-    assert first.heartbeat()
+        second.lease.acquire()
+    assert first.lease.heartbeat()
     commit(first, 0)
     other_tmp = tmp_path / "out" / "_tmp" / "someone-else"
     other_tmp.mkdir(parents=True)
@@ -358,19 +371,19 @@ def test_one_writer_per_output_lease(tmp_path):
     first.finalize()
     assert (other_tmp / "part").read_text() == "theirs"
     assert not (tmp_path / "out" / "_tmp" / first.run_id).exists()
-    first.release_lease()
+    first.lease.release()
     assert not (tmp_path / "out" / "_lease.json").exists()
-    second.acquire_lease()  # free now
+    second.lease.acquire()  # free now
     assert second.prepare() == {0}
-    second.release_lease()
+    second.lease.release()
     # a lease whose heartbeat stopped long ago is taken over, with a warning
     lease = {"run_id": "dead", "host": "h", "pid": 1, "heartbeat": time.time() - 10 * rs.LEASE_STALE_S}
     (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
     third = make_writer(out)
     with pytest.warns(UserWarning, match="taking over .* from run dead"):
-        third.acquire_lease()
+        third.lease.acquire()
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == third.run_id
-    third.release_lease()
+    third.lease.release()
     # a fresh lease of a driver on this machine that has exited: taken over at once
     import socket
 
@@ -380,11 +393,11 @@ def test_one_writer_per_output_lease(tmp_path):
              "heartbeat": time.time()}
     (tmp_path / "out" / "_lease.json").write_text(json.dumps(lease))
     with pytest.warns(UserWarning, match="from run killed"):
-        third.acquire_lease()
+        third.lease.acquire()
     # ... and the silent run, if it comes back, learns that it lost the lease
-    zombie = make_writer(out)
-    zombie.run_id, zombie._leased = "dead", True
-    assert zombie.heartbeat() is False
+    zombie = OutputLease(third.url, "dead")
+    zombie.held = True
+    assert zombie.heartbeat() is False and not zombie.held
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == third.run_id
 
 
@@ -437,7 +450,7 @@ def test_zombie_grids_never_replace_the_committed_attempts(tmp_path):
     for shard in range(writer.n_shards):
         commit(writer, shard)                           # attempt A of every shard
     attempt_a = _shard_files(out, 1)
-    zombie = pickle.loads(pickle.dumps(writer))         # the same writer, in another actor
+    zombie = pickle.loads(pickle.dumps(writer.committer))  # the same committer, in another actor
     commit(zombie, 1, shift=100.0)                      # attempt B: grids, tables, marker
     for path, data in attempt_a.items():                # A's tables and marker land last
         path.write_bytes(data)
@@ -471,10 +484,12 @@ def test_zombie_that_stops_after_its_grids_leaves_the_shard_committed(tmp_path):
     writer.prepare()
     commit(writer, 0)
     before = read_results(str(out)).grids(0, 10, inputs=True)
-    zombie = pickle.loads(pickle.dumps(writer))
+    zombie = pickle.loads(pickle.dumps(writer.committer))
     n = 10
-    block = zombie._grid_block(n, np.arange(n) * 10, np.full((n, H, W), 7.0),
-                               np.zeros((n, 4)), np.full((n, 2, H, W), 7.0))
+    outcome = BatchOutcome(np.arange(n) * 10, ["ok"] * n, [None] * n,
+                           [fake_result(i) for i in range(n)], 0.0)
+    block = zombie._grid_block(outcome, ShardGrids(np.full((n, H, W), 7.0), np.zeros((n, 4)),
+                                                   np.full((n, 2, H, W), 7.0)))
     zombie._write_grids(0, 0, n, uuid.uuid4().hex, block)   # the step it got through
     res = read_results(str(out))
     assert res.committed_shards == [0]
@@ -492,38 +507,6 @@ def test_zombie_that_stops_after_its_grids_leaves_the_shard_committed(tmp_path):
     assert len([p for p in (out / "grids.zarr").iterdir() if p.is_dir()]) == 3
     assert writer.finalize()["missing_shards"] == [0, 1, 2]
     assert [p for p in (out / "grids.zarr").iterdir() if p.is_dir()] == []
-
-
-def test_results_of_the_old_grids_layout_are_read_as_before(tmp_path):
-    """Results written before grids were tied to commits (raybary.grids/1: arrays
-    at the root of grids.zarr, markers without ``grids``) still read back."""
-    out = tmp_path / "out"
-    writer = make_writer(str(out))
-    writer.prepare()
-    for shard in (0, 2):
-        commit(writer, shard)
-    new = read_results(str(out)).grids(0, 25, inputs=True)
-    root = zarr.open_group(str(out / "grids.zarr"), mode="r+")   # rewrite it as version 1
-    root.attrs["format_version"] = 1
-    shapes = {"problem_id": (25,), "extent": (25, 4), "barycenter": (25, H, W),
-              "inputs": (25, 3, H, W)}
-    for key, shape in shapes.items():
-        arr = root.create_array(key, shape=shape, chunks=(10, *shape[1:]),
-                                dtype=new._asdict()[key].dtype,
-                                fill_value=-1 if key == "problem_id" else float("nan"))
-        for marker in (out / "_commits").iterdir():
-            info = json.loads(marker.read_text())
-            arr[info["start"]:info["stop"]] = zarr.open_group(
-                str(out / "grids.zarr" / info["grids"]), mode="r")[key][:]
-    for marker in (out / "_commits").iterdir():
-        info = json.loads(marker.read_text())
-        shutil.rmtree(out / "grids.zarr" / info.pop("grids"))
-        marker.write_text(json.dumps(info))
-    old = read_results(str(out)).grids(0, 25, inputs=True)
-    for a, b in zip(old, new):
-        np.testing.assert_array_equal(a, b)
-    assert old.problem_id.tolist()[:10] == list(range(0, 100, 10))
-    assert old.problem_id.tolist()[10:20] == [-1] * 10
 
 
 def test_committed_shard_whose_grids_are_gone_is_redone(tmp_path):
@@ -546,8 +529,8 @@ def test_committed_shard_whose_grids_are_gone_is_redone(tmp_path):
 def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     """d = 1 problems' log-density curves (max(H, W) points) go into the same
     grids group as the grids (curve, curve_extent, curve_inputs); Results.curves
-    stitches them like Results.grids; shards without curves, groups written
-    before curves existed and uncommitted shards read as NaN / -1."""
+    stitches them like Results.grids; shards without curves and uncommitted
+    shards read as NaN / -1."""
     from raybary.storage.results.layout import curve_length
 
     out = tmp_path / "out"
@@ -562,16 +545,15 @@ def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     curve_ext = np.tile([-2.0, 5.0], (n, 1))
     curve_ext[3] = np.nan
     inputs = np.full((n, 2, length), -7.0, dtype=np.float32)
-    with pytest.raises(ValueError, match="curves must have shape"):
-        writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n, [None] * n,
-                            [fake_result(i) for i in range(n)], curves=curves[:, :-1])
-    with pytest.raises(ValueError, match=r"input_curves must have shape \(10, J <= 3, 6\)"):
-        writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n, [None] * n,
-                            [fake_result(i) for i in range(n)], input_curves=inputs[..., :2])
+    outcome = BatchOutcome(np.arange(start, stop) * 10, ["ok"] * n, [None] * n,
+                           [fake_result(i) for i in range(n)], 0.0)
+    with pytest.raises(ValueError, match=r"grids.curve must have shape"):
+        writer.committer.commit_shard(1, outcome, ShardGrids(curve=curves[:, :-1]))
+    with pytest.raises(ValueError, match=r"grids.curve_inputs must have shape \(10, J <= 3, 6\)"):
+        writer.committer.commit_shard(1, outcome, ShardGrids(curve_inputs=inputs[..., :2]))
     assert writer.committed_shards() == set()
-    info = writer.commit_shard(1, start, stop, np.arange(start, stop) * 10, ["ok"] * n,
-                               [None] * n, [fake_result(i) for i in range(n)],
-                               curves=curves, curve_extents=curve_ext, input_curves=inputs)
+    info = writer.committer.commit_shard(1, outcome, ShardGrids(
+        curve=curves, curve_extent=curve_ext, curve_inputs=inputs))
     commit(writer, 0)  # grids only: its curve rows are NaN
     root = zarr.open_group(str(out / "grids.zarr"), mode="r")
     assert root.attrs["curve_length"] == length
@@ -592,10 +574,6 @@ def test_curves_of_d1_problems_are_stored_beside_the_grids(tmp_path):
     assert (c.problem_id[15:] == -1).all()
     assert res.curves(10, 12).inputs is None
     assert np.isnan(res.grids(10, 20).barycenter).all()  # no grids given for shard 1
-    # a group written before curves existed (raybary.grids/2): NaN rows
-    for key in ("curve", "curve_extent", "curve_inputs"):
-        shutil.rmtree(out / "grids.zarr" / info["grids"] / key)
-    assert np.isnan(read_results(str(out)).curves(10, 20).curve).all()
     nogrids = make_writer(str(tmp_path / "none"), grid_shape=None, input_grid_gmms=0)
     nogrids.prepare()
     assert nogrids.curve_length is None

@@ -12,7 +12,7 @@ import pytest
 import raybary
 from raybary import GMM, RaybaryError
 from raybary.storage.results import BarycenterNotFoundError, ResultWriter, read_results
-from raybary.types import Result
+from raybary.types import BatchOutcome, Result
 
 N_PROBLEMS, SHARD = 11, 4
 IDS = [1000 - 7 * i for i in range(N_PROBLEMS)]  # descending: store order is not id order
@@ -40,10 +40,10 @@ def write(out: str, shards: list[int] | None = None) -> None:
     for shard in range(writer.n_shards) if shards is None else shards:
         start, stop = writer.shard_range(shard)
         pos = range(start, stop)
-        writer.commit_shard(
-            shard, start, stop, [IDS[p] for p in pos], [STATUS[p] for p in pos],
+        writer.committer.commit_shard(shard, BatchOutcome(
+            [IDS[p] for p in pos], [STATUS[p] for p in pos],
             [None if STATUS[p] == "ok" else f"problem {IDS[p]}: {STATUS[p]} on purpose" for p in pos],
-            [result(p) if STATUS[p] == "ok" else None for p in pos], 0.1)
+            [result(p) if STATUS[p] == "ok" else None for p in pos], 0.1))
     if shards is None:
         writer.finalize({})
 

@@ -1,12 +1,15 @@
 """Results: an output directory written shard by shard, atomically (``raybary.results/1``).
 
-Three modules, re-exported here (``from raybary.storage.results import ...``
-works as it always did):
+Its modules, re-exported here (``from raybary.storage.results import ...``):
 
 * :mod:`~raybary.storage.results.layout`: the names, schemas, commit markers,
   lease file and input fingerprint comparison that writer and reader share;
+* :mod:`~raybary.storage.results.lease`: :class:`OutputLease` (driver: one
+  run per OUTPUT);
 * :mod:`~raybary.storage.results.writer`: :class:`ResultWriter` (driver:
-  lease, prepare, finalize; actors: commit a shard);
+  prepare and finalise the directory);
+* :mod:`~raybary.storage.results.commit`: :class:`ShardCommitter` and
+  :class:`ShardGrids` (actors: commit a shard);
 * :mod:`~raybary.storage.results.reader`: :func:`read_results`,
   :class:`Results` (barycenters as :class:`raybary.GMM`: ``res.barycenter(pid)``,
   ``res.iter_barycenters()``), :class:`BarycenterNotFoundError`, :class:`Grids`,
@@ -17,6 +20,7 @@ See ``docs/storage.md`` for the layout and the commit protocol.
 
 from __future__ import annotations
 
+from raybary.storage.results.commit import ShardCommitter, ShardGrids
 from raybary.storage.results.layout import (
     COMMIT_KEY,
     COMMITS_DIR,
@@ -36,6 +40,7 @@ from raybary.storage.results.layout import (
     input_changes,
     problems_schema,
 )
+from raybary.storage.results.lease import OutputLease
 from raybary.storage.results.reader import (
     BarycenterNotFoundError,
     Curves,
@@ -63,6 +68,9 @@ __all__ = [
     "LEASE_SETTLE_S",
     "COMMIT_KEY",
     "ResultWriter",
+    "ShardCommitter",
+    "ShardGrids",
+    "OutputLease",
     "Results",
     "BarycenterNotFoundError",
     "Grids",

@@ -29,10 +29,6 @@ tables or marker; the marker names that group, and readers take a shard's
 grids from there only. An attempt that never commits (a presumed-dead actor
 finishing late, a crash) leaves a group that no marker names: it is never
 read, and :meth:`~raybary.storage.results.ResultWriter.finalize` removes it.
-Results written before this layout (``raybary.grids/1``: arrays at the root of
-``grids.zarr``, rows = store positions, markers without ``grids``) are read
-as they were; groups of ``raybary.grids/2`` have no curves (their rows read
-as NaN).
 
 Curves: a ``d = 1`` problem has a log-density curve of :func:`curve_length`
 points instead of a 2-D grid; :meth:`Results.curves` reads them as
@@ -54,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybary.storage import _fs
+from raybary.types import STATUSES
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -77,16 +74,32 @@ __all__ = [
     "problems_schema",
     "barycenters_schema",
     "input_changes",
+    "result_columns",
+    "SETTINGS",
+    "UNREADABLE",
+    "attempt_grids",
+    "fresh_listing",
+    "is_foreign",
+    "jsonable",
+    "now_iso",
+    "option_columns",
+    "pid_alive",
+    "read_lease",
+    "read_markers",
+    "run_tmp",
+    "setting_differences",
+    "shard_name",
+    "shard_of",
+    "verified_markers",
 ]
 
 RESULTS_FORMAT = "raybary.results"
 RESULTS_VERSION = 1
 GRIDS_FORMAT = "raybary.grids"
-# 1: arrays at the root, rows = store positions (not tied to commits);
-# 2: one group per commit; 3: the groups also hold the curves of d = 1 problems
+# 3: one group per commit, holding grids and the curves of d = 1 problems
+# (1 and 2 were development versions, never released, and are not read)
 GRIDS_VERSION = 3
 GRIDS_DIR = "grids.zarr"
-STATUSES = ("ok", "invalid", "failed")
 LAYOUT_FILE = "_layout.json"
 MANIFEST_FILE = "_manifest.json"
 COMMITS_DIR = "_commits"
@@ -96,30 +109,30 @@ LEASE_HEARTBEAT_S = 20.0  # the driver refreshes its lease this often
 LEASE_STALE_S = 120.0  # a lease without a heartbeat for this long is taken over
 LEASE_SETTLE_S = 0.3  # wait before reading a new lease back
 COMMIT_KEY = b"raybary.commit"
-_SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
+SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
 
 
-def _now() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (so settings compare equal after a round trip)."""
     return json.loads(json.dumps(obj, sort_keys=True, default=_fs._json_default))
 
 
-def _shard_name(i: int) -> str:
+def shard_name(i: int) -> str:
     return f"shard-{i:06d}"
 
 
-def _shard_of(path: str) -> int:
+def shard_of(path: str) -> int:
     """The shard index in a file name ``.../shard-000012.<ext>``."""
     return int(posixpath.basename(path).split(".")[0][len("shard-"):])
 
 
 def grid_group_name(shard: int, commit: str) -> str:
     """The name, inside ``grids.zarr``, of the grids written by commit ``commit`` of ``shard``."""
-    return f"{_shard_name(shard)}-{commit}"
+    return f"{shard_name(shard)}-{commit}"
 
 
 #: A grids group of one attempt at a shard (see :func:`grid_group_name`).
@@ -136,7 +149,7 @@ def curve_length(grid_shape) -> int:
     return int(max(int(grid_shape[0]), int(grid_shape[1])))
 
 
-def _option_columns(options: dict) -> dict[str, tuple[pa.DataType, Any]]:
+def option_columns(options: dict) -> dict[str, tuple[pa.DataType, Any]]:
     """``opt_<key>`` columns: scalar options typed, others as JSON text."""
     out = {}
     for key, value in sorted(options.items()):
@@ -170,8 +183,26 @@ def problems_schema(options: dict | None = None) -> pa.Schema:
         ("n_components", pa.int32()),
         ("seconds", pa.float64()),
     ]
-    fields += [(k, t) for k, (t, _) in _option_columns(options or {}).items()]
+    fields += [(k, t) for k, (t, _) in option_columns(options or {}).items()]
     return pa.schema(fields)
+
+
+def result_columns(results) -> dict[str, pa.Array]:
+    """The per-result columns of ``problems/`` (and of Ray Data's result rows):
+    ``objective``, ``iterations``, ``converged``, ``marginal_error``,
+    ``restart``, ``n_components``; null where a result is ``None``."""
+
+    def field(get, dtype):
+        return pa.array([None if r is None else get(r) for r in results], dtype)
+
+    return {
+        "objective": field(lambda r: float(r.objective), pa.float64()),
+        "iterations": field(lambda r: int(r.iterations), pa.int32()),
+        "converged": field(lambda r: bool(r.converged), pa.bool_()),
+        "marginal_error": field(lambda r: float(r.marginal_error), pa.float64()),
+        "restart": field(lambda r: int(r.restart), pa.int32()),
+        "n_components": field(lambda r: len(r.weights), pa.int32()),
+    }
 
 
 def barycenters_schema() -> pa.Schema:
@@ -188,9 +219,9 @@ def barycenters_schema() -> pa.Schema:
 
 
 # ------------------------------------------------------------------ settings
-def _differences(old: dict, new: dict) -> list[str]:
+def setting_differences(old: dict, new: dict) -> list[str]:
     diffs = []
-    for key in _SETTINGS:
+    for key in SETTINGS:
         a, b = old.get(key), new.get(key)
         if key == "options" and isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
@@ -234,30 +265,30 @@ def input_changes(old: dict | None, new: dict | None, old_shards=None, new_shard
 
 
 # ------------------------------------------------------------------ markers and lease
-_UNREADABLE = (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, pa.ArrowException)
+UNREADABLE = (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError, pa.ArrowException)
 
 
-def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
+def read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
     """Commit markers by shard. A marker that cannot be read (empty or cut
     short, e.g. by a power loss) means its shard is not committed: one
     warning line says so, and with ``repair`` the marker is removed so that
     a resumed run redoes the shard."""
     out = {}
-    _fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
+    fresh_listing(fs, posixpath.join(root, COMMITS_DIR))
     for path in fs.glob(posixpath.join(root, COMMITS_DIR, "shard-*.json")):
         try:
             info = _fs.read_json(fs, path)
             shard = int(info["shard"])
-            if shard != _shard_of(path) or not isinstance(info.get("commit"), str):
+            if shard != shard_of(path) or not isinstance(info.get("commit"), str):
                 raise ValueError("marker does not match its file name")
             if info.get("grids") not in (None, grid_group_name(shard, info["commit"])):
                 raise ValueError("marker names the grids of another commit")
         except FileNotFoundError:  # removed by a concurrent rewrite
             continue
-        except _UNREADABLE as e:
+        except UNREADABLE as e:
             what = "redone by this run" if repair else "left out (a re-run redoes it)"
             warnings.warn(f"commit marker {posixpath.basename(path)} cannot be read "
-                          f"({type(e).__name__}): shard {_shard_of(path)} is not committed; "
+                          f"({type(e).__name__}): shard {shard_of(path)} is not committed; "
                           f"{what}", stacklevel=3)
             if repair:
                 with contextlib.suppress(FileNotFoundError):
@@ -267,7 +298,7 @@ def _read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
     return out
 
 
-def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
+def verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
     """The markers whose two tables carry the marker's commit id (footers only
     are read) and whose grids group, if they name one, exists.
 
@@ -275,7 +306,7 @@ def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
     a resumed run and count as missing in the manifest.
     """
     out = {}
-    for shard, info in _read_markers(fs, root, repair=repair).items():
+    for shard, info in read_markers(fs, root, repair=repair).items():
         commits = [_table_commit(fs, root, sub, shard, repair)  # both read: both warn
                    for sub in ("problems", "barycenters")]
         ok = all(c == info.get("commit") for c in commits)
@@ -287,7 +318,7 @@ def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
         if ok:
             out[shard] = info
         elif repair:
-            marker = posixpath.join(root, COMMITS_DIR, _shard_name(shard) + ".json")
+            marker = posixpath.join(root, COMMITS_DIR, shard_name(shard) + ".json")
             if fs.exists(marker):
                 fs.rm(marker)
     return out
@@ -295,13 +326,13 @@ def _verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
 
 def _table_commit(fs, root: str, sub: str, shard: int, repair: bool) -> str:
     """The commit id in the footer of ``sub/shard-NNNNNN.parquet`` (``""`` if none)."""
-    name = _shard_name(shard) + ".parquet"
+    name = shard_name(shard) + ".parquet"
     try:
         with fs.open(posixpath.join(root, sub, name), "rb") as f:
             meta = pq.read_schema(f).metadata or {}
     except FileNotFoundError:
         meta = {}
-    except _UNREADABLE as e:
+    except UNREADABLE as e:
         warnings.warn(f"{sub}/{name} cannot be read ({type(e).__name__}): shard {shard} "
                       "is not committed" + ("; redone by this run" if repair else ""),
                       stacklevel=3)
@@ -315,10 +346,10 @@ def _grids_present(fs, root: str, info: dict) -> bool:
     return name is None or fs.exists(posixpath.join(root, GRIDS_DIR, name, "zarr.json"))
 
 
-def _attempt_grids(fs, root: str) -> list[str]:
+def attempt_grids(fs, root: str) -> list[str]:
     """The names of all grids groups of attempts in ``grids.zarr`` (committed or not)."""
     base = posixpath.join(root, GRIDS_DIR)
-    _fresh_listing(fs, base)
+    fresh_listing(fs, base)
     try:
         paths = fs.ls(base, detail=False)
     except FileNotFoundError:
@@ -327,24 +358,37 @@ def _attempt_grids(fs, root: str) -> list[str]:
     return sorted(n for n in names if _GRID_GROUP.fullmatch(n))
 
 
-def _fresh_listing(fs, path: str) -> None:
+def fresh_listing(fs, path: str) -> None:
     """Drop fsspec's cached listing of ``path`` (object stores cache listings;
     a marker written by an actor must not be missed)."""
     with contextlib.suppress(Exception):
         fs.invalidate_cache(path)
 
 
-def _read_lease(fs, root: str) -> dict | None:
+def read_lease(fs, root: str) -> dict | None:
     try:
         lease = _fs.read_json(fs, posixpath.join(root, LEASE_FILE))
     except FileNotFoundError:
         return None
-    except _UNREADABLE:  # cut short: treat as stale
+    except UNREADABLE:  # cut short: treat as stale
         return {"run_id": "?", "heartbeat": 0.0}
     return lease if isinstance(lease, dict) else {"run_id": "?", "heartbeat": 0.0}
 
 
-def _pid_alive(pid) -> bool:
+def run_tmp(root: str, run_id: str) -> str:
+    """A run's temporary folder, ``_tmp/<run id>`` (other runs' are never touched)."""
+    return posixpath.join(root, TMP_DIR, run_id)
+
+
+def is_foreign(fs, root: str) -> bool:
+    """A non-empty folder without our layout: not raybary results (never written into)."""
+    if fs.exists(posixpath.join(root, LAYOUT_FILE)):
+        return False
+    names = {posixpath.basename(_fs.strip_url(p)) for p in fs.ls(root, detail=False)}
+    return bool(names - {LEASE_FILE, TMP_DIR})
+
+
+def pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

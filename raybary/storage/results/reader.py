@@ -12,7 +12,6 @@ Barycenters come back as :class:`raybary.GMM` (NumPy only, no JAX) with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import operator
 import posixpath
@@ -28,7 +27,6 @@ import pyarrow.parquet as pq
 from raybary.errors import RaybaryError
 from raybary.storage import _fs
 from raybary.storage.results.layout import (
-    _UNREADABLE,
     COMMIT_KEY,
     GRIDS_DIR,
     LAYOUT_FILE,
@@ -36,11 +34,12 @@ from raybary.storage.results.layout import (
     RESULTS_FORMAT,
     RESULTS_VERSION,
     STATUSES,
-    _read_markers,
-    _shard_name,
+    UNREADABLE,
     barycenters_schema,
     curve_length,
     problems_schema,
+    read_markers,
+    shard_name,
 )
 from raybary.types import GMM
 
@@ -139,9 +138,7 @@ class Results:
         from the same groups as :meth:`grids`.
 
         Rows of problems without a curve (``d >= 2``, invalid; the barycenter's
-        where not ``ok``), of shards not committed, and of groups written before
-        curves existed (``raybary.grids/1`` and ``/2``) are NaN, their problem
-        id -1.
+        where not ``ok``) and of shards not committed are NaN, their problem id -1.
         """
         rows = self._grid_spans(start, stop)
         j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
@@ -152,7 +149,7 @@ class Results:
         for shard, name, lo, hi in rows.spans:
             # a group that has gone: its rows stay NaN (grids() warns of it)
             source = _attempt_group(self.url, shard, name, warn=False) if name else None
-            if source is None or "curve" not in source:  # none, or written before curves
+            if source is None:
                 continue
             dst, src = slice(lo - rows.start, hi - rows.start), slice(lo - shard * rows.size,
                                                                       hi - shard * rows.size)
@@ -173,10 +170,9 @@ class Results:
         rows = self._grid_spans(start, stop)
         j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
         out = _empty_grids(rows.stop - rows.start, rows.shape, j)
-        legacy = _LegacyGrids(self.url)
         for shard, name, lo, hi in rows.spans:
-            source = _attempt_group(self.url, shard, name) if name else legacy.group()
-            first = shard * rows.size if name else 0  # the store position of the source's row 0
+            source = _attempt_group(self.url, shard, name) if name else None
+            first = shard * rows.size  # the store position of the group's row 0
             if source is not None:
                 _copy_rows(out, source, slice(lo - rows.start, hi - rows.start),
                            slice(lo - first, hi - first))
@@ -304,22 +300,6 @@ class _BarycenterRows:
                 covs.reshape(n, d, d))
 
 
-class _LegacyGrids:
-    """Grids of results written before grids were tied to commits (``raybary.grids/1``):
-    arrays at the root of ``grids.zarr``, rows = store positions; opened once, if needed."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self._group, self._opened = url, None, False
-
-    def group(self):
-        if not self._opened:
-            self._opened = True
-            with contextlib.suppress(*_missing()):
-                group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR), "r")
-                self._group = group if "barycenter" in group else None
-        return self._group
-
-
 def _attempt_group(url: str, shard: int, name: str, *, warn: bool = True):
     """The grids group ``name`` of shard ``shard``'s committed attempt (``None``, with a
     warning unless ``warn`` is false, if it has gone: its rows stay NaN)."""
@@ -382,7 +362,7 @@ def read_results(path: str, *, as_: str = "pandas") -> Results:
     manifest_path = posixpath.join(root, MANIFEST_FILE)
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
     problems, barycenters, grid_groups = [], [], {}
-    for shard, info in sorted(_read_markers(fs, root).items()):
+    for shard, info in sorted(read_markers(fs, root).items()):
         tables = _read_shard(fs, root, shard, info["commit"])
         if tables is None:
             continue
@@ -399,13 +379,13 @@ def read_results(path: str, *, as_: str = "pandas") -> Results:
 def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
     out = []
     for sub in ("problems", "barycenters"):
-        path = posixpath.join(root, sub, _shard_name(shard) + ".parquet")
+        path = posixpath.join(root, sub, shard_name(shard) + ".parquet")
         try:
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f)
         except FileNotFoundError:
             table = None
-        except _UNREADABLE as e:
+        except UNREADABLE as e:
             warnings.warn(f"{sub}/{posixpath.basename(path)} cannot be read "
                           f"({type(e).__name__}): shard {shard} left out (a re-run redoes it)",
                           stacklevel=3)

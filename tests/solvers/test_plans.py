@@ -1,4 +1,4 @@
-"""The plan solvers of raybary.solvers.sinkhorn, tested directly: the small
+"""The plan solvers of raybary.solvers.plans, tested directly: the small
 linear solve, the masked log-sum-exp, and Newton against Sinkhorn (the same
 entropic fixed point, marginals met, padding inert)."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raybary.solvers import sinkhorn as sk
+from raybary.solvers import plans as pl
 
 
 def test_gauss_jordan_matches_numpy_on_spd_batches():
@@ -18,14 +18,14 @@ def test_gauss_jordan_matches_numpy_on_spd_batches():
     spd = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(7)
     r = rng.normal(size=(5, 7))
     with jax.enable_x64(True):
-        x = np.asarray(sk.gauss_jordan_solve(jnp.asarray(spd), jnp.asarray(r)))
+        x = np.asarray(pl.gauss_jordan_solve(jnp.asarray(spd), jnp.asarray(r)))
     np.testing.assert_allclose(x, np.linalg.solve(spd, r[..., None])[..., 0], rtol=1e-9, atol=1e-9)
 
 
 def test_masked_logsumexp_empty_mask_is_zero_not_nan():
     x = jnp.asarray([[1.0, 2.0], [3.0, 4.0]])
     mask = jnp.asarray([[False, False], [True, False]])
-    out = np.asarray(sk.masked_logsumexp(x, mask, axis=1))
+    out = np.asarray(pl.masked_logsumexp(x, mask, axis=1))
     np.testing.assert_allclose(out, [0.0, 3.0])
     assert np.all(np.isfinite(out))
 
@@ -50,19 +50,19 @@ def _problem():
 def test_newton_and_sinkhorn_reach_the_same_plans(epsilon):
     cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
     with jax.enable_x64(True):
-        geo = sk.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
+        geo = pl.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
                                jnp.asarray(member), jnp.ones(2), jnp.asarray(atom_mask))
-        state = sk.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
+        state = pl.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
                               jnp.asarray(log_a), jnp.asarray(gmm_index))
         plans = {}
         for method in ("newton", "sinkhorn"):
-            opts = sk.PlanOptions(method=method, tol=1e-11, max_iterations=20000,
+            opts = pl.PlanOptions(method=method, tol=1e-11, max_iterations=20000,
                                   decay=0.5, level_tol=1e-3)
-            out = sk.solve_plans(state, geo, epsilon=jnp.asarray(epsilon), epsilon_start=1.0,
+            out = pl.solve_plans(state, geo, epsilon=jnp.asarray(epsilon), epsilon_start=1.0,
                                  options=opts)
             assert float(out.error) <= 1e-9, (method, float(out.error))
             assert float(out.epsilon) == pytest.approx(epsilon)
-            p = np.asarray(sk.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
+            p = np.asarray(pl.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
             plans[method] = (p, int(out.iteration))
     p, iters = plans["newton"]
     np.testing.assert_allclose(p, plans["sinkhorn"][0], atol=1e-8)
@@ -84,14 +84,14 @@ def test_newton_and_sinkhorn_reach_the_same_plans(epsilon):
 def test_newton_ignores_a_gmm_with_zero_lambda_and_stays_finite():
     cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
     with jax.enable_x64(True):
-        geo = sk.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
+        geo = pl.plan_geometry(jnp.asarray(log_a), jnp.asarray(log_b), jnp.asarray(gmm_index),
                                jnp.asarray(member), jnp.asarray([1.0, 0.0]),
                                jnp.asarray(atom_mask))
-        state = sk.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
+        state = pl.init_state(jnp.asarray(cost), jnp.zeros((2, 4)), jnp.zeros(6),
                               jnp.asarray(log_a), jnp.asarray(gmm_index))
-        out = sk.solve_plans(state, geo, epsilon=jnp.asarray(0.01), epsilon_start=1.0,
-                             options=sk.PlanOptions(tol=1e-10))
-        p = np.asarray(sk.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
+        out = pl.solve_plans(state, geo, epsilon=jnp.asarray(0.01), epsilon_start=1.0,
+                             options=pl.PlanOptions(tol=1e-10))
+        p = np.asarray(pl.plan_matrix(out.reduced, out.epsilon, geo.atom_mask, geo.comp_mask))
     assert np.all(np.isfinite(p)) and np.all(np.isfinite(np.asarray(out.f)))
     assert float(out.error) <= 1e-10
     np.testing.assert_allclose(p[:3][:, member[0]].sum(axis=1), np.full(3, 1 / 3), atol=1e-9)
@@ -99,14 +99,14 @@ def test_newton_ignores_a_gmm_with_zero_lambda_and_stays_finite():
 
 def test_unknown_plan_solver_is_refused():
     cost, gmm_index, member, log_a, log_b, atom_mask, comp, w = _problem()
-    geo = sk.plan_geometry(jnp.asarray(log_a, jnp.float32), jnp.asarray(log_b, jnp.float32),
+    geo = pl.plan_geometry(jnp.asarray(log_a, jnp.float32), jnp.asarray(log_b, jnp.float32),
                            jnp.asarray(gmm_index), jnp.asarray(member), jnp.ones(2),
                            jnp.asarray(atom_mask))
-    state = sk.init_state(jnp.asarray(cost, jnp.float32), jnp.zeros((2, 4)), jnp.zeros(6),
+    state = pl.init_state(jnp.asarray(cost, jnp.float32), jnp.zeros((2, 4)), jnp.zeros(6),
                           geo.log_a, jnp.asarray(gmm_index))
     with pytest.raises(ValueError, match="unknown plan solver 'lbfgs'"):
-        sk.solve_plans(state, geo, epsilon=jnp.asarray(0.1), epsilon_start=1.0,
-                       options=sk.PlanOptions(method="lbfgs"))
+        pl.solve_plans(state, geo, epsilon=jnp.asarray(0.1), epsilon_start=1.0,
+                       options=pl.PlanOptions(method="lbfgs"))
 
 
 def test_newton_blocks_solve_the_block_diagonal_system():
@@ -137,8 +137,8 @@ def test_newton_blocks_solve_the_block_diagonal_system():
         args = [jnp.asarray(x) for x in (log_a, log_b, gmm_index, member, np.ones(3), atom_mask)]
         dirs = []
         for blocks in (jnp.asarray(block_index), None):
-            geo = sk.plan_geometry(*args, block_index=blocks)
-            dirs.append(np.asarray(sk._newton_direction(jnp.asarray(log_c), jnp.asarray(plan),
+            geo = pl.plan_geometry(*args, block_index=blocks)
+            dirs.append(np.asarray(pl._newton_direction(jnp.asarray(log_c), jnp.asarray(plan),
                                                         jnp.asarray(damping), eps, geo)))
     # dense reference: ((1 + tau) I - Q^T Q + u u^T per block) y = u (log b - log c)
     u = np.where(comp, np.exp(0.5 * log_c), 0.0)

@@ -1,4 +1,4 @@
-r"""Log-domain Sinkhorn between the barycenter's atoms and J input GMMs at once.
+r"""The plan solvers: entropic OT between the barycenter's atoms and J input GMMs at once.
 
 Layout of one problem (the flat layout used throughout :mod:`raybary.solvers`):
 the components of all input GMMs are stacked into one axis of length ``L``;
@@ -50,17 +50,18 @@ runs one to the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from raybary.solvers.config import PlanOptions
+
 __all__ = [
     "PlanGeometry",
     "PlanOptions",
     "PlanLoop",
-    "SinkhornState",
+    "PlanState",
     "gauss_jordan_solve",
     "idle_loop",
     "init_state",
@@ -78,33 +79,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class PlanOptions:
-    """Static options of the plan solver (hashable: part of a compiled program).
-
-    Attributes:
-      method: ``"newton"`` (default, :func:`newton_step`) or ``"sinkhorn"``
-        (:func:`sinkhorn_step`).
-      tol: L1 marginal error at which the solver stops (at the target epsilon).
-      max_iterations: iterations at most per solve.
-      decay: factor of the epsilon-scaling schedule.
-      level_tol: marginal error at which epsilon-scaling goes down a level.
-      relaxation: over-relaxation of the Sinkhorn updates (1 is plain Sinkhorn).
-      damping: smallest Levenberg–Marquardt damping of the Newton steps.
-      armijo: sufficient-increase fraction of the Newton step test.
-    """
-
-    method: str = "newton"
-    tol: float = 1e-5
-    max_iterations: int = 300
-    decay: float = 0.3
-    level_tol: float = 1e-3
-    relaxation: float = 1.5
-    damping: float = 1e-6
-    armijo: float = 0.1
-
-
-class SinkhornState(NamedTuple):
+class PlanState(NamedTuple):
     """Result of a plan solve: reduced cost ``(n, L)``, total potentials
     ``f (J, n)``, ``g (L,)``, log-weights of the atoms, iterations done, the
     largest L1 marginal error and the epsilon the reduced cost is at."""
@@ -213,10 +188,10 @@ def plan_matrix(reduced, eps, atom_mask, comp_mask) -> jnp.ndarray:
     return jnp.where(mask, jnp.exp(-jnp.where(mask, reduced, 0.0) / eps), 0.0)
 
 
-def init_state(cost, f, g, log_a, gmm_index) -> SinkhornState:
+def init_state(cost, f, g, log_a, gmm_index) -> PlanState:
     """Warm start from potentials ``f, g`` for a new cost matrix."""
     inf = jnp.asarray(jnp.inf, cost.dtype)
-    return SinkhornState(
+    return PlanState(
         reduce_cost(cost, f, g, gmm_index), f, g, log_a, jnp.asarray(0, jnp.int32), inf, inf
     )
 
@@ -334,11 +309,11 @@ def _solve_blocks(q, u, rhs, damping, geo: PlanGeometry):
     return jnp.pad(y_b.reshape(-1), (0, 1))[geo.block_slot]
 
 
-def _start(state: SinkhornState, epsilon, epsilon_start):
+def _start(state: PlanState, epsilon, epsilon_start):
     return jnp.maximum(epsilon_start, epsilon).astype(state.reduced.dtype)
 
 
-def newton_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
+def newton_init(state: PlanState, geo: PlanGeometry, epsilon, epsilon_start,
                 options: PlanOptions) -> PlanLoop:
     """Rows exact at the first level and the first Newton proposal."""
     eps0 = _start(state, epsilon, epsilon_start)
@@ -415,7 +390,7 @@ def newton_step(s: PlanLoop, geo: PlanGeometry, epsilon, options: PlanOptions) -
     )
 
 
-def idle_loop(state: SinkhornState, n_gmms: int, epsilon) -> PlanLoop:
+def idle_loop(state: PlanState, n_gmms: int, epsilon) -> PlanLoop:
     """A loop state at ``epsilon`` from ``state``'s potentials, with unknown
     (infinite) errors and nothing proposed."""
     n, L = state.reduced.shape
@@ -426,7 +401,7 @@ def idle_loop(state: SinkhornState, n_gmms: int, epsilon) -> PlanLoop:
                     jnp.zeros((n_gmms,), dtype), jnp.asarray(0, jnp.int32), zeros_l)
 
 
-def sinkhorn_init(state: SinkhornState, geo: PlanGeometry, epsilon, epsilon_start,
+def sinkhorn_init(state: PlanState, geo: PlanGeometry, epsilon, epsilon_start,
                   options: PlanOptions) -> PlanLoop:
     """Sinkhorn's loop state at the first level (error unknown: infinite)."""
     del options
@@ -487,24 +462,24 @@ def plan_done(s: PlanLoop, epsilon, options: PlanOptions) -> jnp.ndarray:
     return solved | (s.iteration >= options.max_iterations)
 
 
-def plan_finish(s: PlanLoop, geo: PlanGeometry, options: PlanOptions) -> SinkhornState:
+def plan_finish(s: PlanLoop, geo: PlanGeometry, options: PlanOptions) -> PlanState:
     """The solve's result. Sinkhorn ends with one plain (unrelaxed) iteration:
     the rows of its plans are then exact, and a problem whose plans are
     determined by their marginals (one atom, one component) gets them exactly."""
     if options.method == "sinkhorn":
         s = _sinkhorn_update(s, geo, s.epsilon, 1.0)
-    return SinkhornState(s.reduced, s.f, s.g, geo.log_a, s.iteration, jnp.max(s.error),
+    return PlanState(s.reduced, s.f, s.g, geo.log_a, s.iteration, jnp.max(s.error),
                          s.epsilon)
 
 
 def solve_plans(
-    state: SinkhornState,
+    state: PlanState,
     geo: PlanGeometry,
     *,
     epsilon: jnp.ndarray,
     epsilon_start: jnp.ndarray,
     options: PlanOptions,
-) -> SinkhornState:
+) -> PlanState:
     """Solve the J plans from ``state`` until the marginal error is at most
     ``options.tol`` at the target ``epsilon``, or ``options.max_iterations``."""
     loop = plan_init(state, geo, epsilon, epsilon_start, options)

@@ -1,0 +1,321 @@
+"""The solver's process state, owned by one object: :class:`Engine`.
+
+An engine runs padded batches through the jitted solver by continuous
+batching and remembers, for the process it lives in, what makes later calls
+cheap: which programs it has compiled, how long tails have spent at each
+program (the rent-or-buy rule of :meth:`Engine._shrink`), and JAX's
+persistent compilation cache. :func:`default_engine` is the one
+:func:`raybary.solve` uses unless given another; a caller that wants its own
+bookkeeping (a test, a benchmark, a library embedding raybary) makes its own.
+
+What an engine does to JAX's global configuration, once, on its first solve
+(:meth:`Engine.setup`): unless JAX already has a compilation cache directory,
+it sets one (``RAYBARY_JAX_CACHE``, default ``~/.cache/raybary/jax``) and
+caches programs that took at least 0.5 s to compile, so that a later process
+loads them instead of compiling. ``Engine(compilation_cache=False)`` or
+``RAYBARY_JAX_CACHE=off`` leaves JAX's configuration alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from raybary.batch.padding import next_pow2
+
+__all__ = ["Engine", "default_engine", "SLOTS", "SMALL_BATCH"]
+
+SMALL_BATCH = 64  # batches at most this big are solved in one call
+SLOTS = 1024  # slots of the working batch (problems solved at once)
+REFILL_BLOCKS = 4  # loop blocks per call between two refills
+MIN_WIDTH = 2  # the narrowest batch a tail moves to
+EAGER_WIDTH = 128  # ... at once down to this width; narrower by the rent-or-buy rule
+TAIL_CALL_SLOTS = 1024  # with none waiting, a call runs REFILL_BLOCKS * this / width blocks
+SHRINK_AFTER_S = 1.5  # a tail moves to a batch not yet compiled after this long (~1/3 of a compile)
+NARROW_BELOW = 512  # a bucket with fewer rows runs in a lane a quarter its size ...
+NARROW_LANE = 64  # ... of at least this many slots (lane_width)
+MAP_HEADROOM = 20_000  # memory maps kept free for new programs (about 8 solver programs)
+CACHE_OFF = ("off", "0", "false", "none", "")
+
+
+def _tree_map(fn, *trees):
+    import jax
+
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+def _take(tree, idx):
+    return _tree_map(lambda x: x[idx], tree)
+
+
+def _put(tree, slots: np.ndarray, source, rows: np.ndarray) -> None:
+    """``tree[slots] = source[rows]``, leaf by leaf, in place."""
+    _tree_map(lambda x, y: x.__setitem__(slots, y[rows]), tree, source)
+
+
+def program_key(batch, width: int, config) -> tuple:
+    """What identifies a compiled program: the problems' shapes and dtypes,
+    the batch width and the static config."""
+    shapes = tuple((x.shape[1:], x.dtype.str) for x in batch)
+    return shapes, width, config
+
+
+def lane_width(size: int, rows: int, slots: int) -> int:
+    """Slots of the lane that solves ``rows`` problems of a padded batch of ``size``.
+
+    Up to ``slots``, but a bucket of fewer than :data:`NARROW_BELOW` rows gets
+    a power of two about a quarter its rows (at least :data:`NARROW_LANE`): a
+    lane as wide as its bucket has nothing to refill finished slots from and
+    idles while its slowest problems finish. Larger buckets keep wide lanes,
+    whose per-call cost is lower (docs/performance.md).
+    """
+    width = min(size, slots)
+    if rows < NARROW_BELOW:
+        width = min(width, max(NARROW_LANE, next_pow2(rows // 4 + 1) // 2))
+    return width
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """This process's memory maps and the most Linux allows it
+    (``vm.max_map_count``); ``None`` where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return used, limit
+
+
+class _Queue:
+    """Rows of a batch waiting for a slot, and the finished states."""
+
+    def __init__(self, initial, final, problems, size: int):
+        self.initial, self.final, self.problems, self.size = initial, final, problems, size
+        self.next = 0
+        self.slot_blocks = 0
+
+    def take(self, count: int) -> np.ndarray:
+        rows = np.arange(self.next, min(self.size, self.next + count))
+        self.next += len(rows)
+        return rows
+
+    def empty(self) -> bool:
+        return self.next >= self.size
+
+    def store(self, rows: np.ndarray, state, slots: np.ndarray, blocks: int) -> None:
+        _tree_map(lambda f, x: f.__setitem__(rows, x[slots]), self.final, state)
+        self.slot_blocks += blocks
+
+
+class _Lane:
+    """The working batch of :meth:`Engine.lane`: the row in each slot (-1:
+    free, its state marked done), the slots' states and problems."""
+
+    def __init__(self, queue: _Queue, width: int):
+        first = queue.take(width)
+        self.rows = np.full(width, -1)
+        self.rows[: len(first)] = first
+        safe = np.maximum(self.rows, first[0] if len(first) else 0)
+        self.state, self.batch = _take(queue.initial, safe), _take(queue.problems, safe)
+        self.state.done[self.rows < 0] = True
+
+    @property
+    def width(self) -> int:
+        return len(self.rows)
+
+    def retire(self, queue: _Queue, blocks: int) -> None:
+        """Finished problems leave for ``queue.final``; waiting ones take their slots."""
+        ended = np.flatnonzero(self.state.done & (self.rows >= 0))
+        queue.store(self.rows[ended], self.state, ended, blocks)
+        self.rows[ended] = -1
+        free = np.flatnonzero(self.rows < 0)
+        new = queue.take(len(free))
+        if len(new):
+            slots = free[: len(new)]
+            _put(self.state, slots, queue.initial, new)
+            _put(self.batch, slots, queue.problems, new)
+            self.rows[slots] = new
+
+    def narrow(self, width: int) -> None:
+        """Move the busy slots into a batch of ``width`` slots."""
+        busy = np.flatnonzero(self.rows >= 0)
+        kept = np.concatenate([busy, np.full(width - len(busy), busy[0])])
+        self.state, self.batch = _take(self.state, kept), _take(self.batch, kept)
+        self.rows = np.concatenate([self.rows[busy], np.full(width - len(busy), -1)])
+        self.state.done[len(busy):] = True
+
+
+class Engine:
+    """Runs padded batches through the solver and keeps its process state.
+
+    Args:
+      compilation_cache: ``True`` (default): turn on JAX's persistent
+        compilation cache at ``RAYBARY_JAX_CACHE`` (default
+        ``~/.cache/raybary/jax``; ``off`` turns it off) unless JAX already has
+        one; a path: that directory; ``False``: leave JAX's configuration alone.
+      slots: the widest working batch (problems solved at once).
+
+    Attributes:
+      compiled: program keys (:func:`program_key`) this engine has run.
+      tail_seconds: time tails have spent at each program key, over all calls.
+      cache_clears: times the compiled programs were dropped for memory maps.
+    """
+
+    def __init__(self, *, compilation_cache: bool | str = True, slots: int = SLOTS) -> None:
+        self.compilation_cache = compilation_cache
+        self.slots = int(slots)
+        self.compiled: set = set()
+        self.tail_seconds: dict = defaultdict(float)
+        self.cache_clears = 0
+        self._set_up = False
+
+    def setup(self) -> str | None:
+        """Configure JAX's persistent compilation cache (once; see the class);
+        return the cache directory in use, if any."""
+        import jax
+
+        if not self._set_up:
+            self._set_up = True
+            path = self._cache_dir()
+            if path is not None and not jax.config.jax_compilation_cache_dir:
+                os.makedirs(path, exist_ok=True)
+                jax.config.update("jax_compilation_cache_dir", path)
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        return jax.config.jax_compilation_cache_dir or None
+
+    def _cache_dir(self) -> str | None:
+        if self.compilation_cache is False:
+            return None
+        if isinstance(self.compilation_cache, str):
+            return self.compilation_cache
+        path = os.environ.get("RAYBARY_JAX_CACHE")
+        if path is not None and path.strip().lower() in CACHE_OFF:
+            return None
+        return path or os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax")
+
+    def before_compile(self, key) -> bool:
+        """Note that ``key`` is about to run; return whether it is new to this
+        engine (then it compiles, and the memory-map guard runs first)."""
+        if key in self.compiled:
+            return False
+        self.keep_map_room()
+        self.compiled.add(key)
+        return True
+
+    def keep_map_room(self) -> None:
+        """Drop the solver's compiled programs before the process runs out of
+        memory maps (XLA's CPU backend maps each program in thousands of
+        pieces; Linux allows ``vm.max_map_count``, and past that the next
+        compile aborts the process). Only the solver's programs are dropped,
+        never the caller's; one needed again loads from the persistent cache."""
+        maps = memory_maps()
+        if maps is None or maps[1] - maps[0] >= MAP_HEADROOM:
+            return
+        from raybary.solvers import barycenter as bc
+
+        for program in (bc.init_batch, bc.run_batch, bc.finish_batch, bc.solve_batch):
+            program.clear_cache()
+        self.compiled.clear()
+        self.cache_clears += 1
+
+    def solve_arrays(self, arrays: dict, config, dtype: str, *, count: int | None = None,
+                     stats: dict | None = None, slots: int | None = None) -> dict[str, np.ndarray]:
+        """Solve a padded batch (the fields of
+        :class:`~raybary.solvers.barycenter.PaddedProblem` as arrays).
+
+        Only the first ``count`` rows (default: all) are solved; the rest are
+        filler, returned as initialised. A batch of at most
+        :data:`SMALL_BATCH` rows is solved in one call; a larger one by
+        continuous batching (:meth:`lane`), at most ``slots`` (default: the
+        engine's) at a time. Each problem's arithmetic does not depend on its
+        slot or its neighbours, so results do not depend on either.
+        ``stats["slot_blocks"]`` gets the loop blocks run, summed over slots.
+        """
+        import jax
+        import jax.numpy as jnp
+
+        from raybary.solvers import barycenter as bc
+
+        self.setup()
+        stats = {} if stats is None else stats
+        stats.setdefault("slot_blocks", 0)
+        with jax.enable_x64(dtype == "float64"):
+            problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
+            size = problems.weights.shape[0]
+            self.before_compile(("init, finish", program_key(problems, size, config)))
+            device = _tree_map(jnp.asarray, problems)
+            if size <= SMALL_BATCH:
+                state = bc.run_batch(bc.init_batch(device, config), device, config, 1 << 30)
+                stats["slot_blocks"] += size * int(np.max(np.asarray(state.blocks)))
+            else:
+                initial = _tree_map(np.array, bc.init_batch(device, config))
+                queue = _Queue(initial, _tree_map(np.copy, initial), problems,
+                               min(size, count or size))
+                self.lane(queue, config, lane_width(size, queue.size, slots or self.slots))
+                stats["slot_blocks"] += queue.slot_blocks
+                state = _tree_map(jnp.asarray, queue.final)
+            out = bc.finish_batch(state, device)
+            return {k: np.asarray(v) for k, v in out._asdict().items()}
+
+    def lane(self, queue: _Queue, config, width: int) -> None:
+        """Solve the rows of ``queue`` in ``width`` slots, refilling finished ones.
+
+        Between calls of ``REFILL_BLOCKS`` blocks, finished problems leave and
+        waiting ones take their slots (their initial states were computed up
+        front). Once none waits and at most an eighth of the slots are busy
+        (the tail: a few slow problems), the busy ones move to a batch an
+        eighth the size when :meth:`_shrink` says so (sizes stay powers of
+        two: few compiles).
+        """
+        from raybary.solvers import barycenter as bc
+
+        if queue.empty():
+            return
+        lane = _Lane(queue, width)
+        while True:
+            started = time.perf_counter()
+            before = lane.state.blocks.copy()
+            # Nothing to refill from: run longer per call (narrow batches are cheap per block).
+            blocks = REFILL_BLOCKS * max(1, TAIL_CALL_SLOTS // lane.width if queue.empty() else 1)
+            key = program_key(lane.batch, lane.width, config)
+            compiling = self.before_compile(key)
+            lane.state = _tree_map(np.array, bc.run_batch(lane.state, lane.batch, config, blocks))
+            lane.retire(queue, lane.width * int(np.max(lane.state.blocks - before)))
+            busy = int(np.sum(lane.rows >= 0))
+            if busy == 0:
+                return
+            narrower = lane.width // 8
+            if busy <= narrower and narrower >= MIN_WIDTH and queue.empty():
+                if not compiling:  # a call that compiled is not tail time
+                    self.tail_seconds[key] += time.perf_counter() - started
+                if self._shrink(key, program_key(lane.batch, narrower, config), narrower):
+                    lane.narrow(narrower)
+
+    def _shrink(self, key, narrower_key, narrower: int) -> bool:
+        """Whether a tail at program ``key`` moves to the ``narrower`` one: at
+        once down to :data:`EAGER_WIDTH` or if that program already ran, else
+        once tails at ``key`` have taken :data:`SHRINK_AFTER_S` in all (about
+        a third of a compile). A rent-or-buy rule that buys early: a program
+        once compiled serves every later tail of the process and, through the
+        persistent cache, of later ones, while short tails never pay for a
+        compile."""
+        return (narrower >= EAGER_WIDTH or narrower_key in self.compiled
+                or self.tail_seconds[key] >= SHRINK_AFTER_S)
+
+
+@functools.cache
+def default_engine() -> Engine:
+    """The engine :func:`raybary.solve` uses when given none (one per process)."""
+    return Engine()
+
+
+def engine_of(engine: Engine | None) -> Engine:
+    """``engine``, or the process's :func:`default_engine`."""
+    return default_engine() if engine is None else engine
+
