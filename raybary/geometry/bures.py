@@ -14,8 +14,8 @@ eigendecomposition, with eigenvalues floored at ``10 eps`` times the largest
 (what rounding to the dtype cannot resolve), except for the cross terms of
 ``3 <= d <= 8`` (one per atom and component: the bulk of the work), which
 come from :func:`jacobi_svd`, one-sided Jacobi rotations written as
-elementwise arithmetic over the batch: 4-10x faster on CPU than a batch of
-LAPACK calls at these sizes, and as accurate.
+elementwise arithmetic over the batch: much faster on CPU than a batch of
+LAPACK calls at these sizes (docs/performance.md), and as accurate.
 
 References:
   Hestenes (1958), *Inversion of matrices by biorthogonalization*; Demmel &

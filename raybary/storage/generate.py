@@ -92,7 +92,7 @@ def _covariances(rng: np.random.Generator, eig: np.ndarray) -> np.ndarray:
     """``U diag(eig) U^T`` with Haar-random ``U``, symmetric to the last bit."""
     n, d = eig.shape
     if d <= 2:
-        # closed forms, 7x faster than the einsum; the random draws are exactly those of
+        # closed forms, faster than the einsum; the random draws are exactly those of
         # random_orthogonal (the reflection is drawn but cancels in U diag(e) U^T)
         if d == 1:
             rng.choice([-1.0, 1.0], size=(n, 1, 1))

@@ -420,7 +420,7 @@ class ParquetProblemWriter:
         self._fs.makedirs(posixpath.dirname(self._path) or "/", exist_ok=True)
         self._file = None if _fs.is_local(self._fs) else self._fs.open(self._path, "wb")
         # dictionary encoding only where values repeat: on the float lists it is tried
-        # page after page and abandoned, which made writing 3x slower (and files larger)
+        # page after page and abandoned, which made writing slower (and files larger)
         self._writer = pq.ParquetWriter(
             self._path if self._file is None else self._file, problem_schema(covariance_type),
             compression=compression, use_dictionary=["problem_id", "gmm", "lambda"],

@@ -358,3 +358,30 @@ def test_compiled_programs_are_dropped_before_memory_maps_run_out(tutorial, monk
     assert engine.cache_clears > 1
     np.testing.assert_allclose(got.objective, want.objective, rtol=1e-6)
     np.testing.assert_allclose(got.means, want.means, rtol=1e-5, atol=1e-5)
+
+
+def test_progress_counts_each_problem_once_across_chunks(tutorial):
+    # restarts=3 with batch_size=4: a problem's restarts fall on both sides of
+    # chunk boundaries; progress counted problems per chunk and reached 7 of 5
+    problems = [p for p, _ in tutorial] + [tutorial[0][0], tutorial[1][0]]
+    seen = []
+    raybary.solve(problems, bar_size=2, restarts=3, batch_size=4, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == len(problems) and max(seen) <= len(problems)
+    assert len(seen) == 4  # one call per chunk: 15 rows in chunks of 4
+
+
+def test_solve_leaves_the_callers_jax_and_engine_state_alone(tutorial):
+    # an engine of one's own keeps its own compiled-program table; the default
+    # engine is one object; a given config's fields are kept (only the options'
+    # learn_weights / max_iterations / tol replace them)
+    from raybary.batch.engine import Engine, default_engine
+    from raybary.solvers.config import SolverConfig
+
+    p, _ = tutorial[0]
+    mine = Engine()
+    before = set(default_engine().compiled)
+    [r] = raybary.solve(p, bar_size=2, epsilon=0.1, engine=mine, max_iterations=3,
+                        config=SolverConfig(plan_max_iterations=50))
+    assert mine.compiled and default_engine().compiled == before
+    assert default_engine() is default_engine()
+    assert r.iterations <= 3
