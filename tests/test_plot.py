@@ -1,6 +1,6 @@
 """raybary.plot and `raybary plot`: figures from stored results (no Ray needed).
 
-Results are written the way the runner writes them (ResultWriter.commit_shard)
+Results are written the way the runner writes them (ShardCommitter.commit_shard)
 from a real solve of small problems: the tutorial family (with and without
 stored grids, one problem marked failed), a ragged random family (d = 1 and
 d = 5, i.e. curves and 2-D marginals) and d = 1 tutorial problems whose curves
@@ -30,7 +30,7 @@ from raybary.density import (  # noqa: E402
     marginal_components,
 )
 from raybary.storage.generate import generate  # noqa: E402
-from raybary.storage.results import ResultWriter  # noqa: E402
+from raybary.storage.results import ResultWriter, ShardGrids  # noqa: E402
 from raybary.types import BatchOutcome  # noqa: E402
 
 GRID = (48, 40)  # H != W, so a transposed grid cannot pass
@@ -59,15 +59,16 @@ def _write_results(out, store, results, *, grids: bool, failed: set[int] = froze
             ext = np.stack([default_bounds(np.concatenate([g.means for g in p.gmms]),
                                            np.concatenate([g.covs for g in p.gmms]))
                             for p in probs])
-            kw["grid_extents"] = ext
-            kw["grids"] = np.stack([
+            kw["extent"] = ext
+            kw["barycenter"] = np.stack([
                 np.full(GRID, np.nan) if r is None else log_density_grid(r.gmm(), GRID, x)[0]
                 for r, x in zip(rows, ext)])
             if input_gmms:
-                kw["input_grids"] = np.stack([
+                kw["inputs"] = np.stack([
                     np.stack([log_density_grid(g, GRID, x)[0] for g in p.gmms[:input_gmms]])
                     for p, x in zip(probs, ext)])
-        writer.commit_shard(i, s, e, shard.problem_ids[s:e], statuses, errors, rows, 0.01, **kw)
+        outcome = BatchOutcome(shard.problem_ids[s:e], statuses, errors, rows, 0.01)
+        writer.committer.commit_shard(i, outcome, ShardGrids(**kw) if kw else None)
     writer.finalize({})
     return out
 

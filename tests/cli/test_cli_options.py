@@ -61,7 +61,7 @@ def test_options_are_parsed_by_options_py():
     (["--grid", "8xx"], 2, "Invalid value for --grid: grid must be H or HxW"),
     (["--grid-dims", "a,b"], 2, "Invalid value for --grid-dims: grid dims must be i,j"),
     (["--epsilon", "0.1", "--relative-epsilon", "0.01"], 2,
-     "give --epsilon or --relative-epsilon, not both"),
+     "give epsilon (--epsilon, absolute) or relative_epsilon (--relative-epsilon), not both"),
 ])
 def test_bad_options_are_usage_errors(args, exit_code, message):
     r = CliRunner().invoke(main, ["run", "in.parquet", "out", *args])

@@ -151,7 +151,7 @@ def test_options_error_exits_2_with_the_usage_hint():
     err, code, text = _fail(["run", "in.parquet", "out", "--epsilon", "0.1",
                              "--relative-epsilon", "0.01"])
     assert type(err) is OptionsError and code == 2
-    _check(text, "give --epsilon or --relative-epsilon, not both")
+    _check(text, "give epsilon (--epsilon, absolute) or relative_epsilon (--relative-epsilon), not both")
     assert text.startswith("Usage: ") and "--help" in text
 
 
