@@ -148,7 +148,9 @@ def test_address_normalisation(monkeypatch):
 
 
 def _dry_run(*args: str) -> dict:
-    r = CliRunner().invoke(main, ["submit", *args, "--dry-run"])
+    """``raybary submit ARGS --dry-run`` (``--dry-run`` first if ARGS has a ``--``)."""
+    r = CliRunner().invoke(main, ["submit", "--dry-run", *args] if "--" in args
+                           else ["submit", *args, "--dry-run"])
     assert r.exit_code == 0, r.output
     return json.loads(r.output[r.output.index("{"):])
 
@@ -164,6 +166,50 @@ def test_submit_passes_run_options_through(tmp_path, monkeypatch):
     assert out["address"] == "http://headnode:8265"
     assert out["runtime_env"]["env_vars"]["K"] == "V"
     assert "py_modules" not in out["runtime_env"]  # nothing shipped unless asked
+
+
+@pytest.mark.parametrize("args", [
+    ["in.parquet", "s3://b/out", "-qn", "3"],  # combined short flags, as `raybary run` takes them
+    ["in.parquet", "s3://b/out", "-qn3"],
+    ["-n3", "in.parquet", "-q", "s3://b/out"],  # options before, between and after
+    ["in.parquet", "--bar-size=3", "s3://b/out", "--quiet"],
+    ["-q", "--bar-size", "3", "--", "in.parquet", "s3://b/out"],  # run's `--`
+    ["in.parquet", "s3://b/out", "-n", "3", "--uniform-weights", "--learn-weights", "--seed",
+     "-4", "--grid-bounds=-1,1,-2,2", "-q"],
+])
+def test_submit_parses_run_options_as_run_does(args, tmp_path, monkeypatch):
+    """The job's entrypoint parses back to what `raybary run ARGS` parses to
+    (INPUT made absolute), whatever spelling of the options click accepts."""
+    from raybary.cli.run_cmds import run_cmd
+
+    monkeypatch.chdir(tmp_path)
+    local = [str(tmp_path / a) if a == "in.parquet" else a for a in args]
+    want = run_cmd.make_context("run", local).params
+    assert want["bar_size"] == 3 and want["quiet"] is True
+    # as typed (submit takes a `--` itself), and after submit's `--` (all of ARGS is run's)
+    for submit_args in (args, ["--", *args]):
+        entry = shlex.split(_dry_run(*submit_args)["entrypoint"])
+        assert entry[:3] == ["python", "-m", "raybary.cli.job_entry"]
+        assert entry[3:5] == [str(tmp_path / "in.parquet"), "s3://b/out"]
+        assert run_cmd.make_context("run", entry[3:]).params == want, submit_args
+
+
+def test_submit_entrypoint_spells_run_options_in_long_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _dry_run("in.parquet", "s3://b/out", "-qn", "3")
+    assert out["entrypoint"] == (f"python -m raybary.cli.job_entry {tmp_path}/in.parquet "
+                                 "s3://b/out --quiet --bar-size 3")
+    odd = _dry_run("--", "-qn3", "--", "-in.parquet", "s3://b/out")  # an INPUT named like an option
+    assert odd["entrypoint"] == (f"python -m raybary.cli.job_entry {tmp_path}/-in.parquet "
+                                 "s3://b/out --quiet --bar-size 3")
+
+
+@pytest.mark.parametrize("args", [["in", "out", "--address", "h:1"], ["in", "out", "--address=h:1"],
+                                  ["in", "--address", "h:1", "out"]])
+def test_submit_refuses_an_address_among_the_run_options(args):
+    """(``--address`` before a ``--`` is submit's own: the dashboard.)"""
+    r = CliRunner().invoke(main, ["submit", "--dry-run", "--", *args])
+    assert r.exit_code == 2 and "--address is the dashboard of the cluster" in r.output, r.output
 
 
 @pytest.mark.parametrize("args,message", [
