@@ -256,7 +256,8 @@ def _default_actors(exe: ExecOptions) -> int:
 def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         grid: GridOptions | None = None, exe: ExecOptions | None = None, *,
         stream: TextIO | None = sys.stderr,
-        on_shard: Callable[[ShardSummary], None] | None = None) -> RunReport:
+        on_shard: Callable[[ShardSummary], None] | None = None,
+        _worker: type | None = None) -> RunReport:
     """Solve every problem of ``input_url`` into ``output_url``; return a :class:`RunReport`.
 
     Starts an embedded local Ray unless Ray is already initialised in this
@@ -268,6 +269,11 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     ``on_shard(summary)`` is called on the driver after each committed shard
     with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
     timings, ``pid`` and ``node``).
+
+    ``_worker`` (private, for tests): the actor class, a subclass of
+    :class:`~raybary.runner.actor.ShardWorker` that injects faults (default:
+    ``ShardWorker``); an argument, not an environment variable, so that no
+    user setting can reach it.
     """
     from raybary.storage import ResultWriter, open_store
 
@@ -292,17 +298,20 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     writer.acquire_lease()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer)
     try:
-        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token)
+        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token,
+                           _worker)
     finally:
         keeper.stop()
         writer.release_lease()
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
-                stream, on_shard, t0: float, token=None) -> RunReport:
+                stream, on_shard, t0: float, token=None, worker: type | None = None) -> RunReport:
     import ray
 
-    from raybary.runner.actor import make_actor
+    from raybary.runner.actor import ShardWorker, make_actor
+
+    worker = worker or ShardWorker
 
     committed = writer.prepare(overwrite=exe.overwrite)
     report = RunReport(input=redact_url(store.url), output=redact_url(writer.url),
@@ -327,7 +336,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             started = _connect(exe, token)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
-            pool = ActorPool(lambda: make_actor(exe, store.url, writer, solver, grid), n_actors)
+            pool = ActorPool(lambda: make_actor(exe, store.url, writer, solver, grid, worker),
+                             n_actors)
             _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:
         stopped = e

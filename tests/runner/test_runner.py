@@ -326,11 +326,17 @@ def test_killed_driver_leaves_commits_and_the_rerun_finishes(data, reference, ra
 
 
 def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, reference):
-    from raybary.runner.actor import CRASH_ENV
+    from raybary.runner.actor import ShardWorker
+
+    class DiesOnShard2(ShardWorker):  # in the test: Ray ships it by value
+        def run_shard(self, shard_index: int):
+            if shard_index == 2:
+                os._exit(70)  # the process dies on this shard, as on a segfault
+            return super().run_shard(shard_index)
 
     out = str(data["root"] / "give-up")
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
-                 exe(actors=1, max_attempts=2, actor_env={CRASH_ENV: "2"}), stream=None)
+                 exe(actors=1, max_attempts=2), stream=None, _worker=DiesOnShard2)
     assert report.complete and report.shards_given_up == 1, report
     assert report.actor_replacements >= 2, report
     assert report.counts == {"ok": N - SHARD, "invalid": 0, "failed": SHARD}, report
@@ -365,12 +371,18 @@ def test_shard_committed_by_an_actor_that_died_before_replying_counts_as_done(da
     that shard as committed (not charge, re-solve or give it up), and the
     shard queued behind it, which may or may not have started, goes back
     without counting."""
-    from raybary.runner.actor import CRASH_AFTER_COMMIT_ENV
+    from raybary.runner.actor import ShardWorker
+
+    class DiesAfterCommitting(ShardWorker):  # in the test: Ray ships it by value
+        def run_shard(self, shard_index: int):
+            out = super().run_shard(shard_index)  # committed
+            if shard_index in (1, 5):
+                os._exit(70)  # dead before the reply
+            return out
 
     out = str(data["root"] / "reply-lost")
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
-                 exe(actors=1, max_attempts=1, actor_env={CRASH_AFTER_COMMIT_ENV: "1,5"}),
-                 stream=None)
+                 exe(actors=1, max_attempts=1), stream=None, _worker=DiesAfterCommitting)
     assert report.complete and report.shards_given_up == 0, report
     assert report.replies_lost == 2 and report.actor_replacements == 2, report
     assert report.retries == 0 and report.shards_run == N // SHARD, report
@@ -379,6 +391,17 @@ def test_shard_committed_by_an_actor_that_died_before_replying_counts_as_done(da
     check_exactly_once(res)
     ref = read_results(reference[0]).problems
     np.testing.assert_allclose(res.problems.objective, ref.objective, rtol=1e-9)
+
+
+def test_no_environment_variable_makes_an_actor_exit(tmp_path):
+    """Faults are injected through run's private ``_worker`` argument only: the
+    variables that were once test hooks, set for the actors, change nothing."""
+    store = generate(str(tmp_path / "small.parquet"), SHARD, family="tutorial", seed=3)
+    hooks = {"RAYBARY_RUNNER_CRASH_SHARDS": "0", "RAYBARY_RUNNER_CRASH_AFTER_COMMIT": "0"}
+    report = run(store.url, str(tmp_path / "out"), SOLVER, GridOptions(shape=None),
+                 exe(actors=1, max_attempts=1, actor_env=hooks), stream=None)
+    assert report.complete and report.counts == {"ok": SHARD, "invalid": 0, "failed": 0}, report
+    assert report.actor_replacements == 0 and report.replies_lost == 0, report
 
 
 class _BlockCommitsOnce(io.StringIO):
