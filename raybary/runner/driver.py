@@ -37,9 +37,10 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -225,11 +226,10 @@ def _connect(exe: ExecOptions, token=None) -> bool:
 def _token_for_cluster():
     """Resolve the Ray auth token as ``raybary submit`` does and, when there is
     one and ``RAY_AUTH_MODE`` is unset, turn on Ray's token mode for this
-    process (Ray sends a token only in that mode). Returns the token or None;
-    raises :class:`~raybary.jobs.auth.TokenError` for a named token file that
-    cannot be used."""
-    import os
-
+    process (Ray sends a token only in that mode) until the run ends
+    (:func:`_auth_env_restored`). Returns the token or None; raises
+    :class:`~raybary.jobs.auth.TokenError` for a named token file that cannot
+    be used."""
     from raybary.jobs.auth import resolve_token
 
     token = resolve_token()
@@ -237,6 +237,29 @@ def _token_for_cluster():
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", token.value)
     return token
+
+
+#: What :func:`_token_for_cluster` may set in ``os.environ``.
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+@contextlib.contextmanager
+def _auth_env_restored() -> Iterator[None]:
+    """Put ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` back as they were (unset, or
+    their old values) when the block ends, returning or raising.
+
+    Reason: the token is the run's; processes this one starts later must not
+    inherit it.
+    """
+    saved = {name: os.environ.get(name) for name in _AUTH_ENV}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _default_actors(exe: ExecOptions) -> int:
@@ -270,11 +293,24 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
     timings, ``pid`` and ``node``).
 
+    With ``exe.address`` and a Ray token found (``$RAY_AUTH_TOKEN``,
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), Ray's token mode is on in
+    this process for the run only: ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` are
+    as they were when it returns or raises.
+
     ``_worker`` (private, for tests): the actor class, a subclass of
     :class:`~raybary.runner.actor.ShardWorker` that injects faults (default:
     ``ShardWorker``); an argument, not an environment variable, so that no
     user setting can reach it.
     """
+    with _auth_env_restored():  # the run may turn on Ray's token mode (_token_for_cluster)
+        return _run(input_url, output_url, solver, grid, exe, stream, on_shard, _worker)
+
+
+def _run(input_url: str, output_url: str, solver: SolverOptions | None,
+         grid: GridOptions | None, exe: ExecOptions | None, stream: TextIO | None,
+         on_shard: Callable[[ShardSummary], None] | None, worker: type | None) -> RunReport:
+    """:func:`run`, with the process's environment its own to change."""
     from raybary.storage import ResultWriter, open_store
 
     # Actors of a Ray started elsewhere (--address, or already running) have
@@ -299,7 +335,7 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     keeper = _LeaseKeeper(writer)
     try:
         return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token,
-                           _worker)
+                           worker)
     finally:
         keeper.stop()
         writer.release_lease()

@@ -404,6 +404,55 @@ def test_no_environment_variable_makes_an_actor_exit(tmp_path):
     assert report.actor_replacements == 0 and report.replies_lost == 0, report
 
 
+class _AuthEnvSeen(io.StringIO):
+    """A progress stream that records Ray's auth variables as the run sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def write(self, text: str) -> int:
+        self.seen.append({k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+        return super().write(text)
+
+
+@pytest.mark.parametrize("before", [{}, {"RAY_AUTH_MODE": "disabled"},
+                                    {"RAY_AUTH_TOKEN": "from-the-env"}])
+def test_token_mode_is_the_runs_only(data, reference, ray_local, tmp_path, monkeypatch, before):
+    """A run that joins a cluster (``exe.address``) and finds a token turns on
+    Ray's token mode for itself; when it returns or raises, RAY_AUTH_MODE and
+    RAY_AUTH_TOKEN are what they were (unset, or their values), so processes
+    started later do not inherit the token. (The session's Ray is running, so
+    the run uses it: only the variables are looked at here.)"""
+    token_file = tmp_path / "auth_token"
+    token_file.write_text("token-from-the-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in before.items():
+        monkeypatch.setenv(name, value)
+    env_before = dict(os.environ)
+
+    with pytest.raises(FileNotFoundError, match="no problem store"):  # after the token
+        run(str(tmp_path / "missing.parquet"), str(tmp_path / "out"), SOLVER,
+            GridOptions(shape=GRID), exe(address=ray_local), stream=None)
+    assert dict(os.environ) == env_before
+
+    out = tmp_path / "done"  # every shard committed already: the run resumes, finds
+    shutil.copytree(reference[0], out)  # nothing to do and returns
+    stream = _AuthEnvSeen()
+    report = run(data["parquet"], str(out), SOLVER, GridOptions(shape=GRID, input_gmms=3),
+                 exe(address=ray_local), stream=stream)
+    assert report.complete and report.shards_skipped == N // SHARD
+    assert dict(os.environ) == env_before
+    during = stream.seen[0]  # the "resuming" line
+    if before.get("RAY_AUTH_MODE"):  # the user's mode is left alone
+        assert during == {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": None}
+    else:
+        assert during["RAY_AUTH_MODE"] == "token"
+        assert during["RAY_AUTH_TOKEN"] == before.get("RAY_AUTH_TOKEN", "token-from-the-file")
+
+
 class _BlockCommitsOnce(io.StringIO):
     """A progress stream that makes OUTPUT/_tmp a file when the run starts (every
     commit then fails with a storage error, in the actor) and clears it once the
