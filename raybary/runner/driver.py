@@ -193,25 +193,15 @@ def _connect(exe: ExecOptions, token=None) -> bool:
     """Start or join Ray; return whether this call started it (and must stop it).
     ``token`` (from :func:`_token_for_cluster`) only names the token in a failure."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return False
     if exe.address:
         try:
             ray.init(address=exe.address, logging_level=logging.WARNING)
-        except Exception as e:
-            text = f"{type(e).__name__}: {e}"
-            if not any(k in text for k in ("InvalidAuthToken", "UNAUTHENTICATED",
-                                           "uthentication", "Failed to connect")):
-                raise
-            where = (f"the token from {token.source} was sent; is it this cluster's?"
-                     if token is not None else
-                     "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
-                     "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
-            raise ConnectionError(
-                f"could not join the Ray cluster at {exe.address}. Is it up and reachable? "
-                "If it uses token authentication (the default of `ray start --head` since "
-                f"Ray 2.59): {where}") from None
+        except (ConnectionError, AuthenticationError) as e:
+            raise ConnectionError(_join_failure(exe.address, token, _login_failed(e))) from None
     else:
         # address="local": always a fresh, private Ray, never one found via
         # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
@@ -221,6 +211,44 @@ def _connect(exe: ExecOptions, token=None) -> bool:
                  logging_level=logging.WARNING, log_to_driver=False,
                  _system_config={"worker_niceness": 0})
     return True
+
+
+def _login_failed(error: BaseException) -> bool:
+    """Whether ``error``, raised by ``ray.init(address=...)``, says that token
+    authentication failed (no token, or not the cluster's), not that the
+    cluster could not be reached.
+
+    Rule: a :class:`ray.exceptions.AuthenticationError` in the chain of causes
+    (Ray raises one itself in token mode without a token), or that class's
+    full name in a message of the chain. Reason: when the cluster refuses the
+    login, Ray's GCS client raises it inside a retry loop that passes on only
+    the traceback's text, in the RuntimeError under ray.init's ConnectionError.
+    """
+    from ray.exceptions import AuthenticationError
+
+    name = f"{AuthenticationError.__module__}.{AuthenticationError.__qualname__}"
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AuthenticationError) or name in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _join_failure(address: str, token, login_failed: bool) -> str:
+    """The one-line error of a cluster that could not be joined: where the token
+    came from (or where raybary looked), and whether the login failed."""
+    where = (f"the token from {token.source} was sent; is it this cluster's?"
+             if token is not None else
+             "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
+             "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
+    if login_failed:
+        return (f"could not join the Ray cluster at {address}: it uses token authentication "
+                f"and the login failed; {where}")
+    return (f"could not join the Ray cluster at {address}. Is it up and reachable? If it uses "
+            "token authentication (the default of `ray start --head` since Ray 2.59): "
+            f"{where}")
 
 
 def _token_for_cluster():

@@ -394,6 +394,68 @@ def test_token_is_required(head, home):
     assert r.exit_code == 1 and "authentication token" in r.output
 
 
+#: Ray's own settings: one try at the GCS, 3 s to wait for it (not 20 tries of 30 s).
+_RAY_CONNECT_ONCE = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "3"}
+
+#: What ray.init(address=...) raises in Ray 2.60 (a ConnectionError, "Failed to
+#: connect to Ray cluster at ...", from a RuntimeError with the last traceback of
+#: its retry loop): against a token-auth head without the token, and against a
+#: port where nothing listens. Texts as Ray wrote them (the tracebacks shortened).
+_RAY_REFUSED = (
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+    '  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status\n'
+    "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is "
+    "missing or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure "
+    "that the token for the cluster is available in a local file\n")
+_RAY_UNREACHABLE = (
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+    '  File "python/ray/includes/common.pxi", line 144, in '
+    "ray._raylet.check_status_timeout_as_rpc_error\n"
+    "ray.exceptions.RpcError: Timed out while waiting for GCS to become available.\n")
+
+
+def _raised_by_ray_init(text: str) -> ConnectionError:
+    try:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1") from e
+    except ConnectionError as e:
+        return e
+
+
+def test_a_failed_login_is_told_from_an_unreachable_cluster():
+    from ray._private.authentication.authentication_constants import (
+        TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE,
+    )
+    from ray.exceptions import AuthenticationError
+
+    from raybary.runner.driver import _login_failed
+
+    # raised by ray.init itself in token mode without a token
+    assert _login_failed(AuthenticationError(TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE))
+    assert _login_failed(_raised_by_ray_init(_RAY_REFUSED))  # the cluster refused the login
+    assert not _login_failed(_raised_by_ray_init(_RAY_UNREACHABLE))
+    assert not _login_failed(ConnectionError("Connection refused"))
+    assert not _login_failed(RuntimeError("Authentication is not the point here"))
+
+
+def test_run_against_an_unreachable_address_says_so(tmp_path):
+    from raybary.storage.generate import generate
+
+    generate(str(tmp_path / "in.parquet"), 2, family="tutorial", seed=2)
+    port = _free_ports(1)[0]  # closed again: nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(_RAY_CONNECT_ONCE, HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "raybary", "run", str(tmp_path / "in.parquet"),
+                        str(tmp_path / "out"), "--address", f"127.0.0.1:{port}", "-q"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"could not join the Ray cluster at 127.0.0.1:{port}. Is it up and reachable?" \
+        in r.stderr, r.stderr[-2000:]
+    assert "login failed" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
     """``raybary run --address HOST:PORT`` resolves the token as submit does (no
     RAY_AUTH_MODE needed); without one it says so in one line."""
@@ -409,8 +471,14 @@ def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=home)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "could not join the Ray cluster" in r.stderr, r.stderr[-2000:]
-    assert "uses token authentication" in r.stderr and "no token was found" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
+    assert "no token was found" in r.stderr and "Traceback" not in r.stderr
+    # the wrong token (Ray asked to try once, not 20 times)
+    r = subprocess.run(cmd, env={**env, **_RAY_CONNECT_ONCE, "RAY_AUTH_TOKEN": "not-the-token"},
+                       capture_output=True, text=True, timeout=300, cwd=home)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
+    assert "the token from $RAY_AUTH_TOKEN was sent" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True,
                        timeout=300, cwd=home)
     assert r.returncode == 0, r.stderr[-3000:]
