@@ -4,8 +4,13 @@ What flows through the driver is small: shard tasks out
 (:class:`~raybary.runner.pool.ShardTask`), summaries back
 (:class:`~raybary.runner.shard.ShardSummary`: counts, timings, node and pid).
 Problem data are read and results written by the actors themselves, so the
-driver's memory does not grow with the number of problems (it holds a deque
-of shard tasks, the pool of actors and a few counters).
+driver's memory grows with the number of shards, not of problems: per shard
+a queued task and its first and last problem id (looked up ``ID_BLOCK`` ids
+at a time; from Parquet, a row group's ids at a time at least), plus the
+pool of actors and a few counters. The one exception is the input store's
+own index: a Parquet store keeps a few numbers per row group and, if its
+rows are not sorted by ``problem_id``, its sorted distinct ids (8 bytes per
+problem), built when the driver looks up the shards' ids.
 
 Exactly once: every shard's outputs are committed atomically and a commit is
 idempotent (a rewrite replaces the same files). The driver re-queues a shard
@@ -67,13 +72,14 @@ from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
 
 if TYPE_CHECKING:
-    from raybary.storage import ResultWriter
+    from raybary.storage import ProblemStore, ResultWriter
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
 
 log = logging.getLogger(__name__)
 
 STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
+ID_BLOCK = 65_536  # problem ids read at a time to find each shard's first and last id
 
 
 class JobIncomplete(RaybaryError, RuntimeError):
@@ -290,6 +296,27 @@ def _auth_env_restored() -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _shard_boundary_ids(store: ProblemStore, shards: list[tuple[int, int]],
+                        block: int = ID_BLOCK) -> list[tuple[int, int]]:
+    """The first and last problem id of each non-empty shard ``(start, stop)`` of ``store``.
+
+    Rule: ids are read with ``store.problem_ids`` one block of ``block``
+    positions at a time, only the blocks that hold a shard's first or last
+    position. Reason: the driver's memory must not grow with the number of
+    problems.
+    """
+    shards = [(a, b) for a, b in shards if b > a]
+    by_block: dict[int, list[int]] = {}
+    for pos in sorted({p for a, b in shards for p in (a, b - 1)}):
+        by_block.setdefault(pos // block, []).append(pos)
+    ids: dict[int, int] = {}
+    for k, positions in by_block.items():
+        start = k * block
+        got = store.problem_ids(start, min(start + block, store.n_problems))
+        ids.update((pos, int(got[pos - start])) for pos in positions)
+    return [(ids[a], ids[b - 1]) for a, b in shards]
+
+
 def _default_actors(exe: ExecOptions) -> int:
     import ray
 
@@ -353,8 +380,7 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
         stream = None
     t0 = time.perf_counter()
     store = open_store(input_url)  # metadata only
-    ids = store.problem_ids()
-    shard_ids = [(ids[a], ids[b - 1]) for a, b in store.shards(exe.shard_size) if b > a]
+    shard_ids = _shard_boundary_ids(store, store.shards(exe.shard_size))
     writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,

@@ -197,6 +197,53 @@ def _rewrite_with_other_ids(path: str, shift: int) -> None:
                    path)
 
 
+def _stores_with_other_ids(data, root: Path) -> list:
+    """The tutorial store as Parquet with ids 3*id + 5 in small row groups, sorted
+    by id and not; and as Zarr."""
+    table = pq.read_table(data["parquet"])
+    ids = pa.compute.add(pa.compute.multiply(table["problem_id"], 3), 5)
+    table = table.set_column(table.schema.get_field_index("problem_id"), "problem_id", ids)
+    out = [open_store(data["zarr"])]
+    for name, order in (("sorted", "ascending"), ("unsorted", "descending")):
+        path = root / f"ids-{name}.parquet"
+        pq.write_table(table.sort_by([("problem_id", order)]), path, row_group_size=37)
+        out.append(open_store(str(path)))
+    assert [s.describe().get("sorted_by_problem_id") for s in out[1:]] == [True, False]
+    return out
+
+
+def test_shard_boundary_ids_are_read_in_bounded_blocks(data, reference, tmp_path):
+    """Each shard's first and last id, as the run records them (``input_shards``),
+    are those of the whole id list, read at most ``block`` ids at a time."""
+    from raybary.runner.driver import ID_BLOCK, _shard_boundary_ids
+
+    def from_all_ids(store, shards):  # what run() computed before: every id at once
+        every = store.problem_ids()
+        return [[int(every[a]), int(every[b - 1])] for a, b in shards if b > a]
+
+    layout = json.loads(Path(reference[0], "_layout.json").read_text())
+    assert layout["input_shards"] == from_all_ids(open_store(data["parquet"]),
+                                                  open_store(data["parquet"]).shards(SHARD))
+    asked = []  # the (start, stop) of every id read
+    for store in _stores_with_other_ids(data, tmp_path):
+        read = store.problem_ids
+
+        def problem_ids(start=0, stop=None, read=read):
+            asked.append((start, stop))
+            return read(start, stop)
+
+        for size in (SHARD, 7, 1, N, N + 5):  # 7: a ragged last shard
+            shards = store.shards(size)
+            want = [tuple(ab) for ab in from_all_ids(store, shards)]
+            store.problem_ids = problem_ids
+            for block in (ID_BLOCK, 1, 3, 10, 64):
+                asked.clear()
+                assert _shard_boundary_ids(store, shards, block) == want, (store.url, size, block)
+                assert asked and all(stop is not None and stop - start <= block
+                                     for start, stop in asked), asked
+            del store.problem_ids
+
+
 def test_changed_input_is_refused_on_resume_and_stops_a_run(data):
     """The reproduction from the issue: run, rewrite the input at the same path
     with other problem ids, run again: refused, saying what changed; and an
