@@ -64,7 +64,7 @@ def _adapt(args: list[str], cwd: Path) -> list[str]:
     out = list(args)
     if args[0] == "generate":
         for i, a in enumerate(out[:-1]):
-            if a in ("--problems", "-n"):
+            if a == "--problems":
                 out[i + 1] = str(min(int(out[i + 1]), SMALL))
     if args[0] == "run":
         from raybary.cli.run_cmds import run_cmd

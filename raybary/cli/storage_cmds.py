@@ -50,7 +50,7 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
 
 @click.command("generate")
 @click.argument("out")
-@click.option("--problems", "-n", "n_problems", type=click.IntRange(min=0), required=True,
+@click.option("--problems", "n_problems", type=click.IntRange(min=0), required=True,
               help="Number of problems.")
 @click.option("--family", type=click.Choice(["tutorial", "random"]), default="tutorial",
               show_default=True, help="Problem family (see docs/storage.md).")

@@ -1,8 +1,8 @@
 """``raybary submit | status | logs | stop``: raybary runs as Ray jobs.
 
 Thin click commands over :mod:`raybary.jobs`. ``submit`` takes the same
-INPUT OUTPUT and options as ``raybary run`` (checked here against ``run``
-itself, then passed through unchanged) plus its own options for the
+INPUT OUTPUT and options as ``raybary run`` (parsed here by ``run``'s own
+parser and passed on in long form) plus its own options for the
 connection, the runtime environment and ``--wait``.
 """
 
@@ -44,18 +44,15 @@ def _client(address, token, token_file):
 
 # ------------------------------------------------------------------ run arguments
 def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
-    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options)``."""
+    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options)``.
+
+    Rule: ``run``'s own click parser reads ``args`` (any spelling click takes:
+    ``-qn 3``, ``-n3``, ``--bar-size=3``, options anywhere, ``--``) and the
+    options are written back in long form, each once, in the order given.
+    Reason: a second, hand-written parser would drift from click's.
+    """
     from raybary.cli.run_cmds import run_cmd
 
-    takes_value: dict[str, bool] = {}
-    for p in run_cmd.params:
-        if isinstance(p, click.Option):
-            for name in (*p.opts, *p.secondary_opts):
-                takes_value[name] = not (p.is_flag or p.count)
-    if "--address" in takes_value and any(a == "--address" or a.startswith("--address=")
-                                          for a in args):
-        raise click.UsageError("--address is the dashboard of the cluster to submit to; the job's "
-                               "run always joins that cluster")
     try:
         ctx = run_cmd.make_context("raybary run", list(args), resilient_parsing=False)
     except click.exceptions.Exit:  # --help
@@ -63,26 +60,37 @@ def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
     except click.UsageError as e:
         raise click.UsageError(f"{e.format_message()} (options of `raybary run`, see "
                                "`raybary run --help`)") from None
-    positional, i, rest = [], 0, []
-    args = list(args)
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            positional += args[i + 1:]
-            break
-        if a.startswith("-") and a != "-":
-            name = a.split("=", 1)[0]
-            rest.append(a)
-            if "=" not in a and takes_value.get(name, False) and i + 1 < len(args):
-                rest.append(args[i + 1])
-                i += 1
-        else:
-            positional.append(a)
-        i += 1
-    if positional != [ctx.params["input_url"], ctx.params["output_url"]]:
-        raise click.UsageError(f"expected INPUT OUTPUT and options, could not tell them apart "
-                               f"in {' '.join(args)!r}")
-    return positional[0], positional[1], rest
+    given, _, order = run_cmd.make_parser(ctx).parse_args(list(args))
+    if "address" in given:
+        raise click.UsageError("--address is the dashboard of the cluster to submit to; the job's "
+                               "run always joins that cluster")
+    options = []
+    for param in dict.fromkeys(order):  # each parameter once, where it was first given
+        if isinstance(param, click.Option):
+            options += _option_tokens(param, given[param.name])
+    return given["input_url"], given["output_url"], options
+
+
+def _option_tokens(param: click.Option, value) -> list[str]:
+    """``param`` with ``value`` (as click's parser returned it) as tokens in long form.
+
+    Rule: a boolean flag is its on or off switch, a count repeats, a value
+    option is its name and value(s). Reason: the job's ``raybary run`` parses
+    these tokens back to the same value.
+    """
+    if param.count:
+        return [_long(param.opts)] * int(value)
+    if param.is_flag:
+        return [_long(param.secondary_opts if not value and param.secondary_opts
+                      else param.opts)]
+    values = value if param.multiple else [value]
+    return [tok for v in values
+            for tok in (_long(param.opts), *(v if param.nargs > 1 else [v]))]
+
+
+def _long(names: list[str]) -> str:
+    """The longest of an option's names (``--bar-size`` over ``-n``)."""
+    return max(names, key=len)
 
 
 def _is_local_path(url: str) -> bool:

@@ -17,15 +17,7 @@ import ray
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
 from raybary.runner.shard import ShardSummary, fail_shard, peak_rss_mb, process_shard
 
-__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor", "CRASH_ENV",
-           "CRASH_AFTER_COMMIT_ENV"]
-
-#: Test hook: comma-separated shard indices on which an actor process exits
-#: abruptly (set through ``ExecOptions.actor_env``); exercises the give-up path.
-CRASH_ENV = "RAYBARY_RUNNER_CRASH_SHARDS"
-#: Test hook: shard indices that an actor commits and then dies on before it
-#: replies (its reply is lost; the shard is done): exercises the marker check.
-CRASH_AFTER_COMMIT_ENV = "RAYBARY_RUNNER_CRASH_AFTER_COMMIT"
+__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +50,13 @@ class ShardWorker:
 
     def run_shard(self, shard_index: int) -> ShardSummary:
         """Solve and commit shard ``shard_index`` (:func:`~raybary.runner.shard.process_shard`)."""
-        if _hooked(CRASH_ENV, shard_index):
-            os._exit(70)  # test hook: this process dies on this shard, like a segfault would
         out = process_shard(self.store, self.committer, shard_index, self.solver, self.grid)
-        if _hooked(CRASH_AFTER_COMMIT_ENV, shard_index):
-            os._exit(70)  # test hook: committed, then dead before the reply
         return dataclasses.replace(out, node=self.node_id)
 
     def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
         """Commit shard ``shard_index`` as failed (:func:`~raybary.runner.shard.fail_shard`)."""
         out = fail_shard(self.store, self.committer, shard_index, self.solver, message)
         return dataclasses.replace(out, node=self.node_id)
-
-
-def _hooked(env: str, shard_index: int) -> bool:
-    return str(shard_index) in os.environ.get(env, "").split(",")
 
 
 def actor_env(exe: ExecOptions) -> dict[str, str]:
@@ -105,13 +89,14 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
 
 
 def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOptions,
-               grid: GridOptions):
-    """Start one :class:`ShardWorker` actor with the resources and environment of ``exe``.
+               grid: GridOptions, worker: type[ShardWorker] = ShardWorker):
+    """Start one ``worker`` actor (a :class:`ShardWorker`, or a subclass that
+    injects faults in tests) with the resources and environment of ``exe``.
 
     ``max_restarts=0``: the driver replaces a dead actor itself (and re-queues
     every shard that was on it), so there is one place that decides.
     """
-    cls = ray.remote(ShardWorker)
+    cls = ray.remote(worker)
     opts = dict(num_cpus=exe.cpus_per_actor, num_gpus=exe.gpus_per_actor, max_restarts=0,
                 max_task_retries=0, runtime_env={"env_vars": actor_env(exe)},
                 scheduling_strategy="SPREAD")

@@ -4,8 +4,13 @@ What flows through the driver is small: shard tasks out
 (:class:`~raybary.runner.pool.ShardTask`), summaries back
 (:class:`~raybary.runner.shard.ShardSummary`: counts, timings, node and pid).
 Problem data are read and results written by the actors themselves, so the
-driver's memory does not grow with the number of problems (it holds a deque
-of shard tasks, the pool of actors and a few counters).
+driver's memory grows with the number of shards, not of problems: per shard
+a queued task and its first and last problem id (looked up ``ID_BLOCK`` ids
+at a time; from Parquet, a row group's ids at a time at least), plus the
+pool of actors and a few counters. The one exception is the input store's
+own index: a Parquet store keeps a few numbers per row group and, if its
+rows are not sorted by ``problem_id``, its sorted distinct ids (8 bytes per
+problem), built when the driver looks up the shards' ids.
 
 Exactly once: every shard's outputs are committed atomically and a commit is
 idempotent (a rewrite replaces the same files). The driver re-queues a shard
@@ -37,9 +42,10 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -66,13 +72,14 @@ from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
 
 if TYPE_CHECKING:
-    from raybary.storage import ResultWriter
+    from raybary.storage import ProblemStore, ResultWriter
 
 __all__ = ["run", "RunReport", "JobIncomplete"]
 
 log = logging.getLogger(__name__)
 
 STUCK_AFTER_S = 60.0  # the run stops on failures in a row only after this long without success
+ID_BLOCK = 65_536  # problem ids read at a time to find each shard's first and last id
 
 
 class JobIncomplete(RaybaryError, RuntimeError):
@@ -192,25 +199,15 @@ def _connect(exe: ExecOptions, token=None) -> bool:
     """Start or join Ray; return whether this call started it (and must stop it).
     ``token`` (from :func:`_token_for_cluster`) only names the token in a failure."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return False
     if exe.address:
         try:
             ray.init(address=exe.address, logging_level=logging.WARNING)
-        except Exception as e:
-            text = f"{type(e).__name__}: {e}"
-            if not any(k in text for k in ("InvalidAuthToken", "UNAUTHENTICATED",
-                                           "uthentication", "Failed to connect")):
-                raise
-            where = (f"the token from {token.source} was sent; is it this cluster's?"
-                     if token is not None else
-                     "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
-                     "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
-            raise ConnectionError(
-                f"could not join the Ray cluster at {exe.address}. Is it up and reachable? "
-                "If it uses token authentication (the default of `ray start --head` since "
-                f"Ray 2.59): {where}") from None
+        except (ConnectionError, AuthenticationError) as e:
+            raise ConnectionError(_join_failure(exe.address, token, _login_failed(e))) from None
     else:
         # address="local": always a fresh, private Ray, never one found via
         # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
@@ -222,14 +219,51 @@ def _connect(exe: ExecOptions, token=None) -> bool:
     return True
 
 
+def _login_failed(error: BaseException) -> bool:
+    """Whether ``error``, raised by ``ray.init(address=...)``, says that token
+    authentication failed (no token, or not the cluster's), not that the
+    cluster could not be reached.
+
+    Rule: a :class:`ray.exceptions.AuthenticationError` in the chain of causes
+    (Ray raises one itself in token mode without a token), or that class's
+    full name in a message of the chain. Reason: when the cluster refuses the
+    login, Ray's GCS client raises it inside a retry loop that passes on only
+    the traceback's text, in the RuntimeError under ray.init's ConnectionError.
+    """
+    from ray.exceptions import AuthenticationError
+
+    name = f"{AuthenticationError.__module__}.{AuthenticationError.__qualname__}"
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AuthenticationError) or name in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _join_failure(address: str, token, login_failed: bool) -> str:
+    """The one-line error of a cluster that could not be joined: where the token
+    came from (or where raybary looked), and whether the login failed."""
+    where = (f"the token from {token.source} was sent; is it this cluster's?"
+             if token is not None else
+             "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
+             "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
+    if login_failed:
+        return (f"could not join the Ray cluster at {address}: it uses token authentication "
+                f"and the login failed; {where}")
+    return (f"could not join the Ray cluster at {address}. Is it up and reachable? If it uses "
+            "token authentication (the default of `ray start --head` since Ray 2.59): "
+            f"{where}")
+
+
 def _token_for_cluster():
     """Resolve the Ray auth token as ``raybary submit`` does and, when there is
     one and ``RAY_AUTH_MODE`` is unset, turn on Ray's token mode for this
-    process (Ray sends a token only in that mode). Returns the token or None;
-    raises :class:`~raybary.jobs.auth.TokenError` for a named token file that
-    cannot be used."""
-    import os
-
+    process (Ray sends a token only in that mode) until the run ends
+    (:func:`_auth_env_restored`). Returns the token or None; raises
+    :class:`~raybary.jobs.auth.TokenError` for a named token file that cannot
+    be used."""
     from raybary.jobs.auth import resolve_token
 
     token = resolve_token()
@@ -237,6 +271,50 @@ def _token_for_cluster():
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", token.value)
     return token
+
+
+#: What :func:`_token_for_cluster` may set in ``os.environ``.
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+@contextlib.contextmanager
+def _auth_env_restored() -> Iterator[None]:
+    """Put ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` back as they were (unset, or
+    their old values) when the block ends, returning or raising.
+
+    Reason: the token is the run's; processes this one starts later must not
+    inherit it.
+    """
+    saved = {name: os.environ.get(name) for name in _AUTH_ENV}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _shard_boundary_ids(store: ProblemStore, shards: list[tuple[int, int]],
+                        block: int = ID_BLOCK) -> list[tuple[int, int]]:
+    """The first and last problem id of each non-empty shard ``(start, stop)`` of ``store``.
+
+    Rule: ids are read with ``store.problem_ids`` one block of ``block``
+    positions at a time, only the blocks that hold a shard's first or last
+    position. Reason: the driver's memory must not grow with the number of
+    problems.
+    """
+    shards = [(a, b) for a, b in shards if b > a]
+    by_block: dict[int, list[int]] = {}
+    for pos in sorted({p for a, b in shards for p in (a, b - 1)}):
+        by_block.setdefault(pos // block, []).append(pos)
+    ids: dict[int, int] = {}
+    for k, positions in by_block.items():
+        start = k * block
+        got = store.problem_ids(start, min(start + block, store.n_problems))
+        ids.update((pos, int(got[pos - start])) for pos in positions)
+    return [(ids[a], ids[b - 1]) for a, b in shards]
 
 
 def _default_actors(exe: ExecOptions) -> int:
@@ -256,7 +334,8 @@ def _default_actors(exe: ExecOptions) -> int:
 def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         grid: GridOptions | None = None, exe: ExecOptions | None = None, *,
         stream: TextIO | None = sys.stderr,
-        on_shard: Callable[[ShardSummary], None] | None = None) -> RunReport:
+        on_shard: Callable[[ShardSummary], None] | None = None,
+        _worker: type | None = None) -> RunReport:
     """Solve every problem of ``input_url`` into ``output_url``; return a :class:`RunReport`.
 
     Starts an embedded local Ray unless Ray is already initialised in this
@@ -268,7 +347,25 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     ``on_shard(summary)`` is called on the driver after each committed shard
     with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
     timings, ``pid`` and ``node``).
+
+    With ``exe.address`` and a Ray token found (``$RAY_AUTH_TOKEN``,
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), Ray's token mode is on in
+    this process for the run only: ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` are
+    as they were when it returns or raises.
+
+    ``_worker`` (private, for tests): the actor class, a subclass of
+    :class:`~raybary.runner.actor.ShardWorker` that injects faults (default:
+    ``ShardWorker``); an argument, not an environment variable, so that no
+    user setting can reach it.
     """
+    with _auth_env_restored():  # the run may turn on Ray's token mode (_token_for_cluster)
+        return _run(input_url, output_url, solver, grid, exe, stream, on_shard, _worker)
+
+
+def _run(input_url: str, output_url: str, solver: SolverOptions | None,
+         grid: GridOptions | None, exe: ExecOptions | None, stream: TextIO | None,
+         on_shard: Callable[[ShardSummary], None] | None, worker: type | None) -> RunReport:
+    """:func:`run`, with the process's environment its own to change."""
     from raybary.storage import ResultWriter, open_store
 
     # Actors of a Ray started elsewhere (--address, or already running) have
@@ -283,8 +380,7 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         stream = None
     t0 = time.perf_counter()
     store = open_store(input_url)  # metadata only
-    ids = store.problem_ids()
-    shard_ids = [(ids[a], ids[b - 1]) for a, b in store.shards(exe.shard_size) if b > a]
+    shard_ids = _shard_boundary_ids(store, store.shards(exe.shard_size))
     writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,
@@ -292,17 +388,20 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     writer.lease.acquire()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer.lease)
     try:
-        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token)
+        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token,
+                           worker)
     finally:
         keeper.stop()
         writer.lease.release()
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
-                stream, on_shard, t0: float, token=None) -> RunReport:
+                stream, on_shard, t0: float, token=None, worker: type | None = None) -> RunReport:
     import ray
 
-    from raybary.runner.actor import make_actor
+    from raybary.runner.actor import ShardWorker, make_actor
+
+    worker = worker or ShardWorker
 
     committed = writer.prepare(overwrite=exe.overwrite)
     report = RunReport(input=redact_url(store.url), output=redact_url(writer.url),
@@ -327,7 +426,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             started = _connect(exe, token)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
-            pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid),
+            pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid,
+                                                worker),
                              n_actors)
             _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:

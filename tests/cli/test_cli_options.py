@@ -85,3 +85,16 @@ def test_max_attempts_is_described_once_and_truly():
     assert "up to ``max_attempts`` lost attempts" in doc
     assert "up to ``max(max_attempts, FAULT_ATTEMPTS)`` lost attempts" in doc
     assert "both kinds count toward one total per shard" in doc
+
+
+def test_n_is_the_bar_size_wherever_it_exists(tmp_path):
+    """``-n`` is the barycenter's component count n in every command that has
+    it; ``generate`` counts problems with ``--problems`` only."""
+    with_n = {name: p.name for name, cmd in main.commands.items() for p in cmd.params
+              if isinstance(p, click.Option) and "-n" in (*p.opts, *p.secondary_opts)}
+    assert {"run", "tutorial"} <= set(with_n) and set(with_n.values()) == {"bar_size"}, with_n
+    assert _params("-n", "4")["bar_size"] == 4
+    assert main.commands["tutorial"].make_context("tutorial", ["-n", "4"]).params["bar_size"] == 4
+    out = tmp_path / "g.parquet"
+    r = CliRunner().invoke(main, ["generate", str(out), "-n", "3"])
+    assert r.exit_code == 2 and "No such option '-n'" in r.output and not out.exists(), r.output

@@ -148,7 +148,9 @@ def test_address_normalisation(monkeypatch):
 
 
 def _dry_run(*args: str) -> dict:
-    r = CliRunner().invoke(main, ["submit", *args, "--dry-run"])
+    """``raybary submit ARGS --dry-run`` (``--dry-run`` first if ARGS has a ``--``)."""
+    r = CliRunner().invoke(main, ["submit", "--dry-run", *args] if "--" in args
+                           else ["submit", *args, "--dry-run"])
     assert r.exit_code == 0, r.output
     return json.loads(r.output[r.output.index("{"):])
 
@@ -164,6 +166,50 @@ def test_submit_passes_run_options_through(tmp_path, monkeypatch):
     assert out["address"] == "http://headnode:8265"
     assert out["runtime_env"]["env_vars"]["K"] == "V"
     assert "py_modules" not in out["runtime_env"]  # nothing shipped unless asked
+
+
+@pytest.mark.parametrize("args", [
+    ["in.parquet", "s3://b/out", "-qn", "3"],  # combined short flags, as `raybary run` takes them
+    ["in.parquet", "s3://b/out", "-qn3"],
+    ["-n3", "in.parquet", "-q", "s3://b/out"],  # options before, between and after
+    ["in.parquet", "--bar-size=3", "s3://b/out", "--quiet"],
+    ["-q", "--bar-size", "3", "--", "in.parquet", "s3://b/out"],  # run's `--`
+    ["in.parquet", "s3://b/out", "-n", "3", "--uniform-weights", "--learn-weights", "--seed",
+     "-4", "--grid-bounds=-1,1,-2,2", "-q"],
+])
+def test_submit_parses_run_options_as_run_does(args, tmp_path, monkeypatch):
+    """The job's entrypoint parses back to what `raybary run ARGS` parses to
+    (INPUT made absolute), whatever spelling of the options click accepts."""
+    from raybary.cli.run_cmds import run_cmd
+
+    monkeypatch.chdir(tmp_path)
+    local = [str(tmp_path / a) if a == "in.parquet" else a for a in args]
+    want = run_cmd.make_context("run", local).params
+    assert want["bar_size"] == 3 and want["quiet"] is True
+    # as typed (submit takes a `--` itself), and after submit's `--` (all of ARGS is run's)
+    for submit_args in (args, ["--", *args]):
+        entry = shlex.split(_dry_run(*submit_args)["entrypoint"])
+        assert entry[:3] == ["python", "-m", "raybary.cli.job_entry"]
+        assert entry[3:5] == [str(tmp_path / "in.parquet"), "s3://b/out"]
+        assert run_cmd.make_context("run", entry[3:]).params == want, submit_args
+
+
+def test_submit_entrypoint_spells_run_options_in_long_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _dry_run("in.parquet", "s3://b/out", "-qn", "3")
+    assert out["entrypoint"] == (f"python -m raybary.cli.job_entry {tmp_path}/in.parquet "
+                                 "s3://b/out --quiet --bar-size 3")
+    odd = _dry_run("--", "-qn3", "--", "-in.parquet", "s3://b/out")  # an INPUT named like an option
+    assert odd["entrypoint"] == (f"python -m raybary.cli.job_entry {tmp_path}/-in.parquet "
+                                 "s3://b/out --quiet --bar-size 3")
+
+
+@pytest.mark.parametrize("args", [["in", "out", "--address", "h:1"], ["in", "out", "--address=h:1"],
+                                  ["in", "--address", "h:1", "out"]])
+def test_submit_refuses_an_address_among_the_run_options(args):
+    """(``--address`` before a ``--`` is submit's own: the dashboard.)"""
+    r = CliRunner().invoke(main, ["submit", "--dry-run", "--", *args])
+    assert r.exit_code == 2 and "--address is the dashboard of the cluster" in r.output, r.output
 
 
 @pytest.mark.parametrize("args,message", [
@@ -348,6 +394,68 @@ def test_token_is_required(head, home):
     assert r.exit_code == 1 and "authentication token" in r.output
 
 
+#: Ray's own settings: one try at the GCS, 3 s to wait for it (not 20 tries of 30 s).
+_RAY_CONNECT_ONCE = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "3"}
+
+#: What ray.init(address=...) raises in Ray 2.60 (a ConnectionError, "Failed to
+#: connect to Ray cluster at ...", from a RuntimeError with the last traceback of
+#: its retry loop): against a token-auth head without the token, and against a
+#: port where nothing listens. Texts as Ray wrote them (the tracebacks shortened).
+_RAY_REFUSED = (
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+    '  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status\n'
+    "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is "
+    "missing or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure "
+    "that the token for the cluster is available in a local file\n")
+_RAY_UNREACHABLE = (
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+    '  File "python/ray/includes/common.pxi", line 144, in '
+    "ray._raylet.check_status_timeout_as_rpc_error\n"
+    "ray.exceptions.RpcError: Timed out while waiting for GCS to become available.\n")
+
+
+def _raised_by_ray_init(text: str) -> ConnectionError:
+    try:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1") from e
+    except ConnectionError as e:
+        return e
+
+
+def test_a_failed_login_is_told_from_an_unreachable_cluster():
+    from ray._private.authentication.authentication_constants import (
+        TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE,
+    )
+    from ray.exceptions import AuthenticationError
+
+    from raybary.runner.driver import _login_failed
+
+    # raised by ray.init itself in token mode without a token
+    assert _login_failed(AuthenticationError(TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE))
+    assert _login_failed(_raised_by_ray_init(_RAY_REFUSED))  # the cluster refused the login
+    assert not _login_failed(_raised_by_ray_init(_RAY_UNREACHABLE))
+    assert not _login_failed(ConnectionError("Connection refused"))
+    assert not _login_failed(RuntimeError("Authentication is not the point here"))
+
+
+def test_run_against_an_unreachable_address_says_so(tmp_path):
+    from raybary.storage.generate import generate
+
+    generate(str(tmp_path / "in.parquet"), 2, family="tutorial", seed=2)
+    port = _free_ports(1)[0]  # closed again: nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(_RAY_CONNECT_ONCE, HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "raybary", "run", str(tmp_path / "in.parquet"),
+                        str(tmp_path / "out"), "--address", f"127.0.0.1:{port}", "-q"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"could not join the Ray cluster at 127.0.0.1:{port}. Is it up and reachable?" \
+        in r.stderr, r.stderr[-2000:]
+    assert "login failed" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
     """``raybary run --address HOST:PORT`` resolves the token as submit does (no
     RAY_AUTH_MODE needed); without one it says so in one line."""
@@ -363,8 +471,14 @@ def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=home)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "could not join the Ray cluster" in r.stderr, r.stderr[-2000:]
-    assert "uses token authentication" in r.stderr and "no token was found" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
+    assert "no token was found" in r.stderr and "Traceback" not in r.stderr
+    # the wrong token (Ray asked to try once, not 20 times)
+    r = subprocess.run(cmd, env={**env, **_RAY_CONNECT_ONCE, "RAY_AUTH_TOKEN": "not-the-token"},
+                       capture_output=True, text=True, timeout=300, cwd=home)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
+    assert "the token from $RAY_AUTH_TOKEN was sent" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True,
                        timeout=300, cwd=home)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -197,6 +197,53 @@ def _rewrite_with_other_ids(path: str, shift: int) -> None:
                    path)
 
 
+def _stores_with_other_ids(data, root: Path) -> list:
+    """The tutorial store as Parquet with ids 3*id + 5 in small row groups, sorted
+    by id and not; and as Zarr."""
+    table = pq.read_table(data["parquet"])
+    ids = pa.compute.add(pa.compute.multiply(table["problem_id"], 3), 5)
+    table = table.set_column(table.schema.get_field_index("problem_id"), "problem_id", ids)
+    out = [open_store(data["zarr"])]
+    for name, order in (("sorted", "ascending"), ("unsorted", "descending")):
+        path = root / f"ids-{name}.parquet"
+        pq.write_table(table.sort_by([("problem_id", order)]), path, row_group_size=37)
+        out.append(open_store(str(path)))
+    assert [s.describe().get("sorted_by_problem_id") for s in out[1:]] == [True, False]
+    return out
+
+
+def test_shard_boundary_ids_are_read_in_bounded_blocks(data, reference, tmp_path):
+    """Each shard's first and last id, as the run records them (``input_shards``),
+    are those of the whole id list, read at most ``block`` ids at a time."""
+    from raybary.runner.driver import ID_BLOCK, _shard_boundary_ids
+
+    def from_all_ids(store, shards):  # what run() computed before: every id at once
+        every = store.problem_ids()
+        return [[int(every[a]), int(every[b - 1])] for a, b in shards if b > a]
+
+    layout = json.loads(Path(reference[0], "_layout.json").read_text())
+    assert layout["input_shards"] == from_all_ids(open_store(data["parquet"]),
+                                                  open_store(data["parquet"]).shards(SHARD))
+    asked = []  # the (start, stop) of every id read
+    for store in _stores_with_other_ids(data, tmp_path):
+        read = store.problem_ids
+
+        def problem_ids(start=0, stop=None, read=read):
+            asked.append((start, stop))
+            return read(start, stop)
+
+        for size in (SHARD, 7, 1, N, N + 5):  # 7: a ragged last shard
+            shards = store.shards(size)
+            want = [tuple(ab) for ab in from_all_ids(store, shards)]
+            store.problem_ids = problem_ids
+            for block in (ID_BLOCK, 1, 3, 10, 64):
+                asked.clear()
+                assert _shard_boundary_ids(store, shards, block) == want, (store.url, size, block)
+                assert asked and all(stop is not None and stop - start <= block
+                                     for start, stop in asked), asked
+            del store.problem_ids
+
+
 def test_changed_input_is_refused_on_resume_and_stops_a_run(data):
     """The reproduction from the issue: run, rewrite the input at the same path
     with other problem ids, run again: refused, saying what changed; and an
@@ -326,11 +373,17 @@ def test_killed_driver_leaves_commits_and_the_rerun_finishes(data, reference, ra
 
 
 def test_shard_that_always_kills_its_actor_is_committed_as_failed(data, reference):
-    from raybary.runner.actor import CRASH_ENV
+    from raybary.runner.actor import ShardWorker
+
+    class DiesOnShard2(ShardWorker):  # in the test: Ray ships it by value
+        def run_shard(self, shard_index: int):
+            if shard_index == 2:
+                os._exit(70)  # the process dies on this shard, as on a segfault
+            return super().run_shard(shard_index)
 
     out = str(data["root"] / "give-up")
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
-                 exe(actors=1, max_attempts=2, actor_env={CRASH_ENV: "2"}), stream=None)
+                 exe(actors=1, max_attempts=2), stream=None, _worker=DiesOnShard2)
     assert report.complete and report.shards_given_up == 1, report
     assert report.actor_replacements >= 2, report
     assert report.counts == {"ok": N - SHARD, "invalid": 0, "failed": SHARD}, report
@@ -365,12 +418,18 @@ def test_shard_committed_by_an_actor_that_died_before_replying_counts_as_done(da
     that shard as committed (not charge, re-solve or give it up), and the
     shard queued behind it, which may or may not have started, goes back
     without counting."""
-    from raybary.runner.actor import CRASH_AFTER_COMMIT_ENV
+    from raybary.runner.actor import ShardWorker
+
+    class DiesAfterCommitting(ShardWorker):  # in the test: Ray ships it by value
+        def run_shard(self, shard_index: int):
+            out = super().run_shard(shard_index)  # committed
+            if shard_index in (1, 5):
+                os._exit(70)  # dead before the reply
+            return out
 
     out = str(data["root"] / "reply-lost")
     report = run(data["parquet"], out, SOLVER, GridOptions(shape=GRID),
-                 exe(actors=1, max_attempts=1, actor_env={CRASH_AFTER_COMMIT_ENV: "1,5"}),
-                 stream=None)
+                 exe(actors=1, max_attempts=1), stream=None, _worker=DiesAfterCommitting)
     assert report.complete and report.shards_given_up == 0, report
     assert report.replies_lost == 2 and report.actor_replacements == 2, report
     assert report.retries == 0 and report.shards_run == N // SHARD, report
@@ -379,6 +438,66 @@ def test_shard_committed_by_an_actor_that_died_before_replying_counts_as_done(da
     check_exactly_once(res)
     ref = read_results(reference[0]).problems
     np.testing.assert_allclose(res.problems.objective, ref.objective, rtol=1e-9)
+
+
+def test_no_environment_variable_makes_an_actor_exit(tmp_path):
+    """Faults are injected through run's private ``_worker`` argument only: the
+    variables that were once test hooks, set for the actors, change nothing."""
+    store = generate(str(tmp_path / "small.parquet"), SHARD, family="tutorial", seed=3)
+    hooks = {"RAYBARY_RUNNER_CRASH_SHARDS": "0", "RAYBARY_RUNNER_CRASH_AFTER_COMMIT": "0"}
+    report = run(store.url, str(tmp_path / "out"), SOLVER, GridOptions(shape=None),
+                 exe(actors=1, max_attempts=1, actor_env=hooks), stream=None)
+    assert report.complete and report.counts == {"ok": SHARD, "invalid": 0, "failed": 0}, report
+    assert report.actor_replacements == 0 and report.replies_lost == 0, report
+
+
+class _AuthEnvSeen(io.StringIO):
+    """A progress stream that records Ray's auth variables as the run sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def write(self, text: str) -> int:
+        self.seen.append({k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+        return super().write(text)
+
+
+@pytest.mark.parametrize("before", [{}, {"RAY_AUTH_MODE": "disabled"},
+                                    {"RAY_AUTH_TOKEN": "from-the-env"}])
+def test_token_mode_is_the_runs_only(data, reference, ray_local, tmp_path, monkeypatch, before):
+    """A run that joins a cluster (``exe.address``) and finds a token turns on
+    Ray's token mode for itself; when it returns or raises, RAY_AUTH_MODE and
+    RAY_AUTH_TOKEN are what they were (unset, or their values), so processes
+    started later do not inherit the token. (The session's Ray is running, so
+    the run uses it: only the variables are looked at here.)"""
+    token_file = tmp_path / "auth_token"
+    token_file.write_text("token-from-the-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in before.items():
+        monkeypatch.setenv(name, value)
+    env_before = dict(os.environ)
+
+    with pytest.raises(FileNotFoundError, match="no problem store"):  # after the token
+        run(str(tmp_path / "missing.parquet"), str(tmp_path / "out"), SOLVER,
+            GridOptions(shape=GRID), exe(address=ray_local), stream=None)
+    assert dict(os.environ) == env_before
+
+    out = tmp_path / "done"  # every shard committed already: the run resumes, finds
+    shutil.copytree(reference[0], out)  # nothing to do and returns
+    stream = _AuthEnvSeen()
+    report = run(data["parquet"], str(out), SOLVER, GridOptions(shape=GRID, input_gmms=3),
+                 exe(address=ray_local), stream=stream)
+    assert report.complete and report.shards_skipped == N // SHARD
+    assert dict(os.environ) == env_before
+    during = stream.seen[0]  # the "resuming" line
+    if before.get("RAY_AUTH_MODE"):  # the user's mode is left alone
+        assert during == {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": None}
+    else:
+        assert during["RAY_AUTH_MODE"] == "token"
+        assert during["RAY_AUTH_TOKEN"] == before.get("RAY_AUTH_TOKEN", "token-from-the-file")
 
 
 class _BlockCommitsOnce(io.StringIO):

@@ -149,7 +149,7 @@ def test_convert_diag_to_full_and_back(tmp_path):
 def test_cli_convert_generate_and_show(tmp_path):
     runner = CliRunner()
     d = str(tmp_path / "g.parquet")
-    r = runner.invoke(main, ["generate", d, "-n", "5", "--covariance-type", "diag"])
+    r = runner.invoke(main, ["generate", d, "--problems", "5", "--covariance-type", "diag"])
     assert r.exit_code == 0, r.output
     assert "diag covariances" in r.output
     # the same random draws as the full store, without the correlations

@@ -80,8 +80,8 @@ def test_cli_generate(tmp_path):
     again = CliRunner().invoke(main, ["generate", out, "--problems", "3"])
     assert again.exit_code == 1 and "already exists" in again.output
     assert "Traceback" not in again.output
-    bad = CliRunner().invoke(main, ["generate", str(tmp_path / "x.csv"), "-n", "3"])
+    bad = CliRunner().invoke(main, ["generate", str(tmp_path / "x.csv"), "--problems", "3"])
     assert bad.exit_code == 1 and "name it *.parquet or *.zarr" in bad.output
-    mixed = CliRunner().invoke(main, ["generate", str(tmp_path / "m.zarr"), "-n", "3",
+    mixed = CliRunner().invoke(main, ["generate", str(tmp_path / "m.zarr"), "--problems", "3",
                                       "--family", "random"])
     assert mixed.exit_code == 1 and "--dim" in mixed.output
