@@ -60,7 +60,8 @@ def kmeanspp_init(
         score = jnp.where(jnp.sum(score) > 0, score, mass)
         key, sub, jit = jax.random.split(key, 3)
         idx = jax.random.categorical(sub, _logits(score))
-        d = bures_cost(means[idx][None], covs[idx][None], means, covs)
+        # Exactly 0 at idx: the self-cost can round to a few ulps above 0.
+        d = bures_cost(means[idx][None], covs[idx][None], means, covs).at[idx].set(0.0)
         copy = jnp.isfinite(dmin[idx]) & (dmin[idx] <= 0)
         sd = jnp.sqrt(jnp.maximum(jnp.trace(covs[idx]) / means.shape[-1], 0.0))
         shift = jnp.where(copy, 0.1 * sd, 0.0) * jax.random.normal(jit, means.shape[-1:], means.dtype)

@@ -1,0 +1,194 @@
+"""Continuous batching (raybary.batch.engine): a lane of slots refilled from a
+queue gives the one-shot batch's results row by row; the lane's width rule,
+the tail's rent-or-buy shrink rule and the engines' separate bookkeeping.
+
+One padded batch (100 tutorial problems in the tutorial's bucket, 128 rows,
+float32 and the float32 defaults, as raybary.solve pads them), so the lane's
+programs are the ones raybary.solve runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raybary.batch import engine as eng
+from raybary.batch.padding import Bucket, pad_problems
+from raybary.solvers import barycenter as bc
+from raybary.storage.generate import tutorial_problems
+
+COUNT, ROWS, SLOTS = 100, 128, 64
+CONFIG = bc.SolverConfig.for_dtype("float32")
+BUCKET = Bucket(d=2, n=6, J=3, L=12, K=8)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    problems = tutorial_problems(COUNT, seed=3)
+    out, _ = pad_problems(problems, [6] * COUNT, BUCKET, ROWS, epsilons=[3e-4] * COUNT,
+                          relative_epsilon=True, inits=[None] * COUNT,
+                          keys=np.array([[0, i] for i in range(COUNT)], np.uint32),
+                          dtype=np.dtype("float32"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_shot(arrays):
+    """The whole batch in one call (every row, filler included)."""
+    out = bc.solve_batch(bc.PaddedProblem(**{k: jnp.asarray(v) for k, v in arrays.items()}),
+                         CONFIG)
+    return {k: np.asarray(v) for k, v in out._asdict().items()}
+
+
+@pytest.fixture(scope="module")
+def lane(arrays):
+    """The batch through a fresh engine's lane of 64 slots; the default engine's
+    programs before and after."""
+    engine = eng.Engine()
+    before = set(eng.default_engine().compiled)
+    stats = {}
+    out = engine.solve_arrays(arrays, CONFIG, "float32", count=COUNT, stats=stats, slots=SLOTS)
+    return engine, out, stats, before
+
+
+def test_a_lane_of_64_slots_equals_the_one_shot_solve_row_by_row(lane, one_shot):
+    """Each problem's arithmetic does not depend on its slot, its neighbours or
+    when its update runs (the lane updates at most a quarter of its 64 slots
+    per block, the one-shot batch a quarter of 128), so every real row agrees.
+
+    float32, because these are the programs raybary.solve runs. Compared
+    bitwise: XLA does each row's elementwise arithmetic the same at widths 64
+    and 128 (so it is on CPU: every row, every field). A backend whose fusion
+    changed with the width could round a row differently and, over a dozen
+    outer iterations, move it by more than a few ulps (or its last convergence
+    test by one iteration); so 97% of the rows must be identical and the rest
+    only reach the same objective (1e-4, far above float32 rounding, far
+    below the gaps between the tutorial's local optima)."""
+    _, out, _, _ = lane
+    assert eng.lane_width(ROWS, COUNT, SLOTS) == SLOTS < ROWS and ROWS > eng.SMALL_BATCH
+    assert set(out) == set(one_shot) == set(bc.BarycenterOutput._fields)
+    real = slice(0, COUNT)
+    identical = np.ones(COUNT, bool)
+    for name, a in out.items():
+        b = one_shot[name]
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        identical &= np.all((a[real] == b[real]).reshape(COUNT, -1), axis=1)
+    assert np.mean(identical) >= 0.97, np.flatnonzero(~identical)
+    np.testing.assert_allclose(out["objective"][real], one_shot["objective"][real], rtol=1e-4)
+    assert out["weights"].dtype == np.float32
+    assert np.mean(out["converged"][real]) > 0.9 and np.all(out["iterations"][real] >= 1)
+    # Filler rows are not solved: returned as initialised (the one-shot solves them).
+    assert np.all(out["iterations"][COUNT:] == 0) and not np.any(out["converged"][COUNT:])
+    assert np.all(one_shot["iterations"][COUNT:] >= 1)
+
+
+class RecordingQueue(eng._Queue):
+    """The lane's queue, recording what leaves the lane at each call's end."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls: list[tuple[int, int, list[int]]] = []  # (width, slot blocks, rows)
+
+    def store(self, rows, state, slots, blocks):
+        self.calls.append((state.done.shape[0], blocks, rows.tolist()))
+        super().store(rows, state, slots, blocks)
+
+
+def test_rows_leave_the_lane_once_and_slot_blocks_count_the_work(arrays, lane):
+    """Engine.lane directly (as solve_arrays runs it): every real row leaves
+    exactly once, done; the filler rows never enter; ``slot_blocks`` covers
+    every block each row spent in a slot (``state.blocks`` counts them, done
+    or not, from its initial 0) and is at most the calls' widths times the
+    blocks each call may run."""
+    engine, out, stats, _ = lane
+    with jax.enable_x64(False):
+        problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
+        initial = jax.tree_util.tree_map(
+            np.array, bc.init_batch(jax.tree_util.tree_map(jnp.asarray, problems), CONFIG))
+        queue = RecordingQueue(initial, jax.tree_util.tree_map(np.copy, initial), problems, COUNT)
+        engine.lane(queue, CONFIG, SLOTS)
+    left = [r for _, _, rows in queue.calls for r in rows]
+    assert sorted(left) == list(range(COUNT))
+    final = queue.final
+    assert np.all(final.done[:COUNT]) and not np.any(final.done[COUNT:])
+    np.testing.assert_array_equal(final.iteration[:COUNT], out["iterations"][:COUNT])
+    assert queue.slot_blocks == sum(blocks for _, blocks, _ in queue.calls)
+    assert queue.slot_blocks == stats["slot_blocks"]
+    assert np.sum(final.blocks[:COUNT]) <= queue.slot_blocks
+    assert np.all(final.blocks[:COUNT] >= 1)
+    for width, blocks, _ in queue.calls:
+        assert width in (SLOTS, SLOTS // 8) and blocks % width == 0
+        assert 1 <= blocks // width <= eng.REFILL_BLOCKS * eng.TAIL_CALL_SLOTS // width
+    assert queue.slot_blocks <= sum(w * eng.REFILL_BLOCKS * max(1, eng.TAIL_CALL_SLOTS // w)
+                                    for w, _, _ in queue.calls)
+    # Refilling pays: fewer slot blocks than 128 rows run to the slowest one's end.
+    assert queue.slot_blocks < ROWS * int(np.max(final.blocks[:COUNT]))
+
+
+@pytest.mark.parametrize("size, rows, slots, width", [
+    (128, 100, 64, 64),  # the lane above
+    (128, 100, 32, 32),  # never wider than the slots
+    (512, 300, 1024, eng.NARROW_LANE),  # a small bucket: narrow lane
+    (512, 511, 1024, eng.NARROW_LANE),
+    (1024, 512, 1024, 1024),  # from NARROW_BELOW rows on: as wide as allowed
+    (4096, 4096, 1024, 1024),
+    (2048, 600, 4096, 2048),  # never wider than the batch
+    (64, 10, 1024, 64),
+    (32, 30, 1024, 32),
+])
+def test_lane_width(size, rows, slots, width):
+    assert eng.lane_width(size, rows, slots) == width
+
+
+def test_lane_width_rule():
+    """Small buckets get lanes of at least NARROW_LANE (within size and slots)
+    and at most about a quarter of their rows beyond that; large ones
+    min(size, slots)."""
+    for size in (64, 128, 256, 512, 1024, 4096):
+        for slots in (64, 256, 1024):
+            for rows in range(1, size + 1, 7):
+                w = eng.lane_width(size, rows, slots)
+                assert w <= min(size, slots)
+                if rows >= eng.NARROW_BELOW:
+                    assert w == min(size, slots)
+                else:
+                    assert w >= min(size, slots, eng.NARROW_LANE)
+                    assert w <= max(eng.NARROW_LANE, rows // 4 + 1)
+                    assert w & (w - 1) == 0  # a power of two: few compiles
+
+
+def test_shrink_rent_or_buy(arrays):
+    """A tail moves at once to a batch of at least EAGER_WIDTH, or to one this
+    engine has already compiled; else only once tails at its program have taken
+    SHRINK_AFTER_S in all."""
+    problems = bc.PaddedProblem(**arrays)
+    engine = eng.Engine(compilation_cache=False)
+    key, wide = eng.program_key(problems, 1024, CONFIG), eng.program_key(problems, 128, CONFIG)
+    narrow = eng.program_key(problems, 16, CONFIG)
+    assert eng.EAGER_WIDTH == 128
+    assert engine._shrink(key, wide, 128)  # eager, not compiled, no tail time
+    assert not engine._shrink(wide, narrow, 16)
+    engine.tail_seconds[key] = 10 * eng.SHRINK_AFTER_S  # time at another program
+    assert not engine._shrink(wide, narrow, 16)
+    engine.tail_seconds[wide] = 0.9 * eng.SHRINK_AFTER_S
+    assert not engine._shrink(wide, narrow, 16)
+    engine.tail_seconds[wide] += 0.1 * eng.SHRINK_AFTER_S
+    assert engine._shrink(wide, narrow, 16)
+    fresh = eng.Engine(compilation_cache=False)
+    fresh.compiled.add(narrow)
+    assert fresh._shrink(wide, narrow, 16)  # already compiled: no compile to pay for
+    assert not fresh._shrink(wide, eng.program_key(problems, 8, CONFIG), 8)
+    # The key is the whole program: another config is another program.
+    other = eng.program_key(problems, 16, bc.SolverConfig(max_iterations=5))
+    assert not fresh._shrink(wide, other, 16)
+
+
+def test_engines_keep_their_own_programs(lane):
+    engine, _, _, default_before = lane
+    assert engine.compiled  # the lane's programs, noted by the engine that ran them
+    assert any(isinstance(k, tuple) and k[1] == SLOTS for k in engine.compiled)
+    assert eng.Engine().compiled == set() and eng.Engine().tail_seconds == {}
+    assert eng.default_engine() is eng.default_engine() is eng.engine_of(None)
+    assert eng.default_engine() is not engine and eng.engine_of(engine) is engine
+    assert set(eng.default_engine().compiled) == default_before
