@@ -64,8 +64,11 @@ def test_config_of_the_options():
 
 
 def test_old_plan_keywords_still_work_with_a_warning():
-    with pytest.warns(DeprecationWarning, match=r"sinkhorn_tol=\.\.\.\) is deprecated; use plan_tol"):
+    with pytest.warns(DeprecationWarning, match=r"SolverConfig\(sinkhorn_\w+=\.\.\.\) is deprecated") \
+            as caught:
         c = SolverConfig(sinkhorn_tol=1e-7, sinkhorn_max_iterations=50)
+    assert sorted(str(w.message).split("; ")[1] for w in caught) == [
+        "use plan_max_iterations=...", "use plan_tol=..."]
     assert c == SolverConfig(plan_tol=1e-7, plan_max_iterations=50)
     with pytest.warns(DeprecationWarning, match="use plan_tol"):
         assert c.sinkhorn_tol == 1e-7

@@ -15,9 +15,13 @@ over plans :math:`P_j \in \Pi(a, w_j)` and atoms, by block-coordinate descent
 1. *plans*: entropic OT (:mod:`raybary.solvers.plans`) for the current costs;
 2. *atoms*: atom i becomes the Gaussian barycenter of **all** input components
    with weights :math:`\lambda_j P_{j,ik} / \sum`: mean
-   :math:`x_i = \sum \bar w\, m`, covariance by the fixed point of
-   :func:`raybary.geometry.bures.bures_barycenter_step`. For fixed plans this
-   is the exact minimiser, so :math:`F` does not go up.
+   :math:`x_i = \sum \bar w\, m` (the exact minimiser for fixed plans), and
+   ``config.fixed_point_steps`` steps of the covariance fixed point
+   :func:`raybary.geometry.bures.bures_barycenter_step`: for fixed plans the
+   update does not raise :math:`F` (tests/solvers/test_barycenter.py checks it). (From one outer iteration to the next,
+   :math:`F` of the new entropic plans can rise slightly, by at most about
+   :math:`\varepsilon \log n`: the plans trade transport cost for entropy;
+   the entropic objective goes down.)
 
 With ``learn_weights``, once the fixed-weight iteration has converged, the
 weights ``a`` move too, by exponentiated (mirror) gradient steps on
