@@ -24,7 +24,8 @@ What happens to a block depends on its info string:
   every ``ray`` command parses with Ray's own CLI. ``tests/jobs`` runs the
   same flow against a head on loopback.
 * tag ``notest-benchmark``: takes minutes on every core. Checked instead:
-  the benchmark script exists and every option used is in its ``--help``.
+  the benchmark script exists and every option used is in its ``--help``
+  (``bash benchmarks/X.sh``: that of ``benchmarks/X.py``, which it runs).
 """
 
 from __future__ import annotations
@@ -299,6 +300,10 @@ def test_benchmark_blocks_use_existing_options():
                 for c in shell_commands(b.code)]
     helps: dict[str, str] = {}
     for doc, block, cmd in commands:
+        if cmd[0] == "bash" and cmd[1].endswith(".sh"):  # a wrapper of the .py of its name
+            assert (ROOT / cmd[1]).is_file(), block.where(doc)
+            assert f"{Path(cmd[1]).stem}.py" in (ROOT / cmd[1]).read_text(), block.where(doc)
+            cmd = ["python", cmd[1][:-3] + ".py", *cmd[2:]]
         assert cmd[0] == "python" and cmd[1].startswith("benchmarks/"), block.where(doc)
         if cmd[1] not in helps:
             p = subprocess.run([sys.executable, cmd[1], "--help"], cwd=ROOT, capture_output=True,
@@ -307,7 +312,8 @@ def test_benchmark_blocks_use_existing_options():
             helps[cmd[1]] = p.stdout
         for option in (a.split("=")[0] for a in cmd[2:] if a.startswith("--")):
             assert option in helps[cmd[1]], f"{block.where(doc)}: {cmd[1]} has no {option}"
-    assert {"benchmarks/bench_speed.py", "benchmarks/bench_run.py"} <= set(helps)
+    assert {"benchmarks/bench_speed.py", "benchmarks/bench_run.py",
+            "benchmarks/gpu_check.py"} <= set(helps)
 
 
 # ------------------------------------------------------------------ performance.md's table

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raybary.batch.engine import Engine, default_engine, engine_of
+from raybary.batch.engine import BATCH_SIZE, Engine, default_engine, engine_of
 from raybary.batch.padding import Bucket, bucket_of, next_pow2, pad_problems
 from raybary.options import DEFAULT_RELATIVE_EPSILON, SolverOptions
 from raybary.types import Problem, Result
@@ -26,7 +26,7 @@ from raybary.types import Problem, Result
 __all__ = ["solve", "solve_with", "configure_jax", "DEFAULT_RELATIVE_EPSILON",
            "DEFAULT_BATCH_SIZE", "Engine"]
 
-DEFAULT_BATCH_SIZE = 4096  # problems per compiled call
+DEFAULT_BATCH_SIZE = BATCH_SIZE  # problems per compiled call on a CPU (LaneRule.batch_size)
 MERGE_BELOW = 4096  # buckets of one dimension with fewer rows than this share one program
 
 InitArg = Sequence[tuple[np.ndarray, np.ndarray] | None] | None
@@ -54,7 +54,7 @@ def solve(
     ids: Sequence[int] | None = None,
     max_iterations: int | None = None,
     tol: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     config=None,
     validate: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -93,7 +93,13 @@ def solve(
         solved it (``raybary run`` passes the store's ``problem_id``).
       max_iterations, tol: outer iterations and relative objective tolerance
         (defaults: :meth:`~raybary.SolverConfig.for_dtype`).
-      batch_size: problems per compiled call (rounded to a power of two).
+      batch_size: problems per compiled call (rounded up to a power of two;
+        any size: 2**20 tutorial problems hold about 6 GiB of solver state
+        on the host). A chunk runs in lanes of at most the engine's slots,
+        refilled from the chunk's waiting problems. Default: the engine's
+        :class:`~raybary.batch.engine.LaneRule` ``batch_size``, by JAX's
+        backend: :data:`DEFAULT_BATCH_SIZE` (4,096; lanes of 1,024) on a
+        CPU, 2**20 (lanes of 131,072) on a GPU or TPU.
       config: a :class:`~raybary.SolverConfig` to start from instead of the
         defaults of ``dtype``; ``learn_weights=True``, ``max_iterations`` and
         ``tol``, when given, replace its fields.
@@ -107,7 +113,10 @@ def solve(
         ``plan_block`` (plan iterations per block); their product against
         the sum of ``extra["plan_iterations"]`` is the share of slot
         iterations that did no needed work (``benchmarks/bench_speed.py``
-        prints it).
+        prints it); ``blocks``, ``calls`` and ``run_seconds`` (loop blocks
+        summed over calls, host round trips, their time:
+        :meth:`~raybary.batch.engine.Engine.solve_arrays`;
+        ``benchmarks/gpu_check.py`` prints them).
       engine: the :class:`~raybary.batch.engine.Engine` to run on (its
         compiled programs and JAX set-up); default: the process's.
 
@@ -134,12 +143,14 @@ class _Plan:
 
 def solve_with(problems: Problem | Sequence[Problem], options: SolverOptions, *,
                init: InitArg = None, ids: Sequence[int] | None = None,
-               batch_size: int = DEFAULT_BATCH_SIZE, config=None, validate: bool = True,
+               batch_size: int | None = None, config=None, validate: bool = True,
                progress: Callable[[int], None] | None = None, stats: dict | None = None,
                engine: Engine | None = None) -> list[Result]:
     """:func:`solve` for checked :class:`~raybary.options.SolverOptions` (the
     other arguments as there)."""
     problems = [problems] if isinstance(problems, Problem) else list(problems)
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not problems:
         return []
     plan = _plan(problems, options, init, ids)
@@ -147,6 +158,7 @@ def solve_with(problems: Problem | Sequence[Problem], options: SolverOptions, *,
         _raise_invalid(problems, options.dtype)
     config = options.config(config)
     engine = engine_of(engine)
+    batch_size = engine.lanes.batch_size if batch_size is None else int(batch_size)
     if stats is not None:
         stats["plan_block"] = config.plan_block
     best: list[Result | None] = [None] * len(problems)

@@ -14,6 +14,12 @@ it sets one (``RAYBARY_JAX_CACHE``, default ``~/.cache/raybary/jax``) and
 caches programs that took at least 0.5 s to compile, so that a later process
 loads them instead of compiling. ``Engine(compilation_cache=False)`` or
 ``RAYBARY_JAX_CACHE=off`` leaves JAX's configuration alone.
+
+How wide its lanes are and how often it refills them is a :class:`LaneRule`
+chosen by JAX's backend (:func:`lane_rule`): on a CPU, 1,024 slots refilled
+every 4 loop blocks; on an accelerator (GPU, TPU), far wider lanes and far
+fewer calls, since there each call is a host round trip and each loop block
+costs about the same from a few thousand slots up.
 """
 
 from __future__ import annotations
@@ -22,24 +28,88 @@ import functools
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from raybary.batch.padding import next_pow2
 
-__all__ = ["Engine", "default_engine", "SLOTS", "SMALL_BATCH"]
+__all__ = ["Engine", "LaneRule", "default_engine", "lane_rule", "CPU_LANES", "ACCELERATOR_LANES",
+           "SLOTS", "SMALL_BATCH"]
 
 SMALL_BATCH = 64  # batches at most this big are solved in one call
+# The CPU's lanes (CPU_LANES below):
 SLOTS = 1024  # slots of the working batch (problems solved at once)
 REFILL_BLOCKS = 4  # loop blocks per call between two refills
 MIN_WIDTH = 2  # the narrowest batch a tail moves to
 EAGER_WIDTH = 128  # ... at once down to this width; narrower by the rent-or-buy rule
 TAIL_CALL_SLOTS = 1024  # with none waiting, a call runs REFILL_BLOCKS * this / width blocks
+BATCH_SIZE = 4096  # raybary.solve's default batch_size (problems per compiled call)
 SHRINK_AFTER_S = 1.5  # a tail moves to a batch not yet compiled after this long (~1/3 of a compile)
 NARROW_BELOW = 512  # a bucket with fewer rows runs in a lane a quarter its size ...
 NARROW_LANE = 64  # ... of at least this many slots (lane_width)
 MAP_HEADROOM = 20_000  # memory maps kept free for new programs (about 8 solver programs)
 CACHE_OFF = ("off", "0", "false", "none", "")
+
+
+@dataclass(frozen=True)
+class LaneRule:
+    """How an engine runs a batch in lanes (:meth:`Engine.lane`).
+
+    Attributes:
+      slots: the widest lane (problems solved at once).
+      refill_blocks: loop blocks per call (each of ``config.plan_block`` plan
+        iterations) while problems wait: finished slots are refilled between
+        calls, and every call is a host round trip that moves the lane's
+        state to the host and back.
+      tail_call_slots: with none waiting, a call at width ``w`` runs
+        ``refill_blocks * max(1, tail_call_slots // w)`` blocks (narrow
+        lanes are cheap per block; a call ends anyway when all its problems
+        are done).
+      min_width: the narrowest lane a tail moves to (widths go down by 8x).
+      eager_width: a tail moves at once to a lane at least this wide; to a
+        narrower one by the rent-or-buy rule (:meth:`Engine._shrink`).
+      init_width: initial states are computed this many rows at a time
+        (``None``: the whole batch in one call), so that batches of several
+        sizes share one compiled ``init_batch`` and its memory stays bounded.
+      batch_size: :func:`raybary.solve`'s default ``batch_size`` (problems
+        per compiled call; a lane refills from its call's waiting problems).
+    """
+
+    slots: int = SLOTS
+    refill_blocks: int = REFILL_BLOCKS
+    tail_call_slots: int = TAIL_CALL_SLOTS
+    min_width: int = MIN_WIDTH
+    eager_width: int = EAGER_WIDTH
+    init_width: int | None = None
+    batch_size: int = BATCH_SIZE
+
+    def blocks_per_call(self, width: int, waiting: bool) -> int:
+        """Loop blocks a call at ``width`` slots runs (with rows ``waiting`` or none)."""
+        return self.refill_blocks * (1 if waiting else max(1, self.tail_call_slots // width))
+
+
+#: A CPU: each loop block costs about its slots, calls are cheap, so narrow
+#: lanes refilled often (docs/performance.md measures these).
+CPU_LANES = LaneRule()
+#: An accelerator (GPU, TPU): a loop block costs about the same from a few
+#: thousand slots up (kernel launches) and each call moves the lane's state
+#: (about 3 KB a tutorial problem) over the host link and back: lanes of
+#: 2**17 slots (about 0.5 GB of state for tutorial problems), refilled every
+#: 16 blocks, tails at no fewer than 2,048 slots (narrower saves nothing per
+#: block), reached at once (a deterministic set of programs to compile), and
+#: calls of up to 2**20 problems to refill from.
+#: Not yet measured on a GPU: ``benchmarks/gpu_check.sh`` measures it.
+ACCELERATOR_LANES = LaneRule(slots=1 << 17, refill_blocks=16, tail_call_slots=1 << 17,
+                             min_width=1 << 11, eager_width=1 << 11, init_width=1 << 17,
+                             batch_size=1 << 20)
+
+
+def lane_rule(backend: str) -> LaneRule:
+    """The :class:`LaneRule` of JAX backend ``backend`` (``jax.default_backend()``):
+    :data:`CPU_LANES` for ``"cpu"``, else :data:`ACCELERATOR_LANES`
+    (``"gpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``, ...)."""
+    return CPU_LANES if backend.lower() == "cpu" else ACCELERATOR_LANES
 
 
 def _tree_map(fn, *trees):
@@ -159,7 +229,13 @@ class Engine:
         compilation cache at ``RAYBARY_JAX_CACHE`` (default
         ``~/.cache/raybary/jax``; ``off`` turns it off) unless JAX already has
         one; a path: that directory; ``False``: leave JAX's configuration alone.
-      slots: the widest working batch (problems solved at once).
+      slots: the widest working batch (problems solved at once); ``None``
+        (default): that of ``lanes``.
+      lanes: how batches run in lanes (:class:`LaneRule`); ``None`` (default):
+        by JAX's default backend, resolved at the first solve
+        (:func:`lane_rule`: 1,024 slots refilled every 4 blocks, calls of
+        4,096 problems on a CPU; 131,072 slots refilled every 16 blocks,
+        calls of up to 2**20 problems on a GPU or TPU).
 
     Attributes:
       compiled: program keys (:func:`program_key`) this engine has run.
@@ -167,13 +243,31 @@ class Engine:
       cache_clears: times the compiled programs were dropped for memory maps.
     """
 
-    def __init__(self, *, compilation_cache: bool | str = True, slots: int = SLOTS) -> None:
+    def __init__(self, *, compilation_cache: bool | str = True, slots: int | None = None,
+                 lanes: LaneRule | None = None) -> None:
         self.compilation_cache = compilation_cache
-        self.slots = int(slots)
+        self._slots = None if slots is None else int(slots)
+        self._lanes = lanes
         self.compiled: set = set()
         self.tail_seconds: dict = defaultdict(float)
         self.cache_clears = 0
         self._set_up = False
+
+    @property
+    def lanes(self) -> LaneRule:
+        """The :class:`LaneRule` this engine runs with (the backend's unless given)."""
+        if self._lanes is None:
+            import jax
+
+            self._lanes = lane_rule(jax.default_backend())
+        if self._slots is not None and self._lanes.slots != self._slots:
+            self._lanes = replace(self._lanes, slots=self._slots)
+        return self._lanes
+
+    @property
+    def slots(self) -> int:
+        """The widest working batch (``lanes.slots``)."""
+        return self.lanes.slots
 
     def setup(self) -> str | None:
         """Configure JAX's persistent compilation cache (once; see the class);
@@ -235,7 +329,13 @@ class Engine:
         continuous batching (:meth:`lane`), at most ``slots`` (default: the
         engine's) at a time. Each problem's arithmetic does not depend on its
         slot or its neighbours, so results do not depend on either.
-        ``stats["slot_blocks"]`` gets the loop blocks run, summed over slots.
+
+        ``stats`` gets, added to what it holds: ``slot_blocks``, the loop
+        blocks run summed over slots; ``blocks``, the loop blocks run summed
+        over calls (a lane's blocks, whatever its width); ``calls``, the calls
+        of ``run_batch`` (host round trips: each moves the lane's state to the
+        host and back); ``run_seconds``, the wall time of those calls,
+        transfers and compiles included.
         """
         import jax
         import jax.numpy as jnp
@@ -244,54 +344,85 @@ class Engine:
 
         self.setup()
         stats = {} if stats is None else stats
-        stats.setdefault("slot_blocks", 0)
+        for name in ("slot_blocks", "blocks", "calls", "run_seconds"):
+            stats.setdefault(name, 0)
         with jax.enable_x64(dtype == "float64"):
             problems = bc.PaddedProblem(**{k: np.asarray(v) for k, v in arrays.items()})
             size = problems.weights.shape[0]
             self.before_compile(("init, finish", program_key(problems, size, config)))
             device = _tree_map(jnp.asarray, problems)
             if size <= SMALL_BATCH:
-                state = bc.run_batch(bc.init_batch(device, config), device, config, 1 << 30)
-                stats["slot_blocks"] += size * int(np.max(np.asarray(state.blocks)))
+                initial = bc.init_batch(device, config)
+                started = time.perf_counter()
+                state = bc.run_batch(initial, device, config, 1 << 30)
+                blocks = int(np.max(np.asarray(state.blocks)))
+                stats["slot_blocks"] += size * blocks
+                stats["blocks"] += blocks
+                stats["calls"] += 1
+                stats["run_seconds"] += time.perf_counter() - started
             else:
-                initial = _tree_map(np.array, bc.init_batch(device, config))
+                initial = self._initial(problems, device, config)
                 queue = _Queue(initial, _tree_map(np.copy, initial), problems,
                                min(size, count or size))
-                self.lane(queue, config, lane_width(size, queue.size, slots or self.slots))
+                self.lane(queue, config, lane_width(size, queue.size, slots or self.slots),
+                          stats=stats)
                 stats["slot_blocks"] += queue.slot_blocks
                 state = _tree_map(jnp.asarray, queue.final)
             out = bc.finish_batch(state, device)
             return {k: np.asarray(v) for k, v in out._asdict().items()}
 
-    def lane(self, queue: _Queue, config, width: int) -> None:
+    def _initial(self, problems, device, config):
+        """The initial states of a batch, on the host: ``init_batch`` on the
+        whole batch, or ``lanes.init_width`` rows at a time."""
+        from raybary.solvers import barycenter as bc
+
+        size = problems.weights.shape[0]
+        step = self.lanes.init_width
+        if step is None or size <= step:
+            return _tree_map(np.array, bc.init_batch(device, config))
+        self.before_compile(("init", program_key(problems, step, config)))
+        parts = [_tree_map(np.asarray, bc.init_batch(_take(device, slice(i, i + step)), config))
+                 for i in range(0, size, step)]
+        return _tree_map(lambda *x: np.concatenate(x), *parts)
+
+    def lane(self, queue: _Queue, config, width: int, *, stats: dict | None = None) -> None:
         """Solve the rows of ``queue`` in ``width`` slots, refilling finished ones.
 
-        Between calls of ``REFILL_BLOCKS`` blocks, finished problems leave and
-        waiting ones take their slots (their initial states were computed up
-        front). Once none waits and at most an eighth of the slots are busy
-        (the tail: a few slow problems), the busy ones move to a batch an
-        eighth the size when :meth:`_shrink` says so (sizes stay powers of
-        two: few compiles).
+        Between calls of ``lanes.refill_blocks`` blocks, finished problems
+        leave and waiting ones take their slots (their initial states were
+        computed up front). Once none waits and at most an eighth of the slots
+        are busy (the tail: a few slow problems), the busy ones move to a
+        batch an eighth the size (at least ``lanes.min_width``) when
+        :meth:`_shrink` says so (sizes stay powers of two: few compiles).
+        ``stats`` gets ``blocks``, ``calls`` and ``run_seconds`` added (as in
+        :meth:`solve_arrays`).
         """
         from raybary.solvers import barycenter as bc
 
         if queue.empty():
             return
+        rule = self.lanes
         lane = _Lane(queue, width)
         while True:
             started = time.perf_counter()
             before = lane.state.blocks.copy()
             # Nothing to refill from: run longer per call (narrow batches are cheap per block).
-            blocks = REFILL_BLOCKS * max(1, TAIL_CALL_SLOTS // lane.width if queue.empty() else 1)
+            blocks = rule.blocks_per_call(lane.width, waiting=not queue.empty())
             key = program_key(lane.batch, lane.width, config)
             compiling = self.before_compile(key)
             lane.state = _tree_map(np.array, bc.run_batch(lane.state, lane.batch, config, blocks))
-            lane.retire(queue, lane.width * int(np.max(lane.state.blocks - before)))
+            ran = int(np.max(lane.state.blocks - before))
+            if stats is not None:
+                stats["calls"] = stats.get("calls", 0) + 1
+                stats["blocks"] = stats.get("blocks", 0) + ran
+                stats["run_seconds"] = (stats.get("run_seconds", 0)
+                                        + time.perf_counter() - started)
+            lane.retire(queue, lane.width * ran)
             busy = int(np.sum(lane.rows >= 0))
             if busy == 0:
                 return
             narrower = lane.width // 8
-            if busy <= narrower and narrower >= MIN_WIDTH and queue.empty():
+            if busy <= narrower and narrower >= rule.min_width and queue.empty():
                 if not compiling:  # a call that compiled is not tail time
                     self.tail_seconds[key] += time.perf_counter() - started
                 if self._shrink(key, program_key(lane.batch, narrower, config), narrower):
@@ -299,13 +430,14 @@ class Engine:
 
     def _shrink(self, key, narrower_key, narrower: int) -> bool:
         """Whether a tail at program ``key`` moves to the ``narrower`` one: at
-        once down to :data:`EAGER_WIDTH` or if that program already ran, else
+        once down to ``lanes.eager_width`` (:data:`EAGER_WIDTH` on a CPU) or
+        if that program already ran, else
         once tails at ``key`` have taken :data:`SHRINK_AFTER_S` in all (about
         a third of a compile). A rent-or-buy rule that buys early: a program
         once compiled serves every later tail of the process and, through the
         persistent cache, of later ones, while short tails never pay for a
         compile."""
-        return (narrower >= EAGER_WIDTH or narrower_key in self.compiled
+        return (narrower >= self.lanes.eager_width or narrower_key in self.compiled
                 or self.tail_seconds[key] >= SHRINK_AFTER_S)
 
 

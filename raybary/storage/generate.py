@@ -27,6 +27,11 @@ same problems with each covariance replaced by its diagonal (the variances,
 the random draws are unchanged, so problem ``i`` of a diagonal store is
 problem ``i`` of the full one without its correlations.
 
+Only :func:`generate` writes a store, so only it imports the store writers
+(and with them fsspec, and Zarr for ``*.zarr``): the rest needs NumPy and
+pyarrow, so ``tutorial_problems`` works where neither fsspec nor Zarr is
+installed (``benchmarks/gpu_check.sh`` runs there).
+
 Problem ids are ``0..n-1``. Randomness is drawn per block of
 :data:`SEED_BLOCK` problems from ``numpy.random.default_rng([seed, block])``,
 so a problem does not depend on how the output is chunked, and ``.parquet``
@@ -37,14 +42,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raybary.storage.base import ProblemStore
 from raybary.storage.columns import ProblemColumns, check_covariance_type, segment_indices
-from raybary.storage.conversion import output_format, write_store
 from raybary.storage.errors import StoreDataError
 from raybary.types import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raybary.storage.base import ProblemStore
 
 __all__ = [
     "FAMILIES",
@@ -288,6 +295,8 @@ def generate(
     dimensions unless ``dim`` is given; a Zarr store holds one ``d``, so
     ``random`` to ``*.zarr`` needs ``dim`` (refused before writing otherwise).
     """
+    from raybary.storage.conversion import output_format, write_store  # fsspec, Zarr
+
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     if n_problems < 0:

@@ -192,3 +192,83 @@ def test_engines_keep_their_own_programs(lane):
     assert eng.default_engine() is eng.default_engine() is eng.engine_of(None)
     assert eng.default_engine() is not engine and eng.engine_of(engine) is engine
     assert set(eng.default_engine().compiled) == default_before
+
+
+@pytest.mark.parametrize("backend", ["cpu", "CPU"])
+def test_lane_rule_on_a_cpu(backend):
+    """The CPU keeps the lanes docs/performance.md measures: 1,024 slots,
+    refilled every 4 blocks, tails down to 2 slots, eagerly to 128, initial
+    states in one call."""
+    rule = eng.lane_rule(backend)
+    assert rule == eng.CPU_LANES == eng.LaneRule()
+    assert (rule.slots, rule.refill_blocks, rule.tail_call_slots, rule.min_width,
+            rule.eager_width, rule.init_width, rule.batch_size) == (
+        eng.SLOTS, eng.REFILL_BLOCKS, eng.TAIL_CALL_SLOTS, eng.MIN_WIDTH, eng.EAGER_WIDTH,
+        None, eng.BATCH_SIZE) == (1024, 4, 1024, 2, 128, None, 4096)
+    from raybary.batch.api import DEFAULT_BATCH_SIZE
+
+    assert DEFAULT_BATCH_SIZE == rule.batch_size
+    assert rule.blocks_per_call(1024, waiting=True) == 4
+    assert rule.blocks_per_call(128, waiting=False) == 32
+    assert rule.blocks_per_call(4096, waiting=False) == 4
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cuda", "rocm", "tpu", "GPU"])
+def test_lane_rule_on_an_accelerator(backend):
+    """A GPU or TPU gets far wider lanes and far fewer calls: 2**16 to 2**18
+    slots, more blocks per call than the CPU, tails that stop (and move at
+    once) at a width narrower ones would save nothing at, so that one
+    size's programs are known in advance, and chunks of 2**20 problems by
+    default to refill from; powers of two throughout."""
+    rule = eng.lane_rule(backend)
+    assert rule == eng.ACCELERATOR_LANES
+    assert 1 << 16 <= rule.slots <= 1 << 18
+    assert rule.refill_blocks > eng.CPU_LANES.refill_blocks
+    assert rule.eager_width == rule.min_width >= 1 << 10
+    assert rule.init_width == rule.slots and rule.batch_size == 1 << 20  # raybary.solve's default
+    for width in (rule.slots, rule.min_width, rule.tail_call_slots, rule.init_width,
+                  rule.batch_size):
+        assert width & (width - 1) == 0
+    assert rule.blocks_per_call(rule.slots, waiting=True) == rule.refill_blocks
+    assert rule.blocks_per_call(rule.min_width, waiting=False) == (
+        rule.refill_blocks * rule.tail_call_slots // rule.min_width)
+    # the widths a tail of the widest lane runs at: 2**17, 2**14, 2**11
+    widths, w = [], rule.slots
+    while w >= rule.min_width:
+        widths.append(w)
+        w //= 8
+    assert len(widths) <= 3
+
+
+def test_engine_resolves_its_lanes():
+    """Engine(): the backend's rule, resolved at first use (this machine has
+    a CPU); slots= replaces the rule's slots; lanes= gives one outright."""
+    assert jax.default_backend() == "cpu"
+    assert eng.Engine().lanes == eng.CPU_LANES and eng.Engine().slots == 1024
+    assert eng.Engine(slots=256).lanes == eng.LaneRule(slots=256)
+    gpu = eng.Engine(lanes=eng.ACCELERATOR_LANES)
+    assert gpu.lanes is eng.ACCELERATOR_LANES and gpu.slots == 1 << 17
+    assert eng.Engine(lanes=eng.ACCELERATOR_LANES, slots=64).slots == 64
+
+
+def test_an_accelerator_shaped_rule_gives_the_one_shot_results(arrays, one_shot):
+    """The accelerator's rule, shrunk to this batch (64 slots, 8 blocks per
+    call, initial states 64 rows at a time, no narrower lanes), runs the
+    same arithmetic: every real row as the one-shot batch (as in the first
+    test); the counters agree with the rule."""
+    from dataclasses import replace
+
+    rule = replace(eng.ACCELERATOR_LANES, slots=SLOTS, refill_blocks=8, tail_call_slots=SLOTS,
+                   min_width=SLOTS, eager_width=SLOTS, init_width=SLOTS)
+    stats = {}
+    out = eng.Engine(lanes=rule).solve_arrays(arrays, CONFIG, "float32", count=COUNT,
+                                              stats=stats)
+    identical = np.ones(COUNT, bool)
+    for name, a in out.items():
+        identical &= np.all((a[:COUNT] == one_shot[name][:COUNT]).reshape(COUNT, -1), axis=1)
+    assert np.mean(identical) >= 0.97, np.flatnonzero(~identical)
+    np.testing.assert_allclose(out["objective"][:COUNT], one_shot["objective"][:COUNT], rtol=1e-4)
+    assert np.all(out["iterations"][COUNT:] == 0)
+    assert 1 <= stats["calls"] <= stats["blocks"] <= 8 * stats["calls"]
+    assert stats["slot_blocks"] == SLOTS * stats["blocks"]  # one width throughout
+    assert stats["run_seconds"] > 0

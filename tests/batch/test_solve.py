@@ -370,6 +370,22 @@ def test_progress_counts_each_problem_once_across_chunks(tutorial):
     assert len(seen) == 4  # one call per chunk: 15 rows in chunks of 4
 
 
+def test_batch_size_defaults_to_the_engines_lane_rule(tutorial):
+    # batch_size=None: the engine's LaneRule.batch_size (4,096 on a CPU, 2**20
+    # on a GPU); the same chunks as the test above when the rule says 4;
+    # a batch_size that is not a positive integer is refused
+    from raybary.batch.engine import Engine, LaneRule
+
+    problems = [p for p, _ in tutorial] + [tutorial[0][0], tutorial[1][0]]
+    seen = []
+    engine = Engine(lanes=LaneRule(batch_size=4))
+    raybary.solve(problems, bar_size=2, restarts=3, progress=seen.append, engine=engine)
+    assert len(seen) == 4 and seen[-1] == len(problems)
+    for bad in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            raybary.solve(problems, bar_size=2, batch_size=bad)
+
+
 def test_solve_leaves_the_callers_jax_and_engine_state_alone(tutorial):
     # an engine of one's own keeps its own compiled-program table; the default
     # engine is one object; a given config's fields are kept (only the options'
