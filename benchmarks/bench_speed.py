@@ -9,8 +9,11 @@ the same state of a shared, noisy machine) it prints:
 - wall time per needed iteration (wall time / sum of the iterations);
 - the floor, measured in the same run on the same batch width: one plain
   log-domain Sinkhorn iteration (two half-steps, no masks, no schedule, a
-  ``fori_loop`` over a ``(B, 6, 10)`` batch) and one bare Newton step of the
-  solver (``raybary.solvers.plans.newton_step`` in a ``fori_loop``);
+  ``fori_loop`` over a ``(B, 6, 10)`` batch), one bare Newton step of the
+  solver (``raybary.solvers.plans.newton_step`` in a ``fori_loop``), and the
+  machine's floor: the same Newton step as a plain compiled loop over
+  problems (``benchmarks/floor_numba.py``, numba; on one core and on every
+  core numba uses), where numba is installed (the ``bench`` extra);
 - the share of slot iterations that did no needed work (finished, padded or
   waiting slots: ``1 - needed / (slot_blocks * plan_block)``).
 
@@ -24,6 +27,7 @@ same initialisation, on a sample. Needs the ``test`` extra (POT, OTT-JAX)::
     python benchmarks/bench_speed.py                 # ~3-5 min on 2 cores
     python benchmarks/bench_speed.py --problems 1024 --sinkhorn
     python benchmarks/bench_speed.py --write-docs    # also rewrite docs/performance.md's table
+    python benchmarks/bench_speed.py --floors-only   # the floors alone, ~30 s
 
 ``--write-docs [PATH]`` replaces the text between the ``bench_speed`` markers
 of PATH (default ``docs/performance.md``) with this run's table, its date and
@@ -66,7 +70,8 @@ LABELS = {  # case names as printed -> as in docs/performance.md
 
 def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, float]:
     """Microseconds per problem of one plain Sinkhorn iteration and one bare
-    Newton step, on a batch of ``width`` tutorial-sized problems."""
+    Newton step, on a batch of ``width`` tutorial-sized problems; with numba
+    (float32 only), also the machine floor (:func:`machine_floors`)."""
     import jax
     import jax.numpy as jnp
 
@@ -91,9 +96,36 @@ def floors(width: int, dtype=np.float32, iterations: int = 200) -> dict[str, flo
     jax.block_until_ready(plain(cost))
     t = time.perf_counter()
     jax.block_until_ready(plain(cost))
-    return {"sinkhorn": (time.perf_counter() - t) / iterations / width * 1e6,
-            "newton": newton_floor((2, 3, 5), width, pad_to=12, dtype=dtype,
-                                   iterations=iterations)}
+    out = {"sinkhorn": (time.perf_counter() - t) / iterations / width * 1e6,
+           "newton": newton_floor((2, 3, 5), width, pad_to=12, dtype=dtype,
+                                  iterations=iterations)}
+    if np.dtype(dtype) == np.float32:
+        out.update(machine_floors(width, iterations))
+    return out
+
+
+def machine_floors(width: int, iterations: int = 200) -> dict[str, float]:
+    """The machine's floor: microseconds per problem of the solver's Newton step
+    as a plain compiled loop over problems (``floor_numba.py``), on the batch
+    of :func:`newton_floor`, on one core (``numba``) and on numba's threads
+    (``numba_parallel``, ``numba_threads`` of them). Empty without numba."""
+    try:
+        import floor_numba  # same folder
+    except ImportError:  # numba is not installed
+        return {}
+    kw = dict(ks=(2, 3, 5), width=width, pad_to=12, iterations=iterations)
+    return {"numba": floor_numba.numba_floor(**kw),
+            "numba_parallel": floor_numba.numba_floor(parallel=True, **kw),
+            "numba_threads": floor_numba.threads()}
+
+
+def machine_floor_text(fl: dict) -> str:
+    """The machine floor as a sentence's part, or why there is none."""
+    if "numba" not in fl:
+        return "no machine floor (numba is not installed)"
+    t = fl["numba_threads"]
+    return (f"a plain compiled Newton step (numba, one core) {fl['numba']:.2f} us per problem, "
+            f"({'both cores' if t == 2 else f'{t} threads'}) {fl['numba_parallel']:.2f} us")
 
 
 def newton_floor(ks: tuple[int, ...], width: int, pad_to: int | None = None, n: int = 6,
@@ -219,14 +251,18 @@ def _digits(x: float, significant: int) -> str:
     return f"{x:,.{decimals}f}"
 
 
-def render_row(row: dict, newton_floor: float, jax_cache: str = "present") -> str:
-    """One Markdown table row of a case (a :func:`summarise` dict)."""
+def render_row(row: dict, newton_floor: float, jax_cache: str = "present",
+               machine_floor: float | None = None) -> str:
+    """One Markdown table row of a case (a :func:`summarise` dict); the
+    ``/ machine floor`` cell only with ``machine_floor``."""
     label = LABELS.get(row["case"], row["case"]).format(jax_cache=jax_cache)
     converged = f"{math.floor(row['converged'] * 1000) / 10:g}%"
     its = " / ".join(f"{row[k]:,.0f}" for k in ("it_mean", "it_p99", "it_max"))
+    ratios = f"{_digits(row['us_per_it'] / newton_floor, 2)}x | "
+    if machine_floor is not None:
+        ratios += f"{_digits(row['us_per_it'] / machine_floor, 2)}x | "
     return (f"| {label} | {row['problems']} | {row['rate']:,.0f} | {converged} | {its} | "
-            f"{_digits(row['us_per_it'], 3)} us | {_digits(row['us_per_it'] / newton_floor, 2)}x | "
-            f"{row['idle']:.2f} |")
+            f"{_digits(row['us_per_it'], 3)} us | {ratios}{row['idle']:.2f} |")
 
 
 def render_docs(run: dict) -> str:
@@ -238,20 +274,26 @@ def render_docs(run: dict) -> str:
     array of relative gaps, may be empty), ``jax_cache`` ("present"/"empty").
     """
     fl = run["floors"]
+    machine = fl.get("numba")
     lines = [f"_{run['date']}, {run['machine']}; float32; times after compilation unless "
              "marked; every row from the same run of `python benchmarks/bench_speed.py`._", "",
              "| case | problems | problems/s | converged | plan iterations per problem: "
              "mean / p99 / max | wall per needed iteration | / Newton-step floor | "
-             "idle slot share |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
-    lines += [render_row(r, fl["newton"], run.get("jax_cache", "present")) for r in run["rows"]]
+             + ("/ machine floor | " if machine else "") + "idle slot share |",
+             "|---|---:|---:|---:|---|---:|---:|" + ("---:|" if machine else "") + "---:|"]
+    lines += [render_row(r, fl["newton"], run.get("jax_cache", "present"), machine)
+              for r in run["rows"]]
     text = "Same run: "
     if np.isfinite(run["ott"]):
         text += (f"OTT-JAX's jitted solver in a loop, {run['ott']:.1f} problems/s (raybary is "
                  f"{run['rows'][0]['rate'] / run['ott']:.0f}x faster at the same epsilon); ")
     text += (f"floors on a batch of 1024: a bare Newton step of the solver {fl['newton']:.2f} us "
              f"per problem, a plain log-domain Sinkhorn iteration (no masks, no schedule) "
-             f"{fl['sinkhorn']:.2f} us.")
+             f"{fl['sinkhorn']:.2f} us; {machine_floor_text(fl)}.")
+    if machine:
+        text += (" The machine floor is the solver's Newton step written as a plain loop over "
+                 "problems (`benchmarks/floor_numba.py`); `/ machine floor` divides by its "
+                 "one-core time.")
     if "ragged_exact" in fl:
         text += (" The ragged mix's floor at its problems' own shapes (a bare Newton step of each "
                  "problem's own size, no padding, no idle slots), weighted by the iterations they "
@@ -281,6 +323,13 @@ def write_docs(path: str | Path, block: str) -> None:
     Path(path).write_text(f"{head}{BEGIN}\n{block}{END}{tail}", encoding="utf-8")
 
 
+def print_floors(fl: dict) -> None:
+    """The floors of :func:`floors`, one line each."""
+    print(f"floor, same run, batch 1024: plain Sinkhorn iteration {fl['sinkhorn']:.2f} us/problem, "
+          f"bare Newton step (XLA) {fl['newton']:.2f} us/problem")
+    print(f"machine floor: {machine_floor_text(fl)}")
+
+
 def machine() -> str:
     """Cores, platform, JAX version and backend, and the load when the run started."""
     import jax
@@ -299,10 +348,16 @@ def main() -> None:
     ap.add_argument("--exact-floor", action="store_true",
                     help="also the ragged mix's floor at its problems' own shapes (~100 small "
                          "compiles, a few minutes)")
+    ap.add_argument("--floors-only", action="store_true",
+                    help="measure and print the floors only (~30 s), no cases")
     ap.add_argument("--write-docs", nargs="?", const=str(DOCS), default=None, metavar="PATH",
                     help="write this run's table between the bench_speed markers of PATH "
                          f"(default {DOCS.relative_to(DOCS.parents[1])})")
     args = ap.parse_args()
+    if args.floors_only:
+        print(f"floors, batch 1024, {machine()}:", flush=True)
+        print_floors(floors(1024))
+        return
     if args.write_docs:
         split_docs(args.write_docs)  # a missing marker fails now, not after ten minutes
     cache = os.environ.get("RAYBARY_JAX_CACHE",
@@ -335,20 +390,27 @@ def main() -> None:
             print("ragged mix, floor at its own shapes ...", file=sys.stderr, flush=True)
             fl["ragged_exact"] = exact_shape_floor(rag, rows[-1]["results"])
 
-    print(f"\nfloor, same run, batch 1024: plain Sinkhorn iteration {fl['sinkhorn']:.2f} us/problem, "
-          f"bare Newton step {fl['newton']:.2f} us/problem")
+    print()
+    print_floors(fl)
     if "ragged_exact" in fl:
         print(f"ragged mix at its problems' own shapes: bare Newton step {fl['ragged_exact']:.2f} us "
               f"per needed iteration, {fl['ragged_exact'] / fl['newton']:.1f}x the tutorial's")
     if np.isfinite(ott):
         print(f"OTT-JAX (jitted, looped, epsilon=0.1): {ott:.1f} problems/s")
+    machine_col = "numba" in fl
     print("\n| case | problems | problems/s | converged | iterations mean / p99 / max "
-          "| wall per needed iteration | / Newton floor | idle slot share | CPU cores busy |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+          "| wall per needed iteration | / Newton floor | "
+          + ("/ machine floor | " if machine_col else "") + "idle slot share | CPU cores busy |")
+    print("|---|---:|---:|---:|---|---:|---:|" + ("---:|" if machine_col else "") + "---:|---:|")
     for r in rows:
+        ratio = f"{r['us_per_it'] / fl['newton']:.1f}x | "
+        if machine_col:
+            ratio += f"{r['us_per_it'] / fl['numba']:.1f}x | "
         print(f"| {r['case']} | {r['problems']} | {r['rate']:,.0f} | {r['converged']:.3f} | "
               f"{r['it_mean']:.0f} / {r['it_p99']:.0f} / {r['it_max']:.0f} | {r['us_per_it']:.2f} us | "
-              f"{r['us_per_it'] / fl['newton']:.1f}x | {r['idle']:.2f} | {r['cpu']:.2f} |")
+              f"{ratio}{r['idle']:.2f} | {r['cpu']:.2f} |")
+    if not machine_col:
+        print("(no / machine floor column: numba is not installed)")
     if np.isfinite(ott):
         print(f"\ntutorial at epsilon=0.1 against OTT-JAX in the same run: "
               f"{rows[0]['rate'] / ott:.0f}x")

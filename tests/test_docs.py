@@ -351,22 +351,49 @@ RUN_2026_11_26 = dict(
 )
 
 
+# the machine floor of a run with numba installed (benchmarks/floor_numba.py)
+MACHINE_FLOORS = {"numba": 1.89, "numba_parallel": 0.95, "numba_threads": 2}
+
+
 def test_bench_speed_renders_the_docs_table(bench_speed):
     block = bench_speed.render_docs(RUN_2026_11_26)
     lines = block.splitlines()
     assert lines[0].startswith("_2026-11-26, 2 cores, Linux-test, JAX 0.0 (cpu backend)")
-    # the header is the one of the table in docs/performance.md (whatever run
-    # wrote it), and the rows are that run's numbers, formatted as the doc's
-    doc = DOCS["performance"].read_text(encoding="utf-8")
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 6
-    assert table[0] in doc and table[1] in doc
     assert table[2] == ("| tutorial family, `epsilon=0.1` | 4096 | 1,398 | 100% | "
                         "131 / 228 / 505 | 5.47 us | 2.5x | 0.14 |")
     assert table[5] == ("| ragged mix, `epsilon=0.1` | 1024 | 39 | 99.9% | 282 / 1,284 / 30,000 | "
                         "89.8 us | 41x | 0.69 |")
     assert "OTT-JAX's jitted solver in a loop, 6.1 problems/s (raybary is 229x faster" in block
     assert "bare Newton step of the solver 2.18 us per problem" in block
+    # that run had no numba: no machine floor column, and the text says why
+    assert "machine floor |" not in block
+    assert "0.21 us; no machine floor (numba is not installed)." in block
+    # with numba: a / machine floor column next to the Newton-step floor's
+    # (raybary's wall per needed iteration over numba's one-core step)
+    machine = bench_speed.render_docs(
+        {**RUN_2026_11_26, "floors": {**RUN_2026_11_26["floors"], **MACHINE_FLOORS}})
+    machine_table = [line for line in machine.splitlines() if line.startswith("|")]
+    assert len(machine_table) == 6
+    assert machine_table[0].endswith(
+        "| wall per needed iteration | / Newton-step floor | / machine floor | idle slot share |")
+    assert machine_table[1] == "|---|---:|---:|---:|---|---:|---:|---:|---:|"
+    assert machine_table[2] == ("| tutorial family, `epsilon=0.1` | 4096 | 1,398 | 100% | "
+                                "131 / 228 / 505 | 5.47 us | 2.5x | 2.9x | 0.14 |")
+    assert machine_table[5] == ("| ragged mix, `epsilon=0.1` | 1024 | 39 | 99.9% | "
+                                "282 / 1,284 / 30,000 | 89.8 us | 41x | 48x | 0.69 |")
+    assert ("0.21 us; a plain compiled Newton step (numba, one core) 1.89 us per problem, "
+            "(both cores) 0.95 us.") in machine
+    assert "numba is not installed" not in machine
+    four = bench_speed.render_docs({**RUN_2026_11_26, "floors": {
+        **RUN_2026_11_26["floors"], **MACHINE_FLOORS, "numba_threads": 4}})
+    assert "(numba, one core) 1.89 us per problem, (4 threads) 0.95 us." in four
+    # the header is the one of the table in docs/performance.md (whatever run
+    # wrote it, with numba or without), and the rows are that run's numbers,
+    # formatted as the doc's
+    doc = DOCS["performance"].read_text(encoding="utf-8")
+    assert any(t[0] in doc and t[1] in doc for t in (table, machine_table))
     assert ("3 problems: `epsilon=0.1` float32 median 2.6e-08 (max 1.9e-05), `epsilon=0.1` "
             "float64 median -4.5e-09 (max 1.0e-10), default epsilon float32 median 6.0e-07 "
             "(max 3.0e-05).") in block
