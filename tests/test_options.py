@@ -98,17 +98,20 @@ def test_the_cli_and_ray_data_take_their_defaults_from_the_options():
 
 
 def test_solve_sets_up_jax_only_as_documented(tmp_path):
-    # RAYBARY_JAX_CACHE=off: raybary.solve leaves JAX's configuration alone;
-    # by default it turns on the persistent cache where none is set
-    code = ("import jax, raybary; from raybary.storage.generate import tutorial_problems; "
+    # RAYBARY_JAX_CACHE=off and RAYBARY_XLA_FLAGS=off: raybary.solve leaves JAX's
+    # configuration alone; by default it turns on the persistent cache where none
+    # is set, and XLA's intra-op CPU threads off (the engine runs a lane per core)
+    code = ("import os, jax, raybary; from raybary.storage.generate import tutorial_problems; "
             "raybary.solve(tutorial_problems(1), bar_size=2, epsilon=0.5, max_iterations=2); "
-            "print(jax.config.jax_compilation_cache_dir)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**env, "RAYBARY_JAX_CACHE": "off"}, timeout=300)
+            "print(jax.config.jax_compilation_cache_dir); print(os.environ.get('XLA_FLAGS'))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_dump_to=/dev/null"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**env, "RAYBARY_JAX_CACHE": "off", "RAYBARY_XLA_FLAGS": "off"})
     assert off.returncode == 0, off.stderr[-2000:]
-    assert off.stdout.strip() in ("None", "")
+    assert off.stdout.split("\n")[:2] == ["None", "--xla_dump_to=/dev/null"]
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env={**env, "RAYBARY_JAX_CACHE": str(tmp_path / "cache")}, timeout=300)
     assert on.returncode == 0, on.stderr[-2000:]
-    assert on.stdout.strip() == str(tmp_path / "cache")
+    assert on.stdout.split("\n")[:2] == [
+        str(tmp_path / "cache"), "--xla_dump_to=/dev/null --xla_cpu_multi_thread_eigen=false"]

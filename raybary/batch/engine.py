@@ -12,8 +12,11 @@ What an engine does to JAX's global configuration, once, on its first solve
 (:meth:`Engine.setup`): unless JAX already has a compilation cache directory,
 it sets one (``RAYBARY_JAX_CACHE``, default ``~/.cache/raybary/jax``) and
 caches programs that took at least 0.5 s to compile, so that a later process
-loads them instead of compiling. ``Engine(compilation_cache=False)`` or
-``RAYBARY_JAX_CACHE=off`` leaves JAX's configuration alone.
+loads them instead of compiling (``Engine(compilation_cache=False)`` or
+``RAYBARY_JAX_CACHE=off``: not); and, if JAX's backends have not started yet,
+it turns XLA's intra-op CPU threading off in ``XLA_FLAGS`` (the engine runs a
+lane per core instead; ``Engine(xla_flags=False)`` or
+``RAYBARY_XLA_FLAGS=off``: not).
 
 How wide its lanes are and how often it refills them is a :class:`LaneRule`
 chosen by JAX's backend (:func:`lane_rule`): on a CPU, 1,024 slots refilled
@@ -26,16 +29,19 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from raybary.batch.padding import next_pow2
 
-__all__ = ["Engine", "LaneRule", "default_engine", "lane_rule", "CPU_LANES", "ACCELERATOR_LANES",
-           "SLOTS", "SMALL_BATCH"]
+__all__ = ["Engine", "LaneRule", "default_engine", "lane_rule", "cpu_workers", "lane_xla_flags",
+           "CPU_LANES",
+           "ACCELERATOR_LANES", "SLOTS", "SMALL_BATCH"]
 
 SMALL_BATCH = 64  # batches at most this big are solved in one call
 # The CPU's lanes (CPU_LANES below):
@@ -49,7 +55,8 @@ SHRINK_AFTER_S = 1.5  # a tail moves to a batch not yet compiled after this long
 NARROW_BELOW = 512  # a bucket with fewer rows runs in a lane a quarter its size ...
 NARROW_LANE = 64  # ... of at least this many slots (lane_width)
 MAP_HEADROOM = 20_000  # memory maps kept free for new programs (about 8 solver programs)
-CACHE_OFF = ("off", "0", "false", "none", "")
+OFF = ("off", "0", "false", "none")  # values of RAYBARY_JAX_CACHE / RAYBARY_XLA_FLAGS that mean off
+CACHE_OFF = (*OFF, "")
 
 
 @dataclass(frozen=True)
@@ -169,18 +176,21 @@ class _Queue:
         self.initial, self.final, self.problems, self.size = initial, final, problems, size
         self.next = 0
         self.slot_blocks = 0
+        self._lock = threading.Lock()  # lanes in several threads share the queue
 
     def take(self, count: int) -> np.ndarray:
-        rows = np.arange(self.next, min(self.size, self.next + count))
-        self.next += len(rows)
+        with self._lock:
+            rows = np.arange(self.next, min(self.size, self.next + count))
+            self.next += len(rows)
         return rows
 
     def empty(self) -> bool:
         return self.next >= self.size
 
     def store(self, rows: np.ndarray, state, slots: np.ndarray, blocks: int) -> None:
-        _tree_map(lambda f, x: f.__setitem__(rows, x[slots]), self.final, state)
-        self.slot_blocks += blocks
+        with self._lock:
+            _tree_map(lambda f, x: f.__setitem__(rows, x[slots]), self.final, state)
+            self.slot_blocks += blocks
 
 
 class _Lane:
@@ -236,6 +246,14 @@ class Engine:
         (:func:`lane_rule`: 1,024 slots refilled every 4 blocks, calls of
         4,096 problems on a CPU; 131,072 slots refilled every 16 blocks,
         calls of up to 2**20 problems on a GPU or TPU).
+      workers: lanes run at once, each in a thread of its own (a compiled
+        call releases the GIL, so each lane keeps a core busy); ``None``
+        (default): on a CPU, the cores this process is given
+        (:func:`cpu_workers`), on an accelerator one.
+      xla_flags: before JAX's backends start, turn off XLA's intra-op CPU
+        threading (:func:`lane_xla_flags`), since the lanes are the
+        parallelism; ``False`` (or ``RAYBARY_XLA_FLAGS=off``) leaves
+        ``XLA_FLAGS`` alone.
 
     Attributes:
       compiled: program keys (:func:`program_key`) this engine has run.
@@ -244,14 +262,20 @@ class Engine:
     """
 
     def __init__(self, *, compilation_cache: bool | str = True, slots: int | None = None,
-                 lanes: LaneRule | None = None) -> None:
+                 lanes: LaneRule | None = None, workers: int | None = None,
+                 xla_flags: bool = True) -> None:
+        if workers is not None and int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.compilation_cache = compilation_cache
+        self.xla_flags = xla_flags
         self._slots = None if slots is None else int(slots)
         self._lanes = lanes
+        self._workers = None if workers is None else int(workers)
         self.compiled: set = set()
         self.tail_seconds: dict = defaultdict(float)
         self.cache_clears = 0
         self._set_up = False
+        self._lock = threading.RLock()  # the bookkeeping above, shared by the lanes' threads
 
     @property
     def lanes(self) -> LaneRule:
@@ -259,6 +283,7 @@ class Engine:
         if self._lanes is None:
             import jax
 
+            self.setup()  # before the backend starts
             self._lanes = lane_rule(jax.default_backend())
         if self._slots is not None and self._lanes.slots != self._slots:
             self._lanes = replace(self._lanes, slots=self._slots)
@@ -269,13 +294,28 @@ class Engine:
         """The widest working batch (``lanes.slots``)."""
         return self.lanes.slots
 
+    @property
+    def workers(self) -> int:
+        """Lanes run at once (the ``workers`` given, else by backend: see the class)."""
+        if self._workers is None:
+            import jax
+
+            self.setup()  # before the backend starts
+            self._workers = cpu_workers() if jax.default_backend() == "cpu" else 1
+        return self._workers
+
     def setup(self) -> str | None:
-        """Configure JAX's persistent compilation cache (once; see the class);
+        """Configure JAX's persistent compilation cache and, before JAX's
+        backends start, XLA's CPU threading (once; see the module docstring);
         return the cache directory in use, if any."""
         import jax
+        from jax._src import xla_bridge
 
         if not self._set_up:
             self._set_up = True
+            off = os.environ.get("RAYBARY_XLA_FLAGS", "").strip().lower() in OFF
+            if self.xla_flags and not off and not xla_bridge.backends_are_initialized():
+                os.environ["XLA_FLAGS"] = lane_xla_flags(os.environ.get("XLA_FLAGS", ""))
             path = self._cache_dir()
             if path is not None and not jax.config.jax_compilation_cache_dir:
                 os.makedirs(path, exist_ok=True)
@@ -296,11 +336,12 @@ class Engine:
     def before_compile(self, key) -> bool:
         """Note that ``key`` is about to run; return whether it is new to this
         engine (then it compiles, and the memory-map guard runs first)."""
-        if key in self.compiled:
-            return False
-        self.keep_map_room()
-        self.compiled.add(key)
-        return True
+        with self._lock:
+            if key in self.compiled:
+                return False
+            self.keep_map_room()
+            self.compiled.add(key)
+            return True
 
     def keep_map_room(self) -> None:
         """Drop the solver's compiled programs before the process runs out of
@@ -364,8 +405,7 @@ class Engine:
                 initial = self._initial(problems, device, config)
                 queue = _Queue(initial, _tree_map(np.copy, initial), problems,
                                min(size, count or size))
-                self.lane(queue, config, lane_width(size, queue.size, slots or self.slots),
-                          stats=stats)
+                self._run_lanes(queue, config, size, slots or self.slots, stats, dtype)
                 stats["slot_blocks"] += queue.slot_blocks
                 state = _tree_map(jnp.asarray, queue.final)
             out = bc.finish_batch(state, device)
@@ -385,6 +425,38 @@ class Engine:
                  for i in range(0, size, step)]
         return _tree_map(lambda *x: np.concatenate(x), *parts)
 
+    def _run_lanes(self, queue: _Queue, config, size: int, slots: int, stats: dict,
+                   dtype: str) -> None:
+        """Solve ``queue`` in :meth:`lane_count` lanes of :func:`lane_width` slots
+        each, one thread per lane when there are several."""
+        count = self.lane_count(queue.size, queue.problems.means.shape[-1])
+        width = lane_width(size, -(-queue.size // count), slots)
+        if count == 1:
+            self.lane(queue, config, width, stats=stats)
+            return
+
+        def run() -> None:
+            import jax
+
+            with jax.enable_x64(dtype == "float64"):  # JAX's config is per thread
+                self.lane(queue, config, width, stats=stats)
+
+        with ThreadPoolExecutor(count, thread_name_prefix="raybary-lane") as pool:
+            for future in [pool.submit(run) for _ in range(count)]:
+                future.result()
+
+    def lane_count(self, rows: int, dim: int) -> int:
+        """Lanes for ``rows`` problems of dimension ``dim``: up to :attr:`workers`,
+        each of at least :data:`NARROW_LANE` rows; one where the solver's
+        program calls LAPACK (``dim`` above
+        :data:`~raybary.geometry.bures.JACOBI_MAX_DIM`): concurrent executions
+        of such programs deadlock XLA's CPU runtime."""
+        from raybary.geometry.bures import JACOBI_MAX_DIM
+
+        if dim > JACOBI_MAX_DIM:
+            return 1
+        return max(1, min(self.workers, rows // NARROW_LANE))
+
     def lane(self, queue: _Queue, config, width: int, *, stats: dict | None = None) -> None:
         """Solve the rows of ``queue`` in ``width`` slots, refilling finished ones.
 
@@ -403,6 +475,8 @@ class Engine:
             return
         rule = self.lanes
         lane = _Lane(queue, width)
+        if not np.any(lane.rows >= 0):  # other lanes took every row
+            return
         while True:
             started = time.perf_counter()
             before = lane.state.blocks.copy()
@@ -413,19 +487,23 @@ class Engine:
             lane.state = _tree_map(np.array, bc.run_batch(lane.state, lane.batch, config, blocks))
             ran = int(np.max(lane.state.blocks - before))
             if stats is not None:
-                stats["calls"] = stats.get("calls", 0) + 1
-                stats["blocks"] = stats.get("blocks", 0) + ran
-                stats["run_seconds"] = (stats.get("run_seconds", 0)
-                                        + time.perf_counter() - started)
+                with self._lock:
+                    stats["calls"] = stats.get("calls", 0) + 1
+                    stats["blocks"] = stats.get("blocks", 0) + ran
+                    stats["run_seconds"] = (stats.get("run_seconds", 0)
+                                            + time.perf_counter() - started)
             lane.retire(queue, lane.width * ran)
             busy = int(np.sum(lane.rows >= 0))
             if busy == 0:
                 return
             narrower = lane.width // 8
             if busy <= narrower and narrower >= rule.min_width and queue.empty():
-                if not compiling:  # a call that compiled is not tail time
-                    self.tail_seconds[key] += time.perf_counter() - started
-                if self._shrink(key, program_key(lane.batch, narrower, config), narrower):
+                with self._lock:
+                    if not compiling:  # a call that compiled is not tail time
+                        self.tail_seconds[key] += time.perf_counter() - started
+                    shrink = self._shrink(key, program_key(lane.batch, narrower, config),
+                                          narrower)
+                if shrink:
                     lane.narrow(narrower)
 
     def _shrink(self, key, narrower_key, narrower: int) -> bool:
@@ -439,6 +517,28 @@ class Engine:
         compile."""
         return (narrower >= self.lanes.eager_width or narrower_key in self.compiled
                 or self.tail_seconds[key] >= SHRINK_AFTER_S)
+
+
+def lane_xla_flags(flags: str) -> str:
+    """``flags`` (an ``XLA_FLAGS`` value) with XLA's intra-op CPU thread pool
+    off, unless they already say: with a lane per core, XLA's own threads only
+    compete with the lanes (and even one lane ran faster without them)."""
+    if "xla_cpu_multi_thread_eigen" in flags:
+        return flags
+    return (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def cpu_workers() -> int:
+    """The cores this process is given: ``RAYBARY_SOLVER_THREADS``, else
+    ``OMP_NUM_THREADS`` (what Ray sets to a task's or actor's CPUs), else the
+    CPUs the process may run on."""
+    for name in ("RAYBARY_SOLVER_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @functools.cache

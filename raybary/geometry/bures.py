@@ -11,11 +11,13 @@ broadcasts over leading axes, so it can be vmapped or applied to whole blocks
 of matrices at once. The dimension ``d`` is static: ``d = 1`` and ``d = 2`` use
 closed forms (no eigendecomposition); larger ``d`` a symmetric
 eigendecomposition, with eigenvalues floored at ``10 eps`` times the largest
-(what rounding to the dtype cannot resolve), except for the cross terms of
-``3 <= d <= 8`` (one per atom and component: the bulk of the work), which
-come from :func:`jacobi_svd`, one-sided Jacobi rotations written as
-elementwise arithmetic over the batch: much faster on CPU than a batch of
-LAPACK calls at these sizes (docs/performance.md), and as accurate.
+(what rounding to the dtype cannot resolve). Up to ``d = 8`` the
+decompositions (the square roots, and the cross terms: one per atom and
+component, the bulk of the work) come from :func:`jacobi_svd`, one-sided
+Jacobi rotations written as elementwise arithmetic over the batch: much
+faster on CPU than a batch of LAPACK calls at these sizes
+(docs/performance.md), as accurate, and no custom call in the compiled
+program; above ``d = 8``, LAPACK's ``eigh``.
 
 References:
   Hestenes (1958), *Inversion of matrices by biorthogonalization*; Demmel &
@@ -177,9 +179,27 @@ def jacobi_svd(m: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def _eigh_apply(a: jnp.ndarray, fns):
-    lam, vec = jnp.linalg.eigh(symmetrize(a))
+    """``fn(A)`` for each ``fn`` of ``fns`` (elementwise on the eigenvalues,
+    floored at :func:`_rel_floor` times the largest) of symmetric PSD ``a``.
+
+    Up to :data:`JACOBI_MAX_DIM` the eigenpairs are :func:`jacobi_svd`'s (for a
+    PSD matrix the singular values are the eigenvalues): elementwise batch
+    arithmetic, no LAPACK call, so the solver's programs for ``d <= 8`` hold no
+    custom call (concurrent executions of programs calling LAPACK's ``eigh``
+    deadlock XLA's CPU runtime); above, LAPACK's ``eigh``.
+    """
+    a = symmetrize(a)
+    floor = _rel_floor(a.dtype)
+    if a.shape[-1] <= JACOBI_MAX_DIM:
+        lam, vec = _svd_columns(a)
+        top = lam[0]
+        for x in lam[1:]:
+            top = jnp.maximum(top, x)
+        lam = [jnp.maximum(x, floor * top) for x in lam]
+        return [_compose(vec, [fn(x) for x in lam]) for fn in fns]
+    lam, vec = jnp.linalg.eigh(a)
     top = jnp.max(lam, axis=-1, keepdims=True)
-    lam = jnp.maximum(lam, _rel_floor(a.dtype) * jnp.maximum(top, 0.0))
+    lam = jnp.maximum(lam, floor * jnp.maximum(top, 0.0))
     out = []
     for fn in fns:
         out.append(symmetrize((vec * fn(lam)[..., None, :]) @ jnp.swapaxes(vec, -1, -2)))

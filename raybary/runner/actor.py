@@ -64,24 +64,24 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
 
     GPU actors: no preallocation (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) and,
     for a fraction of a GPU, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 x that
-    fraction, so several actors share one GPU. CPU actors: ``JAX_PLATFORMS=cpu``
-    and, with at most one CPU each, XLA's CPU thread pool off (one thread per
-    actor; the actors themselves are the parallelism). ``exe.actor_env``
-    overrides any of these.
+    fraction, so several actors share one GPU. CPU actors: ``JAX_PLATFORMS=cpu``,
+    a solver lane per CPU of the actor (``RAYBARY_SOLVER_THREADS``, at least
+    one) and XLA's intra-op thread pool off (:func:`~raybary.batch.engine.lane_xla_flags`:
+    the lanes are the parallelism). ``exe.actor_env`` overrides any of these.
     """
+    from raybary.batch.engine import lane_xla_flags
+
     env: dict[str, str] = {}
     if exe.gpus_per_actor > 0:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         if exe.gpus_per_actor < 1:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * exe.gpus_per_actor:.3f}"
     else:
+        threads = str(max(1, int(exe.cpus_per_actor)))
         env["JAX_PLATFORMS"] = "cpu"
-        if exe.cpus_per_actor <= 1:
-            flags = os.environ.get("XLA_FLAGS", "")
-            if "xla_cpu_multi_thread_eigen" not in flags:
-                flags = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
-            env["XLA_FLAGS"] = flags
-            env.setdefault("OMP_NUM_THREADS", "1")
+        env["XLA_FLAGS"] = lane_xla_flags(os.environ.get("XLA_FLAGS", ""))
+        env["RAYBARY_SOLVER_THREADS"] = threads
+        env["OMP_NUM_THREADS"] = threads
     if "RAYBARY_JAX_CACHE" in os.environ:
         env["RAYBARY_JAX_CACHE"] = os.environ["RAYBARY_JAX_CACHE"]
     env.update({str(k): str(v) for k, v in exe.actor_env.items()})

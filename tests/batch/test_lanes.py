@@ -272,3 +272,83 @@ def test_an_accelerator_shaped_rule_gives_the_one_shot_results(arrays, one_shot)
     assert 1 <= stats["calls"] <= stats["blocks"] <= 8 * stats["calls"]
     assert stats["slot_blocks"] == SLOTS * stats["blocks"]  # one width throughout
     assert stats["run_seconds"] > 0
+
+
+# ------------------------------------------------------------------ lanes in threads
+def test_lane_count_rule():
+    engine = eng.Engine(workers=4)
+    assert engine.workers == 4
+    assert engine.lane_count(1000, 2) == 4              # up to the workers ...
+    assert engine.lane_count(130, 5) == 2               # ... each of at least NARROW_LANE rows
+    assert engine.lane_count(100, 2) == 1
+    assert engine.lane_count(10_000, 9) == 1             # LAPACK's eigh above d = 8: one lane
+    assert eng.Engine(workers=1).lane_count(10_000, 2) == 1
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        eng.Engine(workers=0)
+
+
+def test_cpu_workers_follow_what_the_process_is_given(monkeypatch):
+    monkeypatch.setenv("RAYBARY_SOLVER_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert eng.cpu_workers() == 3
+    monkeypatch.delenv("RAYBARY_SOLVER_THREADS")
+    assert eng.cpu_workers() == 5                        # what Ray sets for an actor's CPUs
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+    assert eng.cpu_workers() >= 1
+
+
+class ThreadRecordingEngine(eng.Engine):
+    """An engine recording the threads its lanes ran in."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.threads: set[str] = set()
+
+    def lane(self, *args, **kw):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return super().lane(*args, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_two_lanes_in_threads_give_the_one_lane_results(arrays, dtype):
+    """Two lanes share the queue, each in a thread of its own: every row leaves
+    once, and each problem's arithmetic is what one lane does (float64: each
+    thread enters JAX's x64 mode, which is per thread)."""
+    with jax.enable_x64(dtype == "float64"):
+        cast = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+        config = bc.SolverConfig.for_dtype(dtype)
+        stats1, stats2 = {}, {}
+        one = eng.Engine(workers=1).solve_arrays(cast, config, dtype, stats=stats1, slots=SLOTS)
+        two_engine = ThreadRecordingEngine(workers=2)
+        assert two_engine.lane_count(ROWS, 2) == 2
+        two = two_engine.solve_arrays(cast, config, dtype, stats=stats2, slots=SLOTS)
+    assert two["objective"].dtype == np.dtype(dtype)
+    assert np.all(two["iterations"] >= 1)                 # every row solved once
+    np.testing.assert_allclose(two["objective"], one["objective"], rtol=1e-4)
+    # the same barycenters, to far below the gaps between local optima (a row
+    # rounded differently at another width may stop an iteration apart)
+    scale = np.abs(one["means"]).max()
+    np.testing.assert_allclose(two["means"], one["means"], rtol=1e-4, atol=1e-4 * scale)
+    assert len(two_engine.threads) == 2 and all(t.startswith("raybary-lane")
+                                                   for t in two_engine.threads)
+
+
+def test_lane_xla_flags_and_the_actors_environment(monkeypatch):
+    from raybary.runner.actor import actor_env
+    from raybary.runner.options import ExecOptions
+
+    assert eng.lane_xla_flags("") == "--xla_cpu_multi_thread_eigen=false"
+    assert eng.lane_xla_flags("--a=1") == "--a=1 --xla_cpu_multi_thread_eigen=false"
+    kept = "--xla_cpu_multi_thread_eigen=true"
+    assert eng.lane_xla_flags(kept) == kept  # the user's say stands
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    env = actor_env(ExecOptions(cpus_per_actor=2))
+    assert env["RAYBARY_SOLVER_THREADS"] == env["OMP_NUM_THREADS"] == "2"
+    assert env["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+    assert actor_env(ExecOptions(cpus_per_actor=0.5))["RAYBARY_SOLVER_THREADS"] == "1"
+    gpu = actor_env(ExecOptions(gpus_per_actor=1))
+    assert "RAYBARY_SOLVER_THREADS" not in gpu and "JAX_PLATFORMS" not in gpu
+    assert actor_env(ExecOptions(actor_env={"RAYBARY_SOLVER_THREADS": "4"}))[
+        "RAYBARY_SOLVER_THREADS"] == "4"
