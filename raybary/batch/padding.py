@@ -68,8 +68,9 @@ def components_class(L: int) -> int:
 
 
 def block_class(K: int) -> int:
-    """4, 8, 16, ...: the size of the per-GMM Newton blocks."""
-    return max(4, next_pow2(K))
+    """4, 6, 8, 12, 16, ...: the size of the per-GMM Newton blocks (at most a
+    third of a block is padding, which the block solves pay for cubically)."""
+    return max(4, bucket_size(K))
 
 
 def bucket_of(problem: Problem, n: int) -> Bucket:

@@ -67,7 +67,7 @@ from raybary.runner.pool import (
     TaskRecord,
     finished_result,
 )
-from raybary.runner.shard import ShardSummary, peak_rss_mb, summary_from_marker
+from raybary.runner.shard import ShardSummary, current_rss_mb, peak_rss_mb, summary_from_marker
 from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
 
@@ -96,6 +96,7 @@ class RunReport:
     n_shards: int
     shard_size: int
     shards_skipped: int = 0  # committed by an earlier run
+    problems_skipped: int = 0  # ... holding this many problems
     shards_run: int = 0  # committed by this run
     shards_given_up: int = 0  # committed as failed after max_attempts lost attempts
     shards_lost: list[int] = field(default_factory=list)  # not committed
@@ -118,6 +119,8 @@ class RunReport:
     pids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # messages of lost attempts (first 20)
     complete: bool = False
+    # how the run went as it grew: one entry as 10%, 50% and all of its problems are in
+    milestones: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,10 +137,28 @@ class RunReport:
         if self.time_to_first_shard_s is None:
             self.time_to_first_shard_s = time.perf_counter() - t0
         self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, out.peak_rss_mb)
+        self._milestone(time.perf_counter() - t0)
         if out.pid:  # 0: rebuilt from the marker of a shard whose reply was lost
             self.shards_by_node[out.node] = self.shards_by_node.get(out.node, 0) + 1
             if out.pid not in self.pids:
                 self.pids.append(out.pid)
+
+
+    def _milestone(self, elapsed: float) -> None:
+        """Record rate and memory when the run passes 10%, 50% and 100% of the
+        problems it has to solve (a run that scales keeps both flat)."""
+        todo = self.n_problems - self.problems_skipped
+        reached = [m["fraction"] for m in self.milestones]
+        for fraction in MILESTONES:
+            if fraction not in reached and self.problems_run >= fraction * max(todo, 1):
+                self.milestones.append({
+                    "fraction": fraction, "problems": self.problems_run,
+                    "elapsed_s": elapsed,
+                    "problems_per_s": self.problems_run / elapsed if elapsed > 0 else 0.0,
+                    "driver_rss_mb": current_rss_mb(), "actor_peak_rss_mb": self.actor_peak_rss_mb})
+
+
+MILESTONES = (0.1, 0.5, 1.0)  # fractions of a run's problems at which RunReport records how it went
 
 
 # ------------------------------------------------------------------ progress
@@ -411,6 +432,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     todo: collections.deque[ShardTask] = collections.deque(
         ShardTask(i) for i in range(writer.n_shards) if i not in committed)
     done_before = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in committed)
+    report.problems_skipped = done_before
     progress = _Progress(store.n_problems, done_before, stream)
     if stream is not None and committed:
         stream.write(f"[raybary] resuming: {len(committed)} of {writer.n_shards} shards "

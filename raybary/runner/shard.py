@@ -28,7 +28,7 @@ from raybary.storage.results import ShardGrids
 from raybary.types import Problem, Result
 
 __all__ = ["process_shard", "fail_shard", "shard_grids", "problem_extents", "ShardSummary",
-           "peak_rss_mb"]
+           "peak_rss_mb", "current_rss_mb"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,17 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (its peak where ``/proc`` does
+    not say)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # ------------------------------------------------------------------ grids

@@ -281,15 +281,25 @@ def _newton_direction(log_c, plan, damping, eps, geo: PlanGeometry):
     live = root_c > tiny
     root_a = jnp.where(geo.atom_mask, jnp.sqrt(geo.a), 1.0)
     q = jnp.where(live[None, :], plan / (root_a[:, None] * jnp.where(live, root_c, 1.0)[None, :]), 0.0)
-    solve = _solve_whole if q.shape[1] <= UNROLL_SOLVE else _solve_blocks
+    solve = _solve_blocks if blocks_pay(*q.shape, *geo.block_index.shape) else _solve_whole
     y = solve(q, root_c, root_c * v, damping, geo)
     d = jnp.where(live, y / jnp.where(live, root_c, 1.0), v)
     return jnp.where(geo.comp_mask, eps * d, 0.0)
 
 
+def blocks_pay(n: int, L: int, J: int, K: int) -> bool:
+    """Whether the Newton system is solved per GMM block (``J`` blocks of ``K``)
+    rather than whole (``L x L``, unrolled up to :data:`UNROLL_SOLVE`): the
+    blocks' elimination and coupling, about ``J K^2 (K + n)`` multiply-adds,
+    must cost under 3/4 of the whole system's ``L^2 (L + n)`` (gathering the
+    blocks costs the rest), or the system be too large to unroll."""
+    return L > UNROLL_SOLVE or 4 * J * K * K * (K + n) < 3 * L * L * (L + n)
+
+
 def _solve_whole(q, u, rhs, damping, geo: PlanGeometry):
     """``((1 + tau) I - Q^T Q + u u^T) y = rhs`` as one unrolled solve of the whole
-    (block diagonal) system: fastest up to :data:`UNROLL_SOLVE` components."""
+    (block diagonal) system: fastest for small systems of large blocks
+    (:func:`blocks_pay`)."""
     gi = geo.gmm_index
     same = (gi[:, None] == gi[None, :]) & geo.comp_mask[:, None] & geo.comp_mask[None, :]
     coupling = q.T @ q - u[:, None] * u[None, :]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from raybary.batch.padding import Bucket, bucket_of, bucket_size, next_pow2, pad_problems
+from raybary.batch.padding import (
+    Bucket,
+    block_class,
+    bucket_of,
+    bucket_size,
+    next_pow2,
+    pad_problems,
+)
 from raybary.types import GMM, Problem
 
 
@@ -19,9 +26,19 @@ def test_size_classes():
     assert [bucket_size(x) for x in (1, 2, 3, 4, 5, 7, 9, 13, 17)] == [1, 2, 3, 4, 6, 8, 12, 16, 24]
     # d 4 and 5 share a class (padded with N(0, 1) dimensions); J, L, K coarse.
     p = Problem((gmm(2, 4, 0.0), gmm(5, 4, 1.0)), np.array([0.5, 0.5]))
-    assert bucket_of(p, 3) == Bucket(d=5, n=3, J=3, L=12, K=8)
+    assert bucket_of(p, 3) == Bucket(d=5, n=3, J=3, L=12, K=6)
     big = Problem(tuple(gmm(8, 2, j) for j in range(6)), np.full(6, 1 / 6))
     assert bucket_of(big, 5) == Bucket(d=2, n=6, J=6, L=48, K=8)
+    assert [block_class(k) for k in (1, 4, 5, 6, 7, 9, 13)] == [4, 4, 6, 6, 8, 12, 16]
+
+
+def test_the_newton_system_is_solved_per_block_where_that_pays():
+    from raybary.solvers.plans import blocks_pay
+
+    assert blocks_pay(6, 12, 3, 6)       # the tutorial's (2, 3, 5) in blocks of 6
+    assert not blocks_pay(6, 12, 3, 8)   # blocks of 8 cost about the whole 12 x 12
+    assert not blocks_pay(6, 12, 1, 12)  # one GMM: the whole system is its block
+    assert blocks_pay(6, 24, 6, 8)       # too large to unroll
 
 
 def test_pad_problems_masks_blocks_and_normalisation():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -336,3 +337,21 @@ def test_d1_problems_get_curves(tmp_path):
         # the curve's window holds every input and barycenter component's mean +- 3 sd
         for means, covs in [(q.means, q.covs) for q in p.gmms] + [(m[:, None], v[:, None, None])]:
             assert _inside(curves.extent[row], means, covs, (0,))
+
+
+def test_run_report_records_rate_and_memory_as_the_run_grows():
+    from raybary.runner.driver import MILESTONES, RunReport
+    from raybary.runner.shard import ShardSummary, current_rss_mb, peak_rss_mb
+
+    report = RunReport(input="in", output="out", n_problems=100, n_shards=10, shard_size=10,
+                       shards_skipped=2, problems_skipped=20)
+    t0 = time.perf_counter() - 1.0
+    for shard in range(2, 10):
+        report.add_shard(ShardSummary(shard, 10 * shard, 10 * shard + 10, {"ok": 10},
+                                      peak_rss_mb=100.0 + shard, pid=1, node="n"), t0)
+    marks = report.milestones
+    assert [m["fraction"] for m in marks] == list(MILESTONES)
+    assert [m["problems"] for m in marks] == [10, 40, 80]  # 10%, 50%, 100% of the 80 to run
+    assert all(m["problems_per_s"] > 0 and m["driver_rss_mb"] > 0 for m in marks)
+    assert marks[-1]["actor_peak_rss_mb"] == 109.0 and marks[0]["actor_peak_rss_mb"] == 102.0
+    assert 0 < current_rss_mb() <= peak_rss_mb() + 1  # now, at most the peak so far
