@@ -132,18 +132,38 @@ def covering_extent(gmms, dims: Sequence[int] | None = None, *, pad: float = 3.0
     if dims is None:
         dims = tuple(range(m.shape[-1]))
     m, c = marginal_components(m, c, tuple(int(i) for i in dims))
+    lo, hi = component_boxes(w, m, c, lk, pad=pad, level=level)
+    return grown_window(lo.min(axis=0), hi.max(axis=0), margin)
+
+
+def component_boxes(weights, means, covs, log_k, *, pad: float = 3.0,
+                    level: float = OUTER_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Each component's box of :func:`covering_extent`: ``(lo, hi)``, both ``(N, k)``.
+
+    ``weights (N,)``, ``means (N, k)`` and ``covs (N, k, k)`` (float64, already
+    marginalised on the shown coordinates, ``k`` of 1 or 2), ``log_k (N,)``:
+    the log of the number of components of each one's GMM. The window of a
+    set of GMMs is :func:`grown_window` of the boxes' union; the runner
+    computes a whole shard's windows at once from these
+    (:mod:`raybary.runner.grids`).
+    """
+    m, c = means, covs
     k = m.shape[-1]
     if k not in (1, 2):
         raise ValueError(f"covering_extent shows one or two coordinates, got {k}")
     sd = np.sqrt(np.diagonal(c, axis1=-2, axis2=-1))
     with np.errstate(divide="ignore", invalid="ignore"):
         _, logdet = np.linalg.slogdet(c)
-        room = level + lk + np.log(w) - 0.5 * k * np.log(2 * np.pi) - 0.5 * logdet
+        room = level + log_k + np.log(weights) - 0.5 * k * np.log(2 * np.pi) - 0.5 * logdet
         r = np.maximum(pad, np.sqrt(np.where(room > 0, 2 * room, 0.0)))
-    lo = (m - r[:, None] * sd).min(axis=0)
-    hi = (m + r[:, None] * sd).max(axis=0)
+    return m - r[:, None] * sd, m + r[:, None] * sd
+
+
+def grown_window(lo: np.ndarray, hi: np.ndarray, margin: float = 0.05) -> np.ndarray:
+    """``(xmin, xmax[, ymin, ymax])`` from the corners ``lo``, ``hi`` ``(..., k)`` of a
+    box, widened by ``margin`` of its size on each side (leading axes kept)."""
     grow = margin * (hi - lo)
-    return np.stack([lo - grow, hi + grow], axis=1).reshape(-1)
+    return np.stack([lo - grow, hi + grow], axis=-1).reshape(*lo.shape[:-1], -1)
 
 
 @partial(jax.jit, static_argnames=("shape",))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raybary.batch.outcome import SolveFn, solve_outcome
-from raybary.batch.padding import next_pow2
 from raybary.options import SolverOptions
 from raybary.runner.options import GridOptions
 from raybary.storage.results import ShardGrids
@@ -105,51 +104,6 @@ def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1),
     return covering_extent(gmms, (0,) if problem.dim == 1 else tuple(dims))
 
 
-def _pad_gmms(gmms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], d: int):
-    """Stack GMMs ``(w, m, c)`` into padded arrays ``(B', K', ...)``: batch and
-    components rounded up to powers of two (few compiles); padding components
-    have weight 0 and identity covariance; padding rows copy row 0."""
-    b = len(gmms)
-    k = next_pow2(max(len(w) for w, _, _ in gmms))
-    bp = next_pow2(b)
-    W = np.zeros((bp, k))
-    M = np.zeros((bp, k, d))
-    C = np.broadcast_to(np.eye(d), (bp, k, d, d)).copy()
-    for i in range(bp):
-        w, m, c = gmms[i if i < b else 0]
-        W[i, : len(w)], M[i, : len(w)], C[i, : len(w)] = w, m, c
-    return W, M, C
-
-
-def _padded_rows(extents: np.ndarray, rows: int) -> np.ndarray:
-    out = np.empty((rows, extents.shape[1]))
-    out[: len(extents)] = extents
-    out[len(extents):] = extents[0]
-    return out
-
-
-def _eval_grids(gmms, extents: np.ndarray, grid: GridOptions, d: int) -> np.ndarray:
-    from raybary.density import log_density_grid
-
-    W, M, C = _pad_gmms(gmms, d)
-    values, _ = log_density_grid((W, M, C), shape=grid.shape,
-                                 bounds=_padded_rows(extents, W.shape[0]), dims=grid.dims,
-                                 dtype="float32")
-    return np.asarray(values[: len(gmms)], dtype=np.float32)
-
-
-def _eval_curves(gmms, extents: np.ndarray, length: int) -> np.ndarray:
-    """Log-densities of 1-D GMMs at ``linspace(xmin, xmax, length)`` per row."""
-    from raybary.density import log_density
-
-    W, M, C = _pad_gmms(gmms, 1)
-    ext = _padded_rows(extents, W.shape[0])
-    t = np.linspace(0.0, 1.0, length)
-    points = (ext[:, :1] + (ext[:, 1:2] - ext[:, :1]) * t)[..., None]  # (B', L, 1)
-    values = log_density((W, M, C), points, dtype="float32")
-    return np.asarray(values[: len(gmms)], dtype=np.float32)
-
-
 def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | None],
                 statuses: Sequence[str], grid: GridOptions,
                 curve_length: int | None = None) -> ShardGrids:
@@ -161,6 +115,8 @@ def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | N
     :func:`problem_extents` of the inputs and, for ``ok`` problems, the
     barycenter. Curves have ``curve_length`` points (default ``max(H, W)``).
     """
+    from raybary.runner.grids import rows_log_densities
+
     n = len(problems)
     h, w = grid.shape
     length = int(curve_length or max(h, w))
@@ -177,29 +133,14 @@ def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | N
         if d == 1:
             extents, bary, inputs = out.curve_extent, out.curve, out.curve_inputs
             fixed = None if grid.bounds is None else grid.bounds[:2]
-
-            def evaluate(gm, ext):
-                return _eval_curves(gm, ext, length)
+            dims, shape = (0,), (1, length)
         else:
             extents, bary, inputs = out.extent, out.barycenter, out.inputs
-            fixed = grid.bounds
-
-            def evaluate(gm, ext, d=d):
-                return _eval_grids(gm, ext, grid, d)
+            fixed, dims, shape = grid.bounds, grid.dims, grid.shape
         ok = [i for i in rows if statuses[i] == "ok"]
-        for i in rows:
-            extents[i] = fixed if fixed is not None else problem_extents(
-                problems[i], grid.dims, results[i] if statuses[i] == "ok" else None)
-        if ok:
-            gm = [(results[i].weights, results[i].means, results[i].covs) for i in ok]
-            bary[ok] = evaluate(gm, extents[ok])
-        if j:
-            pairs = [(i, g) for i in rows for g in range(min(j, problems[i].n_gmms))]
-            gm = [(problems[i].gmms[g].weights, problems[i].gmms[g].means, problems[i].gmms[g].covs)
-                  for i, g in pairs]
-            vals = evaluate(gm, np.stack([extents[i] for i, _ in pairs]))
-            for (i, g), v in zip(pairs, vals):
-                inputs[i, g] = v
+        rows_log_densities(problems, results, rows, ok, dims, fixed, extents,
+                           bary.reshape(n, *shape),  # views: curves are 1 x L grids
+                           None if inputs is None else inputs.reshape(n, j, *shape))
     return out
 
 
