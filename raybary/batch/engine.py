@@ -11,7 +11,7 @@ bookkeeping (a test, a benchmark, a library embedding raybary) makes its own.
 What an engine does to JAX's global configuration, once, on its first solve
 (:meth:`Engine.setup`): unless JAX already has a compilation cache directory,
 it sets one (``RAYBARY_JAX_CACHE``, default ``~/.cache/raybary/jax``) and
-caches programs that took at least 0.5 s to compile, so that a later process
+caches programs that took at least 0.1 s to compile (the grids' too), so that a later process
 loads them instead of compiling (``Engine(compilation_cache=False)`` or
 ``RAYBARY_JAX_CACHE=off``: not); and, if JAX's backends have not started yet,
 it turns XLA's intra-op CPU threading off in ``XLA_FLAGS`` (the engine runs a
@@ -320,7 +320,7 @@ class Engine:
             if path is not None and not jax.config.jax_compilation_cache_dir:
                 os.makedirs(path, exist_ok=True)
                 jax.config.update("jax_compilation_cache_dir", path)
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
         return jax.config.jax_compilation_cache_dir or None
 
     def _cache_dir(self) -> str | None:
