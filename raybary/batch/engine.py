@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from raybary.batch.padding import next_pow2
+from raybary.batch.programs import Programs
 
 __all__ = ["Engine", "LaneRule", "default_engine", "lane_rule", "cpu_workers", "lane_xla_flags",
            "CPU_LANES",
@@ -254,6 +255,9 @@ class Engine:
         threading (:func:`lane_xla_flags`), since the lanes are the
         parallelism; ``False`` (or ``RAYBARY_XLA_FLAGS=off``) leaves
         ``XLA_FLAGS`` alone.
+      keep_programs: keep the solver's compiled programs whole, serialized,
+        beside the compilation cache (:mod:`raybary.batch.programs`), so a new
+        process loads them without tracing; ``False``: JAX's cache only.
 
     Attributes:
       compiled: program keys (:func:`program_key`) this engine has run.
@@ -263,11 +267,12 @@ class Engine:
 
     def __init__(self, *, compilation_cache: bool | str = True, slots: int | None = None,
                  lanes: LaneRule | None = None, workers: int | None = None,
-                 xla_flags: bool = True) -> None:
+                 xla_flags: bool = True, keep_programs: bool = True) -> None:
         if workers is not None and int(workers) < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.compilation_cache = compilation_cache
         self.xla_flags = xla_flags
+        self.keep_programs = keep_programs
         self._slots = None if slots is None else int(slots)
         self._lanes = lanes
         self._workers = None if workers is None else int(workers)
@@ -276,6 +281,7 @@ class Engine:
         self.cache_clears = 0
         self._set_up = False
         self._lock = threading.RLock()  # the bookkeeping above, shared by the lanes' threads
+        self._programs: Programs | None = None
 
     @property
     def lanes(self) -> LaneRule:
@@ -333,6 +339,22 @@ class Engine:
             return None
         return path or os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax")
 
+    @property
+    def programs(self) -> Programs:
+        """The solver's compiled programs (:class:`~raybary.batch.programs.Programs`),
+        saved beside the compilation cache when there is one."""
+        with self._lock:
+            if self._programs is None:
+                self._programs = Programs(self.setup() if self.keep_programs else None)
+            return self._programs
+
+    def run_program(self, name: str, *args, **static):
+        """Run the solver's jitted function ``name`` (of
+        :mod:`raybary.solvers.barycenter`) on ``args`` through :attr:`programs`."""
+        from raybary.solvers import barycenter as bc
+
+        return self.programs.call(name, getattr(bc, name), args, static)
+
     def before_compile(self, key) -> bool:
         """Note that ``key`` is about to run; return whether it is new to this
         engine (then it compiles, and the memory-map guard runs first)."""
@@ -356,6 +378,8 @@ class Engine:
 
         for program in (bc.init_batch, bc.run_batch, bc.finish_batch, bc.solve_batch):
             program.clear_cache()
+        if self._programs is not None:
+            self._programs.clear()
         self.compiled.clear()
         self.cache_clears += 1
 
@@ -393,9 +417,9 @@ class Engine:
             self.before_compile(("init, finish", program_key(problems, size, config)))
             device = _tree_map(jnp.asarray, problems)
             if size <= SMALL_BATCH:
-                initial = bc.init_batch(device, config)
+                initial = self.run_program("init_batch", device, config=config)
                 started = time.perf_counter()
-                state = bc.run_batch(initial, device, config, 1 << 30)
+                state = self.run_program("run_batch", initial, device, 1 << 30, config=config)
                 blocks = int(np.max(np.asarray(state.blocks)))
                 stats["slot_blocks"] += size * blocks
                 stats["blocks"] += blocks
@@ -408,20 +432,20 @@ class Engine:
                 self._run_lanes(queue, config, size, slots or self.slots, stats, dtype)
                 stats["slot_blocks"] += queue.slot_blocks
                 state = _tree_map(jnp.asarray, queue.final)
-            out = bc.finish_batch(state, device)
+            out = self.run_program("finish_batch", state, device)
             return {k: np.asarray(v) for k, v in out._asdict().items()}
 
     def _initial(self, problems, device, config):
         """The initial states of a batch, on the host: ``init_batch`` on the
         whole batch, or ``lanes.init_width`` rows at a time."""
-        from raybary.solvers import barycenter as bc
 
         size = problems.weights.shape[0]
         step = self.lanes.init_width
         if step is None or size <= step:
-            return _tree_map(np.array, bc.init_batch(device, config))
+            return _tree_map(np.array, self.run_program("init_batch", device, config=config))
         self.before_compile(("init", program_key(problems, step, config)))
-        parts = [_tree_map(np.asarray, bc.init_batch(_take(device, slice(i, i + step)), config))
+        parts = [_tree_map(np.asarray, self.run_program("init_batch", _take(device, slice(i, i + step)),
+                                                        config=config))
                  for i in range(0, size, step)]
         return _tree_map(lambda *x: np.concatenate(x), *parts)
 
@@ -469,7 +493,6 @@ class Engine:
         ``stats`` gets ``blocks``, ``calls`` and ``run_seconds`` added (as in
         :meth:`solve_arrays`).
         """
-        from raybary.solvers import barycenter as bc
 
         if queue.empty():
             return
@@ -484,7 +507,8 @@ class Engine:
             blocks = rule.blocks_per_call(lane.width, waiting=not queue.empty())
             key = program_key(lane.batch, lane.width, config)
             compiling = self.before_compile(key)
-            lane.state = _tree_map(np.array, bc.run_batch(lane.state, lane.batch, config, blocks))
+            lane.state = _tree_map(np.array, self.run_program("run_batch", lane.state, lane.batch,
+                                                              blocks, config=config))
             ran = int(np.max(lane.state.blocks - before))
             if stats is not None:
                 with self._lock:

@@ -550,7 +550,7 @@ def init_batch(batch: PaddedProblem, config: SolverConfig) -> BarycenterState:
 
 @partial(jax.jit, static_argnames=("config",))
 def run_batch(
-    state: BarycenterState, batch: PaddedProblem, config: SolverConfig, blocks: int
+    state: BarycenterState, batch: PaddedProblem, blocks: int, config: SolverConfig
 ) -> BarycenterState:
     """:func:`run_one` over a batch, for at most ``blocks`` blocks per call.
 
@@ -603,5 +603,5 @@ def finish_batch(state: BarycenterState, batch: PaddedProblem) -> BarycenterOutp
 def solve_batch(batch: PaddedProblem, config: SolverConfig) -> BarycenterOutput:
     """Solve a batch of padded problems (leading axis) with one compiled program
     (:func:`init_batch`, :func:`run_batch` to the end, :func:`finish_batch`)."""
-    state = run_batch(init_batch(batch, config), batch, config, 1 << 30)
+    state = run_batch(init_batch(batch, config), batch, 1 << 30, config)
     return finish_batch(state, batch)

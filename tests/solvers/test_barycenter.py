@@ -109,7 +109,7 @@ def batched(padded):
     with jax.enable_x64(True):
         batch = device(padded)
         start = stack([INIT(row(batch, i), CONFIG) for i in range(8)])
-        state = bc.run_batch(start, batch, CONFIG, 1 << 30)
+        state = bc.run_batch(start, batch, 1 << 30, CONFIG)
         out = bc.finish_batch(state, batch)
         return (start, jax.tree_util.tree_map(np.asarray, state),
                 {k: np.asarray(v) for k, v in out._asdict().items()})
