@@ -370,7 +370,9 @@ def duration_s(info) -> float | None:
 
 
 def describe(info, logs: str | None = None) -> str:
-    """A few lines about a job (what ``raybary status JOB_ID`` prints)."""
+    """A few lines about a job (what ``raybary status JOB_ID`` prints): with
+    ``logs``, also why it failed and the run's last progress line (how far a
+    running, failed or stopped job got)."""
     status = _status_name(info.status)
     meta = info.metadata or {}
     lines = [f"job {info.submission_id or info.job_id}: {status}"]
@@ -389,7 +391,7 @@ def describe(info, logs: str | None = None) -> str:
         lines.append(textwrap.fill(hint, width=100, initial_indent="  hint:       ",
                                    subsequent_indent=" " * 14, break_on_hyphens=False,
                                    break_long_words=False))
-    progress = last_progress(logs) if status not in TERMINAL else None
+    progress = last_progress(logs)  # a running job's, or where a stopped one got to
     if progress:
         lines.append(f"  progress:   {progress}")
     message = (info.message or "").strip()

@@ -4,7 +4,8 @@ Layers: :mod:`options` (what to compute, how to spread it; no Ray),
 :mod:`shard` (one shard end to end: read, solve, grids, commit; no Ray),
 :mod:`actor` (the Ray actor around it), :mod:`pool` (the driver's
 bookkeeping: shard tasks, the actor pool, tasks in flight), :mod:`driver`
-(scheduling, retries, resume, progress). See ``docs/runner.md``.
+(scheduling, retries, resume, progress), :mod:`metrics` (what the driver
+and the actors report to Ray's metrics export). See ``docs/runner.md``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import os
 
 import ray
 
+from raybary.runner.metrics import METRICS_ENV, ShardMetrics, run_tags
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
 from raybary.runner.shard import ShardSummary, fail_shard, peak_rss_mb, process_shard
 
@@ -43,6 +44,7 @@ class ShardWorker:
         self.solver = solver
         self.grid = grid
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.metrics = ShardMetrics(run_tags(committer.run_id, committer.url))
 
     def info(self) -> ActorInfo:
         """This actor's process (the driver's sign that the actor runs)."""
@@ -51,6 +53,7 @@ class ShardWorker:
     def run_shard(self, shard_index: int) -> ShardSummary:
         """Solve and commit shard ``shard_index`` (:func:`~raybary.runner.shard.process_shard`)."""
         out = process_shard(self.store, self.committer, shard_index, self.solver, self.grid)
+        self.metrics.shard_done(out)
         return dataclasses.replace(out, node=self.node_id)
 
     def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
@@ -67,7 +70,9 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
     fraction, so several actors share one GPU. CPU actors: ``JAX_PLATFORMS=cpu``,
     a solver lane per CPU of the actor (``RAYBARY_SOLVER_THREADS``, at least
     one) and XLA's intra-op thread pool off (:func:`~raybary.batch.engine.lane_xla_flags`:
-    the lanes are the parallelism). ``exe.actor_env`` overrides any of these.
+    the lanes are the parallelism). The driver's ``RAYBARY_JAX_CACHE`` and
+    ``RAYBARY_METRICS`` (:mod:`~raybary.runner.metrics`), where set, are passed
+    on. ``exe.actor_env`` overrides any of these.
     """
     from raybary.batch.engine import lane_xla_flags
 
@@ -82,8 +87,9 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
         env["XLA_FLAGS"] = lane_xla_flags(os.environ.get("XLA_FLAGS", ""))
         env["RAYBARY_SOLVER_THREADS"] = threads
         env["OMP_NUM_THREADS"] = threads
-    if "RAYBARY_JAX_CACHE" in os.environ:
-        env["RAYBARY_JAX_CACHE"] = os.environ["RAYBARY_JAX_CACHE"]
+    for name in ("RAYBARY_JAX_CACHE", METRICS_ENV):
+        if name in os.environ:
+            env[name] = os.environ[name]
     env.update({str(k): str(v) for k, v in exe.actor_env.items()})
     return env
 

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from raybary.errors import RaybaryError
+from raybary.runner.metrics import DriverMetrics, run_tags
 from raybary.runner.options import (
     FAULT_ATTEMPTS,
     MAX_BACKOFF_S,
@@ -119,6 +120,7 @@ class RunReport:
     pids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # messages of lost attempts (first 20)
     complete: bool = False
+    run_id: str = ""  # the run's id: its lease, and the ``run`` tag of its metrics
     # how the run went as it grew: one entry as 10%, 50% and all of its problems are in
     milestones: list[dict] = field(default_factory=list)
 
@@ -174,6 +176,7 @@ class _Progress:
         self.last = self.t0
         self.shown = -1
         self.failed = self.invalid = self.retries = 0
+        self.metrics: DriverMetrics | None = None  # the same numbers, on Ray's metrics export
 
     def update(self, n: int = 0, *, failed: int = 0, invalid: int = 0, retries: int = 0,
                force: bool = False) -> None:
@@ -181,6 +184,8 @@ class _Progress:
         self.failed += failed
         self.invalid += invalid
         self.retries += retries
+        if self.metrics is not None:
+            self.metrics.observe(self.done, self.total, self.rate())
         now = time.perf_counter()
         if self.stream is None or (not force and now - self.last < self.interval):
             return
@@ -189,9 +194,13 @@ class _Progress:
         self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
         self.stream.flush()
 
-    def line(self) -> str:
+    def rate(self) -> float:
+        """Problems per second committed since the run started."""
         el = time.perf_counter() - self.t0
-        rate = (self.done - self.done0) / el if el > 0 else 0.0
+        return (self.done - self.done0) / el if el > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate()
         left = self.total - self.done
         eta = _hms(left / rate) if rate > 0 else "--:--"
         pct = 100.0 * self.done / self.total if self.total else 100.0
@@ -201,6 +210,8 @@ class _Progress:
                 f"invalid {self.invalid}{extra}   ")
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(self.done, self.total, self.rate())
         if self.stream is not None and self.shown != self.done:
             self.update(force=True)
             if self.tty:
@@ -428,7 +439,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     report = RunReport(input=redact_url(store.url), output=redact_url(writer.url),
                        n_problems=store.n_problems,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
-                       shards_skipped=len(committed))
+                       shards_skipped=len(committed), run_id=writer.run_id)
     todo: collections.deque[ShardTask] = collections.deque(
         ShardTask(i) for i in range(writer.n_shards) if i not in committed)
     done_before = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in committed)
@@ -446,6 +457,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     try:
         if todo:
             started = _connect(exe, token)
+            progress.metrics = DriverMetrics(run_tags(writer.run_id, writer.url), report)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
             pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid,

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from metrics_scrape import wait_for
 
 from raybary.cli import main
 from raybary.cli.job_entry import with_address
@@ -249,6 +250,20 @@ def test_failure_reason_from_logs():
     assert failure_reason(Info, clean) is None
 
 
+def test_status_shows_how_far_a_job_got():
+    info = types.SimpleNamespace(
+        status="RUNNING", message="", submission_id="j1", job_id=None, metadata={},
+        entrypoint="python -m ...", start_time=None, end_time=None)
+    logs = ("raybary job: ...\n[raybary] 100/4000 problems (  2.5%) | 9.0 problems/s\n"
+            "\r[raybary] 300/4000 problems (  7.5%) |    10.0 problems/s | ETA 06:10   \n")
+    for status in ("RUNNING", "STOPPED", "FAILED"):
+        info.status = status
+        text = describe(info, logs)
+        assert "  progress:   300/4000 problems (  7.5%) |    10.0 problems/s | ETA 06:10\n" \
+            in text + "\n", (status, text)
+    assert "progress:" not in describe(info, "raybary job: ...\n")
+
+
 _NO_RAYBARY = ("/usr/bin/python3: Error while finding module specification for "
                "'raybary.cli.job_entry' (ModuleNotFoundError: No module named 'raybary')\n")
 
@@ -313,7 +328,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
-_GCS: dict = {}  # the head's GCS address (for `raybary run --address`)
+_GCS: dict = {}  # the head's GCS address (for `raybary run --address`) and metrics URL
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +359,7 @@ def head(tmp_path_factory):
                                 cwd=temp_dir)
     address = f"http://127.0.0.1:{ports[1]}"
     _GCS["address"] = f"127.0.0.1:{ports[0]}"
+    _GCS["metrics"] = f"http://127.0.0.1:{ports[5]}/metrics"  # the head's Prometheus endpoint
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -509,6 +525,15 @@ def test_submit_wait_and_read_results(head, home):
     assert sorted(direct["problem_id"]) == list(range(6))
     assert res.grids().barycenter.shape == (6, 24, 24)
 
+    # the run's metrics, on the head's Prometheus endpoint (the driver's are sent as it ends)
+    want = {("ray_raybary_problems_total", "ok"): 6.0,
+            ("ray_raybary_shards_committed_total", "solved"): 2.0,
+            ("ray_raybary_solve_seconds_per_problem_count",): 2.0}
+    got = wait_for(_GCS["metrics"], res.manifest["summary"]["run_id"],
+                   lambda got: all(got.get(k) == v for k, v in want.items()))
+    assert {k: got.get(k) for k in want} == want, got
+    assert got[("ray_raybary_actor_seconds_total", "solve")] > 0
+
     r = _cli(["status", job_id, "--address", address], token=token, home=home)
     assert r.exit_code == 0 and f"job {job_id}: SUCCEEDED" in r.output
     assert f"output:     {out}" in r.output and "error:" not in r.output
@@ -601,3 +626,4 @@ def test_ship_source_and_stop(head, home, tmp_path):
     assert r.exit_code == 0 and f"job {job_id}: STOPPED" in r.output, r.output
     r = _cli(["status", job_id, *args], home=home)
     assert f"job {job_id}: STOPPED" in r.output
+    assert re.search(r"progress:   \d+/4000 problems", r.output), r.output  # how far it got
