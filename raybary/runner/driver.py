@@ -364,7 +364,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     finally:
         if pool is not None:
             pool.kill_all()
-        progress.close()
+        if pool is not None or not todo:  # not after a failure to join: its error says it
+            progress.close()
         if started:
             ray.shutdown()
 

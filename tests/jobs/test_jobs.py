@@ -563,6 +563,7 @@ def test_submit_wait_and_read_results(head, home):
     job_id = r.stdout.splitlines()[0]
     assert job_id.startswith("raybary-")
     assert "6/6 problems" in r.stdout  # the run's progress, streamed from the job's logs
+    assert "[raybary] Ray: joined the cluster at" in r.stdout  # the job's, not a private one
     assert f"job {job_id}: SUCCEEDED" in r.output
 
     res = raybary.read_results(str(out))
@@ -586,6 +587,31 @@ def test_submit_wait_and_read_results(head, home):
     r = _cli(["plot", str(out), "--problem", "2", "-o", str(fig)])
     assert r.exit_code == 0, r.output
     assert fig.stat().st_size > 20_000
+
+
+def test_a_job_that_runs_raybary_run_joins_its_cluster(head, home):
+    """``ray job submit -- raybary run IN OUT``: Ray sets ``RAY_ADDRESS`` for the
+    job's driver, and the run joins the job's cluster, with the cluster's token,
+    instead of starting a private Ray."""
+    from raybary.jobs.client import connect
+
+    address, token, data = head
+    out = data / "plain-run-out"
+    client = connect(address, token=token)
+    job_id = client._client.submit_job(  # Ray's own client, Ray's own entrypoint rules
+        entrypoint=f"raybary run {data / 'in.parquet'} {out} --bar-size 3 --grid none "
+                   "--actors 1")
+    deadline = time.monotonic() + 240
+    while (status := client.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, client.logs(job_id)
+        time.sleep(1)
+    logs = client.logs(job_id)
+    assert status == "SUCCEEDED", logs
+    assert re.search(r"^\[raybary\] Ray: joined the cluster at \S+ \(\$RAY_ADDRESS; token from "
+                     r"\$RAY_AUTH_TOKEN\): 1 node, 2 CPUs$", logs, re.MULTILINE), logs
+    from raybary import read_results
+
+    assert read_results(str(out)).complete
 
 
 @pytest.mark.parametrize("which,reason", [
