@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -131,8 +132,11 @@ def test_ray_address_joins_two_worker_nodes_and_a_node_lost_mid_run(tmp_path):
     (home / ".ray" / "auth_token").write_text("a-stale-token-of-another-cluster")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=tmpdir, HOME=str(home))
-    proc = subprocess.run([sys.executable, str(script), store.url, out, "6391"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run([sys.executable, str(script), store.url, out, "6391"], env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     info = json.loads(lines[-1][len("REPORT "):])
