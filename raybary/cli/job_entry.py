@@ -2,12 +2,16 @@
 
     python -m raybary.cli.job_entry INPUT OUTPUT [raybary run options]
 
-It prints a short header (versions, host) to the job's log, adds
-``--address auto`` unless an address is given (inside a job Ray sets
-``RAY_ADDRESS``, so the run joins the job's cluster instead of starting a
-private one), and exits with ``raybary run``'s status: 0 when every problem
-is accounted for, 1 when the run could not complete (e.g. an unreadable
-input, reported as ``Error: ...``), 2 for bad options.
+It prints a short header (versions, host) to the job's log and runs
+``raybary run`` with ``--address auto`` unless an address is given, exiting
+with its status: 0 when every problem is accounted for, 1 when the run could
+not complete (e.g. an unreadable input, reported as ``Error: ...``), 2 for
+bad options.
+
+Inside a job Ray sets ``RAY_ADDRESS`` to the job's cluster, which a plain
+``raybary run`` joins too (``ray job submit -- raybary run IN OUT`` works
+alike); ``--address auto`` adds only that, outside a job, the entry point
+fails where it finds no cluster instead of starting a private Ray.
 
 It lives with the CLI, whose ``run`` it runs: :mod:`raybary.jobs` only
 builds this command (:func:`raybary.jobs.runtime.entrypoint_command`), so no

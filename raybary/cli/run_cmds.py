@@ -2,8 +2,8 @@
 
 Exit status: 0 when every problem is accounted for (even if some are
 ``invalid`` or ``failed``); 1 when the job could not complete (shards left
-uncommitted, results of other options in OUTPUT, unreadable input, Ray not
-reachable); 2 for bad command-line usage; 130 when interrupted (see
+uncommitted, results of other options in OUTPUT, unreadable input, a Ray
+cluster that cannot be joined); 2 for bad command-line usage; 130 when interrupted (see
 :mod:`raybary.cli.errors`). Defaults, choices and parsers of the options are
 those of :mod:`raybary.runner.options`, so the two cannot drift apart.
 """
@@ -18,6 +18,7 @@ import click
 
 from raybary.cli.errors import user_errors
 from raybary.runner.options import (
+    ADDRESS_HELP,
     DTYPES,
     MAX_ATTEMPTS_HELP,
     ExecOptions,
@@ -88,8 +89,8 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.option("--input-grids", type=click.IntRange(min=0), default=_default(_G, "input_gmms"),
               show_default=True,
               help="Also store the grids of the first J input GMMs of each problem.")
-@click.option("--address", default=_default(_E, "address"),
-              help="Join a Ray cluster ('auto' or HEAD:PORT). Default: start a local Ray.")
+@click.option("--address", default=_default(_E, "address"), metavar="HOST:PORT|auto|local",
+              help=ADDRESS_HELP)
 @click.option("--actors", type=click.IntRange(min=1), default=_default(_E, "actors"),
               help="Actors (solver processes). Default: one per CPU (per GPU with "
                    "--gpus-per-actor).")
@@ -105,7 +106,7 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.option("--max-attempts", type=click.IntRange(min=1), default=_default(_E, "max_attempts"),
               show_default=True, help=MAX_ATTEMPTS_HELP)
 @click.option("--num-cpus", type=click.IntRange(min=1), default=_default(_E, "num_cpus"),
-              help="CPUs of the embedded local Ray (default: all).")
+              help="CPUs of a private local Ray (default: all).")
 @click.option("--placement-timeout", "placement_timeout_s", type=click.FloatRange(min=0, min_open=True),
               default=_default(_E, "placement_timeout_s"),
               help="Fail when no actor has started for this many seconds (default: 60 on "

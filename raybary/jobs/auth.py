@@ -18,6 +18,11 @@ order of precedence, so that submitting needs no extra environment:
 
 No token found: no header (fine for a cluster without token auth; one with it
 answers 401, reported by :mod:`raybary.jobs.client` with what to do).
+
+``raybary run`` joining a cluster (:mod:`raybary.runner.join`) finds its token
+the same way, but sends it only to a cluster that refuses a request without
+one: a token file left over from another cluster never reaches, nor breaks,
+a cluster without token authentication.
 """
 
 from __future__ import annotations

@@ -42,14 +42,14 @@ import collections
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from raybary.errors import RaybaryError
+from raybary.runner.join import auth_env_restored, connect
 from raybary.runner.metrics import DriverMetrics, run_tags
 from raybary.runner.options import (
     FAULT_ATTEMPTS,
@@ -116,7 +116,8 @@ class RunReport:
                                                         "grid_s": 0.0, "commit_s": 0.0})
     driver_peak_rss_mb: float = 0.0
     actor_peak_rss_mb: float = 0.0
-    shards_by_node: dict = field(default_factory=dict)
+    shards_by_node: dict = field(default_factory=dict)  # Ray node id -> shards committed
+    cluster: dict = field(default_factory=dict)  # the Ray it ran on: join.RayUsed.to_dict()
     pids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # messages of lost attempts (first 20)
     complete: bool = False
@@ -227,107 +228,6 @@ def _hms(s: float) -> str:
 
 
 # ------------------------------------------------------------------ Ray
-def _connect(exe: ExecOptions, token=None) -> bool:
-    """Start or join Ray; return whether this call started it (and must stop it).
-    ``token`` (from :func:`_token_for_cluster`) only names the token in a failure."""
-    import ray
-    from ray.exceptions import AuthenticationError
-
-    if ray.is_initialized():
-        return False
-    if exe.address:
-        try:
-            ray.init(address=exe.address, logging_level=logging.WARNING)
-        except (ConnectionError, AuthenticationError) as e:
-            raise ConnectionError(_join_failure(exe.address, token, _login_failed(e))) from None
-    else:
-        # address="local": always a fresh, private Ray, never one found via
-        # RAY_ADDRESS or /tmp/ray (that is what --address auto is for).
-        # worker_niceness 0: Ray starts workers at nice 15 by default, which on a
-        # busy laptop hands the solver's CPU to anything else running.
-        ray.init(address="local", num_cpus=exe.local_cpus(), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False,
-                 _system_config={"worker_niceness": 0})
-    return True
-
-
-def _login_failed(error: BaseException) -> bool:
-    """Whether ``error``, raised by ``ray.init(address=...)``, says that token
-    authentication failed (no token, or not the cluster's), not that the
-    cluster could not be reached.
-
-    Rule: a :class:`ray.exceptions.AuthenticationError` in the chain of causes
-    (Ray raises one itself in token mode without a token), or that class's
-    full name in a message of the chain. Reason: when the cluster refuses the
-    login, Ray's GCS client raises it inside a retry loop that passes on only
-    the traceback's text, in the RuntimeError under ray.init's ConnectionError.
-    """
-    from ray.exceptions import AuthenticationError
-
-    name = f"{AuthenticationError.__module__}.{AuthenticationError.__qualname__}"
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, AuthenticationError) or name in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _join_failure(address: str, token, login_failed: bool) -> str:
-    """The one-line error of a cluster that could not be joined: where the token
-    came from (or where raybary looked), and whether the login failed."""
-    where = (f"the token from {token.source} was sent; is it this cluster's?"
-             if token is not None else
-             "no token was found (raybary looks in $RAY_AUTH_TOKEN, "
-             "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)")
-    if login_failed:
-        return (f"could not join the Ray cluster at {address}: it uses token authentication "
-                f"and the login failed; {where}")
-    return (f"could not join the Ray cluster at {address}. Is it up and reachable? If it uses "
-            "token authentication (the default of `ray start --head` since Ray 2.59): "
-            f"{where}")
-
-
-def _token_for_cluster():
-    """Resolve the Ray auth token as ``raybary submit`` does and, when there is
-    one and ``RAY_AUTH_MODE`` is unset, turn on Ray's token mode for this
-    process (Ray sends a token only in that mode) until the run ends
-    (:func:`_auth_env_restored`). Returns the token or None; raises
-    :class:`~raybary.jobs.auth.TokenError` for a named token file that cannot
-    be used."""
-    from raybary.jobs.auth import resolve_token
-
-    token = resolve_token()
-    if token is not None and not os.environ.get("RAY_AUTH_MODE"):
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ.setdefault("RAY_AUTH_TOKEN", token.value)
-    return token
-
-
-#: What :func:`_token_for_cluster` may set in ``os.environ``.
-_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-
-
-@contextlib.contextmanager
-def _auth_env_restored() -> Iterator[None]:
-    """Put ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` back as they were (unset, or
-    their old values) when the block ends, returning or raising.
-
-    Reason: the token is the run's; processes this one starts later must not
-    inherit it.
-    """
-    saved = {name: os.environ.get(name) for name in _AUTH_ENV}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _shard_boundary_ids(store: ProblemStore, shards: list[tuple[int, int]],
                         block: int = ID_BLOCK) -> list[tuple[int, int]]:
     """The first and last problem id of each non-empty shard ``(start, stop)`` of ``store``.
@@ -370,8 +270,10 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         _worker: type | None = None) -> RunReport:
     """Solve every problem of ``input_url`` into ``output_url``; return a :class:`RunReport`.
 
-    Starts an embedded local Ray unless Ray is already initialised in this
-    process or ``exe.address`` is set. Raises
+    Uses the Ray already initialised in this process, else joins the cluster
+    that ``exe.address`` or ``$RAY_ADDRESS`` names, else starts a private
+    local Ray (:mod:`raybary.runner.join` has the rules; the report's
+    ``cluster`` says which). Raises
     :class:`~raybary.storage.ResultsConflictError` if ``output_url`` holds
     results of other options (unless ``exe.overwrite``) and
     :class:`JobIncomplete` if some shards could not be committed (the
@@ -380,17 +282,18 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
     timings, ``pid`` and ``node``).
 
-    With ``exe.address`` and a Ray token found (``$RAY_AUTH_TOKEN``,
-    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), Ray's token mode is on in
-    this process for the run only: ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` are
-    as they were when it returns or raises.
+    A cluster is sent a token only if it wants one (found in
+    ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``);
+    Ray's token mode is then on in this process for the run only:
+    ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` are as they were when it returns
+    or raises.
 
     ``_worker`` (private, for tests): the actor class, a subclass of
     :class:`~raybary.runner.actor.ShardWorker` that injects faults (default:
     ``ShardWorker``); an argument, not an environment variable, so that no
     user setting can reach it.
     """
-    with _auth_env_restored():  # the run may turn on Ray's token mode (_token_for_cluster)
+    with auth_env_restored():  # joining may turn Ray's token mode on or off
         return _run(input_url, output_url, solver, grid, exe, stream, on_shard, _worker)
 
 
@@ -406,8 +309,7 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
     solver = (solver or SolverOptions()).resolved()
     grid = grid or GridOptions()
     exe = exe or ExecOptions()
-    # before Ray is imported: it reads RAY_AUTH_MODE once
-    token = _token_for_cluster() if exe.address else None
+    exe.join_address()  # a dashboard URL in $RAY_ADDRESS fails before anything is read
     if not exe.progress:
         stream = None
     t0 = time.perf_counter()
@@ -420,15 +322,14 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
     writer.lease.acquire()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer.lease)
     try:
-        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, token,
-                           worker)
+        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, worker)
     finally:
         keeper.stop()
         writer.lease.release()
 
 
 def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
-                stream, on_shard, t0: float, token=None, worker: type | None = None) -> RunReport:
+                stream, on_shard, t0: float, worker: type | None = None) -> RunReport:
     import ray
 
     from raybary.runner.actor import ShardWorker, make_actor
@@ -456,7 +357,11 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     pool: ActorPool | None = None
     try:
         if todo:
-            started = _connect(exe, token)
+            used = connect(exe)
+            started, report.cluster = used.started, used.to_dict()
+            if stream is not None:
+                stream.write(used.line() + "\n")
+                stream.flush()
             progress.metrics = DriverMetrics(run_tags(writer.run_id, writer.url), report)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
@@ -471,7 +376,8 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
     finally:
         if pool is not None:
             pool.kill_all()
-        progress.close()
+        if pool is not None or not todo:  # not after a failure to join: its error says it
+            progress.close()
         if started:
             ray.shutdown()
 

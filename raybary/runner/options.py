@@ -20,7 +20,7 @@ from raybary.storage.base import DEFAULT_SHARD_SIZE
 __all__ = ["SolverOptions", "GridOptions", "ExecOptions", "parse_grid", "parse_bounds",
            "parse_dims", "format_grid", "DEFAULT_SHARD_SIZE", "DEFAULT_GRID", "DTYPES",
            "FAULT_ATTEMPTS", "RETRY_BACKOFF_S", "MAX_BACKOFF_S", "MAX_ATTEMPTS_HELP",
-           "OptionsError"]
+           "ADDRESS_HELP", "OptionsError"]
 
 DEFAULT_GRID = (50, 50)
 
@@ -36,6 +36,28 @@ MAX_ATTEMPTS_HELP = (
     "that raised (e.g. a storage fault) is retried after waits of 1, 2, 4, ... s (at most "
     f"{MAX_BACKOFF_S:g} s), up to max(this, {FAULT_ATTEMPTS}). Both kinds count toward one "
     "total per shard. A re-run solves such shards again.")
+
+
+#: What ``address`` (``--address``) means; :mod:`raybary.runner.join` does this.
+ADDRESS_HELP = (
+    "The Ray to run on. Not given: the cluster named by $RAY_ADDRESS (set by Ray in a "
+    "job's driver, by KubeRay in its pods), else a private local Ray. 'local': a private "
+    "local Ray, whatever $RAY_ADDRESS says. 'auto': as Ray's address='auto': $RAY_ADDRESS, "
+    "else the cluster `ray start` started on this machine; an error if there is none. "
+    "HOST:PORT: that cluster's GCS (port 6379 by default). A token is sent only to a "
+    "cluster that wants one.")
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def _check_address(address: str, where: str) -> None:
+    """A dashboard URL (the Jobs API) is not a cluster to join: say what is."""
+    if address.lower().startswith(("http://", "https://")):
+        raise OptionsError(
+            f"{where} {address} is a Ray dashboard URL (the Jobs API, what `raybary submit` "
+            "and `ray job submit` use), not a cluster to join: give the cluster's GCS as "
+            "HOST:PORT (port 6379 by default), `raybary submit` the run as a job, or run on "
+            "a private local Ray with --address local")
 
 
 @dataclass(frozen=True)
@@ -72,7 +94,7 @@ class GridOptions:
 class ExecOptions:
     """How the run is spread over Ray; not part of the results' identity."""
 
-    address: str | None = None  # None: embedded local Ray
+    address: str | None = None  # None: $RAY_ADDRESS, else a private local Ray (ADDRESS_HELP)
     actors: int | None = None  # None: one per CPU (local) / per GPU
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -100,11 +122,43 @@ class ExecOptions:
             raise OptionsError("in_flight and max_attempts must be at least 1")
         if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
             raise OptionsError("placement_timeout_s must be positive")
+        if self.address:
+            _check_address(self.address.strip(), "--address")
+
+    def join_address(self, env: dict | None = None) -> tuple[str | None, str]:
+        """The cluster the run joins and what named it, or ``(None, why)`` for
+        a private local Ray (``env``: default ``os.environ``).
+
+        Rule (:data:`ADDRESS_HELP`): ``address`` ``"local"`` -> private;
+        ``HOST:PORT`` (or ``ray://...``) -> that one; otherwise a non-empty
+        ``$RAY_ADDRESS`` (``local`` in it -> private); otherwise ``"auto"`` ->
+        ``"auto"`` (found on this machine by :mod:`raybary.runner.join`), and
+        no address -> private. Reason: Ray's convention, under which a job's
+        driver (where Ray sets ``RAY_ADDRESS``) joins the job's cluster, while
+        a cluster merely running on this machine is joined only when asked
+        for (``auto``): another user's, or one left running, must not take a
+        run silently.
+        """
+        env = os.environ if env is None else env
+        given = (self.address or "").strip()
+        named = (env.get(RAY_ADDRESS_ENV) or "").strip()
+        if given == "local":
+            return None, "--address local"
+        if given and given != "auto":
+            return given, "--address"
+        if named and named != "auto":
+            if named == "local":
+                return None, f"${RAY_ADDRESS_ENV}=local"
+            _check_address(named, f"${RAY_ADDRESS_ENV}")
+            return named, f"${RAY_ADDRESS_ENV}"
+        if given or named:
+            return "auto", "--address auto" if given else f"${RAY_ADDRESS_ENV}=auto"
+        return None, f"no --address, no ${RAY_ADDRESS_ENV}"
 
     def placement_timeout(self) -> float:
         if self.placement_timeout_s is not None:
             return float(self.placement_timeout_s)
-        return 900.0 if self.address else 60.0
+        return 900.0 if self.join_address()[0] is not None else 60.0
 
     def actor_request(self) -> str:
         """What one actor asks for, in words."""

@@ -62,6 +62,7 @@ def test_options_are_parsed_by_options_py():
     (["--grid-dims", "a,b"], 2, "Invalid value for --grid-dims: grid dims must be i,j"),
     (["--epsilon", "0.1", "--relative-epsilon", "0.01"], 2,
      "give epsilon (--epsilon, absolute) or relative_epsilon (--relative-epsilon), not both"),
+    (["--address", "http://h:8265"], 2, "--address http://h:8265 is a Ray dashboard URL"),
 ])
 def test_bad_options_are_usage_errors(args, exit_code, message):
     r = CliRunner().invoke(main, ["run", "in.parquet", "out", *args])
@@ -85,6 +86,16 @@ def test_max_attempts_is_described_once_and_truly():
     assert "up to ``max_attempts`` lost attempts" in doc
     assert "up to ``max(max_attempts, FAULT_ATTEMPTS)`` lost attempts" in doc
     assert "both kinds count toward one total per shard" in doc
+
+
+def test_address_is_described_once():
+    """``--address``'s help is options.py's text, which names every form it takes."""
+    param = next(p for p in run_cmd.params if p.name == "address")
+    assert param.help == options.ADDRESS_HELP
+    text = " ".join(options.ADDRESS_HELP.split())
+    for words in ("$RAY_ADDRESS", "'local'", "'auto'", "HOST:PORT",
+                  "A token is sent only to a cluster that wants one"):
+        assert words in text, words
 
 
 def test_n_is_the_bar_size_wherever_it_exists(tmp_path):

@@ -138,12 +138,14 @@ def test_jobs_error():
 
 
 def test_token_error(tmp_path):
-    """``raybary run --address`` with a token file that is not there: refused before
-    Ray is imported (the input is never opened)."""
+    """A token file that is named but not there: refused before the dashboard is
+    asked (the jobs client passes the :class:`TokenError`'s message on). The
+    TokenError itself reaches the user from ``raybary run`` joining a cluster
+    that wants a token (looked for only then): tests/jobs/test_jobs.py."""
     missing = str(tmp_path / "no-token")
-    err, code, text = _fail(["run", "in.parquet", "out", "--address", "127.0.0.1:9"],
+    err, code, text = _fail(["status", "--address", "http://127.0.0.1:9"],
                             env={"RAY_AUTH_TOKEN_PATH": missing})
-    assert type(err) is TokenError and code == 1
+    assert type(err) is JobsError and code == 1
     _check(text, f"cannot read the Ray token file {missing} ($RAY_AUTH_TOKEN_PATH)")
 
 

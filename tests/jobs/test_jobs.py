@@ -446,14 +446,14 @@ def test_a_failed_login_is_told_from_an_unreachable_cluster():
     )
     from ray.exceptions import AuthenticationError
 
-    from raybary.runner.driver import _login_failed
+    from raybary.runner.join import login_failed
 
     # raised by ray.init itself in token mode without a token
-    assert _login_failed(AuthenticationError(TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE))
-    assert _login_failed(_raised_by_ray_init(_RAY_REFUSED))  # the cluster refused the login
-    assert not _login_failed(_raised_by_ray_init(_RAY_UNREACHABLE))
-    assert not _login_failed(ConnectionError("Connection refused"))
-    assert not _login_failed(RuntimeError("Authentication is not the point here"))
+    assert login_failed(AuthenticationError(TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE))
+    assert login_failed(_raised_by_ray_init(_RAY_REFUSED))  # the cluster refused the login
+    assert not login_failed(_raised_by_ray_init(_RAY_UNREACHABLE))
+    assert not login_failed(ConnectionError("Connection refused"))
+    assert not login_failed(RuntimeError("Authentication is not the point here"))
 
 
 def test_run_against_an_unreachable_address_says_so(tmp_path):
@@ -467,38 +467,102 @@ def test_run_against_an_unreachable_address_says_so(tmp_path):
                         str(tmp_path / "out"), "--address", f"127.0.0.1:{port}", "-q"],
                        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert f"could not join the Ray cluster at 127.0.0.1:{port}. Is it up and reachable?" \
-        in r.stderr, r.stderr[-2000:]
-    assert "login failed" not in r.stderr and "Traceback" not in r.stderr
+    assert f"could not join the Ray cluster at 127.0.0.1:{port} (--address). Is it up and " \
+        "reachable?" in r.stderr, r.stderr[-2000:]
+    assert "token" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_run_joins_a_token_cluster_with_the_token_it_finds(head, home):
-    """``raybary run --address HOST:PORT`` resolves the token as submit does (no
-    RAY_AUTH_MODE needed); without one it says so in one line."""
+    """``raybary run`` in a shell where ``RAY_ADDRESS`` names a token cluster (as
+    in a job's driver) finds the token as submit does (no RAY_AUTH_MODE needed),
+    and says which; without the right one it says so in one line, at once."""
     import raybary
 
     _, token, data = head
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["HOME"] = str(home)
+    env.update(HOME=str(home), RAY_ADDRESS=_GCS["address"])
     out = data / "run-out"
     cmd = [sys.executable, "-m", "raybary", "run", str(data / "in.parquet"), str(out),
-           "--address", _GCS["address"], "--bar-size", "3", "--grid", "none", "--actors", "1",
-           "-q"]
+           "--bar-size", "3", "--grid", "none", "--actors", "1"]
+    start = time.monotonic()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=home)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "could not join the Ray cluster" in r.stderr, r.stderr[-2000:]
-    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
-    assert "no token was found" in r.stderr and "Traceback" not in r.stderr
-    # the wrong token (Ray asked to try once, not 20 times)
-    r = subprocess.run(cmd, env={**env, **_RAY_CONNECT_ONCE, "RAY_AUTH_TOKEN": "not-the-token"},
+    assert f"Error: could not join the Ray cluster at {_GCS['address']} ($RAY_ADDRESS): it " \
+        "uses token authentication and no token was found (raybary looks in $RAY_AUTH_TOKEN, " \
+        "$RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token" in _words(r.stderr), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "actors keep failing" not in r.stderr
+    # the wrong token, named by where it came from
+    r = subprocess.run([*cmd, "--address", _GCS["address"]],
+                       env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
                        capture_output=True, text=True, timeout=300, cwd=home)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "it uses token authentication and the login failed" in r.stderr, r.stderr[-2000:]
-    assert "the token from $RAY_AUTH_TOKEN was sent" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True,
-                       timeout=300, cwd=home)
+    assert "(--address): it uses token authentication and refused the token from " \
+        "$RAY_AUTH_TOKEN; is it this cluster's?" in _words(r.stderr), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    # a token file named but not there (as Ray does, an error; only where a token is wanted)
+    missing = home / "no-such-token"
+    r = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN_PATH": str(missing)},
+                       capture_output=True, text=True, timeout=300, cwd=home)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"Error: cannot read the Ray token file {missing} ($RAY_AUTH_TOKEN_PATH)" in r.stderr
+    # none of these was sent to Ray, whose client retries a refused login for ~20 s
+    assert time.monotonic() - start < 60
+    # the right token, from ~/.ray/auth_token
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    r = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=home)
     assert r.returncode == 0, r.stderr[-3000:]
+    first = next(ln for ln in r.stderr.splitlines() if ln.startswith("[raybary]"))
+    assert first == (f"[raybary] Ray: joined the cluster at {_GCS['address']} ($RAY_ADDRESS; "
+                     f"token from {home / '.ray' / 'auth_token'}): 1 node, 2 CPUs"), r.stderr
+    assert json.loads(r.stdout)["cluster"]["token_from"] == str(home / ".ray" / "auth_token")
     assert raybary.read_results(str(out)).complete
+
+
+#: Asks a token cluster whether it wants a token, then joins it as Ray would
+#: (token mode as RAY_AUTH_MODE says: unset), so the login fails and is tried
+#: again in token mode, in the same process; prints what happened as JSON.
+_JOIN_SCRIPT = """
+import json, os, sys
+import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from raybary.jobs.auth import Token
+from raybary.runner import join
+
+address, token = sys.argv[1], sys.argv[2]
+said = {"refused": [join.refused(address), join.refused(address, Token(token, "t")),
+                    join.refused(address, Token("not-it", "t")), join.refused("127.0.0.1:1")]}
+with join.auth_env_restored():
+    sent = join._join_as_ray_would(address, "a test")
+    said["sent"] = sent.source
+    said["nodes"] = len(ray.nodes())
+    said["mode_during"] = os.environ.get("RAY_AUTH_MODE")
+    ray.shutdown()
+said["mode_after"] = [os.environ.get("RAY_AUTH_MODE"),
+                      get_authentication_mode() == AuthenticationMode.TOKEN]
+print("SAID " + json.dumps(said))
+"""
+
+
+def test_a_cluster_is_asked_whether_it_wants_a_token_and_a_refused_login_retried(head, home):
+    """:func:`raybary.runner.join.refused` tells a token cluster's refusal from an
+    answer and from no answer; where there is no answer, a login refused without
+    a token is tried again with one, in the same process; the run's token mode
+    does not outlive it."""
+    _, token, _ = head
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(_RAY_CONNECT_ONCE, HOME=str(home))
+    r = subprocess.run([sys.executable, "-c", _JOIN_SCRIPT, _GCS["address"], token], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=home)
+    said = [ln for ln in r.stdout.splitlines() if ln.startswith("SAID ")]
+    assert r.returncode == 0 and said, r.stderr[-3000:]
+    said = json.loads(said[0][len("SAID "):])
+    assert said["refused"] == [True, False, True, None]
+    assert said["sent"] == str(home / ".ray" / "auth_token") and said["nodes"] == 1
+    assert said["mode_during"] == "token" and said["mode_after"] == [None, False]
 
 
 def test_submit_wait_and_read_results(head, home):
@@ -515,6 +579,7 @@ def test_submit_wait_and_read_results(head, home):
     job_id = r.stdout.splitlines()[0]
     assert job_id.startswith("raybary-")
     assert "6/6 problems" in r.stdout  # the run's progress, streamed from the job's logs
+    assert "[raybary] Ray: joined the cluster at" in r.stdout  # the job's, not a private one
     assert f"job {job_id}: SUCCEEDED" in r.output
 
     res = raybary.read_results(str(out))
@@ -547,6 +612,31 @@ def test_submit_wait_and_read_results(head, home):
     r = _cli(["plot", str(out), "--problem", "2", "-o", str(fig)])
     assert r.exit_code == 0, r.output
     assert fig.stat().st_size > 20_000
+
+
+def test_a_job_that_runs_raybary_run_joins_its_cluster(head, home):
+    """``ray job submit -- raybary run IN OUT``: Ray sets ``RAY_ADDRESS`` for the
+    job's driver, and the run joins the job's cluster, with the cluster's token,
+    instead of starting a private Ray."""
+    from raybary.jobs.client import connect
+
+    address, token, data = head
+    out = data / "plain-run-out"
+    client = connect(address, token=token)
+    job_id = client._client.submit_job(  # Ray's own client, Ray's own entrypoint rules
+        entrypoint=f"raybary run {data / 'in.parquet'} {out} --bar-size 3 --grid none "
+                   "--actors 1")
+    deadline = time.monotonic() + 240
+    while (status := client.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, client.logs(job_id)
+        time.sleep(1)
+    logs = client.logs(job_id)
+    assert status == "SUCCEEDED", logs
+    assert re.search(r"^\[raybary\] Ray: joined the cluster at \S+ \(\$RAY_ADDRESS; token from "
+                     r"\$RAY_AUTH_TOKEN\): 1 node, 2 CPUs$", logs, re.MULTILINE), logs
+    from raybary import read_results
+
+    assert read_results(str(out)).complete
 
 
 @pytest.mark.parametrize("which,reason", [

@@ -451,53 +451,60 @@ def test_no_environment_variable_makes_an_actor_exit(tmp_path):
     assert report.actor_replacements == 0 and report.replies_lost == 0, report
 
 
-class _AuthEnvSeen(io.StringIO):
-    """A progress stream that records Ray's auth variables as the run sees them."""
+#: For each setting of RAY_AUTH_MODE / RAY_AUTH_TOKEN before: join's token mode
+#: on (then off) inside auth_env_restored, which is left by an exception; prints
+#: Ray's mode inside and the variables and Ray's mode after, as JSON.
+_TOKEN_MODE_SCRIPT = """
+import json, os
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from raybary.jobs.auth import Token
+from raybary.runner import join
 
-    def __init__(self):
-        super().__init__()
-        self.seen = []
+def mode():
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
 
-    def write(self, text: str) -> int:
-        self.seen.append({k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
-        return super().write(text)
+said = []
+for before in ({}, {"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "from-the-env"},
+               {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "mine"}):
+    for name in join.AUTH_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(before)
+    join._refresh_ray_auth()
+    env_before, inside = dict(os.environ), []
+    try:
+        with join.auth_env_restored():
+            join._token_mode(Token("the-runs", "a test"))
+            inside.append([mode(), os.environ["RAY_AUTH_TOKEN"]])
+            join._token_mode(None)  # a cluster without token authentication
+            inside.append([mode(), os.environ["RAY_AUTH_MODE"]])
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    said.append({"inside": inside, "env_kept": dict(os.environ) == env_before,
+                 "after": mode()})
+print("SAID " + json.dumps(said))
+"""
 
 
-@pytest.mark.parametrize("before", [{}, {"RAY_AUTH_MODE": "disabled"},
-                                    {"RAY_AUTH_TOKEN": "from-the-env"}])
-def test_token_mode_is_the_runs_only(data, reference, ray_local, tmp_path, monkeypatch, before):
-    """A run that joins a cluster (``exe.address``) and finds a token turns on
-    Ray's token mode for itself; when it returns or raises, RAY_AUTH_MODE and
-    RAY_AUTH_TOKEN are what they were (unset, or their values), so processes
-    started later do not inherit the token. (The session's Ray is running, so
-    the run uses it: only the variables are looked at here.)"""
-    token_file = tmp_path / "auth_token"
-    token_file.write_text("token-from-the-file\n")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in before.items():
-        monkeypatch.setenv(name, value)
-    env_before = dict(os.environ)
-
-    with pytest.raises(FileNotFoundError, match="no problem store"):  # after the token
-        run(str(tmp_path / "missing.parquet"), str(tmp_path / "out"), SOLVER,
-            GridOptions(shape=GRID), exe(address=ray_local), stream=None)
-    assert dict(os.environ) == env_before
-
-    out = tmp_path / "done"  # every shard committed already: the run resumes, finds
-    shutil.copytree(reference[0], out)  # nothing to do and returns
-    stream = _AuthEnvSeen()
-    report = run(data["parquet"], str(out), SOLVER, GridOptions(shape=GRID, input_gmms=3),
-                 exe(address=ray_local), stream=stream)
-    assert report.complete and report.shards_skipped == N // SHARD
-    assert dict(os.environ) == env_before
-    during = stream.seen[0]  # the "resuming" line
-    if before.get("RAY_AUTH_MODE"):  # the user's mode is left alone
-        assert during == {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": None}
-    else:
-        assert during["RAY_AUTH_MODE"] == "token"
-        assert during["RAY_AUTH_TOKEN"] == before.get("RAY_AUTH_TOKEN", "token-from-the-file")
+def test_token_mode_is_the_runs_only(tmp_path):
+    """Joining turns Ray's token mode on (a cluster that wants a token) or off
+    (one that does not) for the run; when the run returns or raises,
+    RAY_AUTH_MODE and RAY_AUTH_TOKEN are what they were (unset, or their
+    values), and Ray in this process reads them again, so a later run to
+    another cluster, and processes started later, do not inherit the token.
+    (In a subprocess: Ray's settings are the process's, and the session's Ray
+    runs in this one.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _TOKEN_MODE_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=120)
+    said = [ln for ln in r.stdout.splitlines() if ln.startswith("SAID ")]
+    assert r.returncode == 0 and said, r.stderr[-3000:]
+    said = json.loads(said[0][len("SAID "):])
+    for case in said:
+        assert case["inside"] == [["token", "the-runs"], ["disabled", "disabled"]], said
+        assert case["env_kept"], said
+    assert [case["after"] for case in said] == ["disabled", "disabled", "disabled", "token"]
 
 
 class _BlockCommitsOnce(io.StringIO):
