@@ -322,22 +322,12 @@ class Engine:
             off = os.environ.get("RAYBARY_XLA_FLAGS", "").strip().lower() in OFF
             if self.xla_flags and not off and not xla_bridge.backends_are_initialized():
                 os.environ["XLA_FLAGS"] = lane_xla_flags(os.environ.get("XLA_FLAGS", ""))
-            path = self._cache_dir()
+            path = cache_dir(self.compilation_cache)
             if path is not None and not jax.config.jax_compilation_cache_dir:
                 os.makedirs(path, exist_ok=True)
                 jax.config.update("jax_compilation_cache_dir", path)
                 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
         return jax.config.jax_compilation_cache_dir or None
-
-    def _cache_dir(self) -> str | None:
-        if self.compilation_cache is False:
-            return None
-        if isinstance(self.compilation_cache, str):
-            return self.compilation_cache
-        path = os.environ.get("RAYBARY_JAX_CACHE")
-        if path is not None and path.strip().lower() in CACHE_OFF:
-            return None
-        return path or os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax")
 
     @property
     def programs(self) -> Programs:
@@ -541,6 +531,19 @@ class Engine:
         compile."""
         return (narrower >= self.lanes.eager_width or narrower_key in self.compiled
                 or self.tail_seconds[key] >= SHRINK_AFTER_S)
+
+
+def cache_dir(setting: bool | str) -> str | None:
+    """The compilation cache directory of an engine's ``compilation_cache``
+    setting (see :class:`Engine`): None where it is off."""
+    if setting is False:
+        return None
+    if isinstance(setting, str):
+        return setting
+    path = os.environ.get("RAYBARY_JAX_CACHE")
+    if path is not None and path.strip().lower() in CACHE_OFF:
+        return None
+    return path or os.path.join(os.path.expanduser("~"), ".cache", "raybary", "jax")
 
 
 def lane_xla_flags(flags: str) -> str:
