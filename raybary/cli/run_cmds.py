@@ -126,7 +126,9 @@ def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_stora
 
     Re-running the same command on the same OUTPUT resumes: committed shards
     are kept and only the rest is solved. Different solver or grid options
-    against an existing OUTPUT are refused unless --overwrite.
+    against an existing OUTPUT are refused unless --overwrite. INPUT and
+    OUTPUT may be URLs (s3://, gs://, az://, ...); --storage-option gives
+    their fsspec options (endpoint, credentials) to the driver and actors.
     """
     solver, grid, exe = build_options(quiet=quiet, **params)
 

@@ -129,7 +129,8 @@ def convert(
     to full losslessly, full to diagonal only if every off-diagonal entry is
     zero (else the first offending component is named and nothing is written).
     ``storage_options`` go to the filesystems of ``src`` (a URL) and
-    ``dst``; ``output_storage_options``, if given, to ``dst``'s instead (not
+    ``dst`` (default for ``dst``: those ``src``, an open store, was opened
+    with); ``output_storage_options``, if given, to ``dst``'s instead (not
     merged: e.g. another bucket's credentials).
     """
     store = src if isinstance(src, ProblemStore) else open_store(
@@ -139,7 +140,8 @@ def convert(
         raise ValueError("convert: the output must differ from the input")
     output_format(dst)
     batches = (cols for _, _, cols in store.iter_columns(block_problems))
-    out_options = storage_options if output_storage_options is None else output_storage_options
+    out_options = (output_storage_options if output_storage_options is not None
+                   else storage_options if storage_options is not None else store.storage_options)
     return write_store(dst, batches, overwrite=overwrite, dim=store.dim,
                        chunk_problems=chunk_problems, progress=progress,
                        covariance_type=covariance_type, storage_options=out_options)
