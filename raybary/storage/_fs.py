@@ -70,9 +70,9 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None,
         return fsspec.core.url_to_fs(url, **fs_kwargs)
     try:
         return fsspec.core.url_to_fs(url, **opts.kwargs(), **fs_kwargs)
-    except (TypeError, ValueError) as e:  # an option the filesystem does not take
-        raise ValueError(f"the storage options ({opts.keys_text()}) of {redact_url(url)} were "
-                         f"refused: {opts.redact(str(e))}") from None
+    except (TypeError, ValueError) as e:  # e.g. an option the filesystem does not take
+        raise ValueError(f"cannot open {redact_url(url)} with the storage options given "
+                         f"({opts.keys_text()}): {opts.redact(str(e))}") from None
 
 
 def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] | None = None):

@@ -93,6 +93,13 @@ def test_without_the_options_the_server_refuses_and_no_value_is_shown(s3):
     assert "sEcReT-vAlUe" not in str(e.value) and server.secret not in str(e.value)
 
 
+def test_options_a_filesystem_refuses_when_it_is_made_are_named_not_shown():
+    with pytest.raises(ValueError, match=r"cannot open dir://x with the storage options given "
+                                         r"\(path, target_protocol\): Protocol not known: \*\*\*") as e:
+        _fs.url_to_fs("dir://x", {"path": "/tmp", "target_protocol": "sEcReT-protocol"})
+    assert "sEcReT" not in str(e.value)
+
+
 def test_storage_options_never_show_their_values(s3):
     server, root = s3
     opts = StorageOptions(server.options)
