@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,13 +118,13 @@ class ProblemGrids:
 
 
 # ------------------------------------------------------------------ data
-def _results(results) -> Any:
+def _results(results, storage_options=None) -> Any:
     from raybary.storage.results import Results, read_results
 
     if isinstance(results, Results):
         return results
     try:
-        return read_results(str(results))
+        return read_results(str(results), storage_options=storage_options)
     except FileNotFoundError as e:
         raise PlotError(str(e)) from None
 
@@ -153,15 +153,18 @@ def _barycenter_gmm(res, problem_id: int):
     return GMM(rows["weight"].to_numpy(np.float64), means, covs)
 
 
-def _input_problem(res, position: int, input_url: str | None):
-    """The validated input problem at ``position``, its message, or raise PlotError."""
+def _input_problem(res, position: int, input_url: str | None, storage_options=None):
+    """The validated input problem at ``position``, its message, or raise PlotError.
+    The store is opened with ``storage_options``, by default the results' own."""
     from raybary.storage.store import open_store
 
     url = input_url or res.layout.get("input_url")
     if not url:
         raise PlotError(f"{res.url} does not record its input store; pass input_url / --input")
+    if storage_options is None:
+        storage_options = getattr(res, "storage_options", None)
     try:
-        store = open_store(url)
+        store = open_store(url, storage_options=storage_options)
         shard = store.read(position, position + 1)
     except (OSError, ValueError, IndexError) as e:
         raise PlotError(f"cannot read the input store {url} ({e}); pass input_url / --input "
@@ -209,6 +212,8 @@ def problem_grids(
     bounds: Sequence[float] | None = None,
     input_url: str | None = None,
     source: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+    input_storage_options: Mapping[str, Any] | None = None,
 ) -> ProblemGrids:
     """Log-density grids (curves in 1-D) of one problem's inputs and barycenter
     (see the module docstring).
@@ -227,10 +232,14 @@ def problem_grids(
         the grids the run stored), ``"computed"`` or ``"stored"`` (fail if
         the run stored none; input grids it did not store are computed on
         its extent).
+      storage_options: fsspec options of the results' URL, and of the input
+        store's unless
+      input_storage_options: are given (not merged: e.g. another bucket's
+        credentials).
     """
     if source not in ("auto", "stored", "computed"):
         raise ValueError("source must be 'auto', 'stored' or 'computed'")
-    res = _results(results)
+    res = _results(results, storage_options)
     row = _problem_row(res, problem_id)
     pid, position = int(row["problem_id"]), int(row["position"])
     status = str(row["status"])
@@ -244,7 +253,7 @@ def problem_grids(
 
     problem, problem_error, read_error = None, None, None
     try:
-        problem, problem_error = _input_problem(res, position, input_url)
+        problem, problem_error = _input_problem(res, position, input_url, input_storage_options)
     except PlotError as e:
         read_error = e
     lambdas = None if problem is None else problem.lambdas
@@ -470,13 +479,16 @@ def plot_problem(
     source: str = "auto",
     figsize: tuple[float, float] = (10, 10),
     title: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    input_storage_options: Mapping[str, Any] | None = None,
 ):
     """The tutorial's figure for one problem; returns a matplotlib ``Figure`` (Agg).
 
     See :func:`problem_grids` for the arguments.
     """
     g = problem_grids(results, problem_id, shape=shape, bounds=bounds, input_url=input_url,
-                      source=source)
+                      source=source, storage_options=storage_options,
+                      input_storage_options=input_storage_options)
     fig = _new_figure(figsize)
     ax = fig.add_subplot()
     draw_problem(ax, g, fontsize=16, title=title, legend="below")
@@ -484,9 +496,10 @@ def plot_problem(
     return fig
 
 
-def pick_problems(results, n: int = 6) -> list[int]:
+def pick_problems(results, n: int = 6, *,
+                  storage_options: Mapping[str, Any] | None = None) -> list[int]:
     """Up to ``n`` problem ids for a gallery: ok problems first, then a failed / invalid one."""
-    res = _results(results)
+    res = _results(results, storage_options)
     p = res.problems
     if not len(p):
         raise PlotError(f"{res.url} has no committed problems")
@@ -507,16 +520,20 @@ def plot_gallery(
     source: str = "auto",
     panel_size: float = 4.5,
     title: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    input_storage_options: Mapping[str, Any] | None = None,
 ):
     """Several problems in one figure (a grid of panels); returns the ``Figure``.
 
-    ``problem_ids`` default: :func:`pick_problems` ``(results, n)``.
+    ``problem_ids`` default: :func:`pick_problems` ``(results, n)``; storage
+    options as :func:`problem_grids`.
     """
-    res = _results(results)
+    res = _results(results, storage_options)
     ids = list(problem_ids) if problem_ids is not None else pick_problems(res, n)
     if not ids:
         raise PlotError("no problems to plot")
-    grids = [problem_grids(res, i, shape=shape, input_url=input_url, source=source) for i in ids]
+    grids = [problem_grids(res, i, shape=shape, input_url=input_url, source=source,
+                           input_storage_options=input_storage_options) for i in ids]
     ncols = ncols or min(len(ids), math.ceil(math.sqrt(len(ids))))
     nrows = math.ceil(len(ids) / ncols)
     fig = _new_figure((panel_size * ncols, panel_size * nrows + 0.6))

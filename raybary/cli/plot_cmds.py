@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from raybary.cli.errors import user_errors
+from raybary.cli.storage_flags import input_storage_options_flag, storage_options_flag
 
 
 def _ids(values: tuple[str, ...]) -> list[int]:
@@ -83,9 +84,11 @@ def _bounds(text: str | None) -> tuple[float, ...] | None:
               help="Gallery columns [default: about sqrt(N)].")
 @click.option("--dpi", type=click.IntRange(min=20), default=100, show_default=True)
 @click.option("--title", default=None, help="Figure title.")
+@storage_options_flag
+@input_storage_options_flag
 @user_errors(ValueError, FileNotFoundError)
 def plot_cmd(output, problems, gallery, out, grid, bounds, source, input_url, columns, dpi,
-             title):
+             title, storage_options, input_storage_options):
     """Contours of -log p of each input GMM and of the barycenter, from OUTPUT
     (curves of -log p for d = 1 problems).
 
@@ -103,15 +106,17 @@ def plot_cmd(output, problems, gallery, out, grid, bounds, source, input_url, co
     if gallery is not None and len(ids) == 1:
         raise click.UsageError("give one --problem for a single figure, or --gallery N, not both")
     rp._matplotlib()
+    where = {"storage_options": storage_options, "input_storage_options": input_storage_options}
     if len(ids) == 1:
         fig = rp.plot_problem(output, ids[0], shape=shape, bounds=window, input_url=input_url,
-                              source=source, title=title)
+                              source=source, title=title, **where)
         out = out or f"problem-{ids[0]}.png"
     else:
         if window is not None:
             raise click.UsageError("--bounds applies to a single --problem")
         fig = rp.plot_gallery(output, ids or None, n=gallery or 6, ncols=columns,
-                              shape=shape, input_url=input_url, source=source, title=title)
+                              shape=shape, input_url=input_url, source=source, title=title,
+                              **where)
         out = out or "gallery.png"
     rp.save_figure(fig, out, dpi=dpi)
     click.echo(f"wrote {out}")

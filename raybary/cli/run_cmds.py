@@ -17,6 +17,7 @@ from dataclasses import fields
 import click
 
 from raybary.cli.errors import user_errors
+from raybary.cli.storage_flags import output_storage_options_flag, storage_options_flag
 from raybary.runner.options import (
     ADDRESS_HELP,
     DTYPES,
@@ -117,20 +118,26 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.option("--quiet", "-q", is_flag=True, default=not _default(_E, "progress"),
               help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
+@storage_options_flag
+@output_storage_options_flag
 @user_errors(FileNotFoundError, ConnectionError)
-def run_cmd(input_url, output_url, quiet, as_json, **params) -> None:
+def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_storage_options,
+            **params) -> None:
     """Solve every problem of INPUT (Parquet or Zarr store) on Ray, into OUTPUT.
 
     Re-running the same command on the same OUTPUT resumes: committed shards
     are kept and only the rest is solved. Different solver or grid options
-    against an existing OUTPUT are refused unless --overwrite.
+    against an existing OUTPUT are refused unless --overwrite. INPUT and
+    OUTPUT may be URLs (s3://, gs://, az://, ...); --storage-option gives
+    their fsspec options (endpoint, credentials) to the driver and actors.
     """
     solver, grid, exe = build_options(quiet=quiet, **params)
 
     from raybary.runner.driver import run
 
     try:
-        report = run(input_url, output_url, solver, grid, exe,
+        report = run(input_url, output_url, solver, grid, exe, storage_options=storage_options,
+                     output_storage_options=output_storage_options,
                      stream=None if quiet else sys.stderr)
     except KeyboardInterrupt:
         click.echo("\ninterrupted; committed shards are kept, run the same command to resume",

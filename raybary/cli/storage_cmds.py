@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import click
 
 from raybary.cli.errors import user_errors
+from raybary.cli.storage_flags import output_storage_options_flag, storage_options_flag
 
 #: The covariance forms (raybary.storage.columns.COVARIANCE_TYPES; spelt out so
 #: that ``raybary --help`` imports nothing of the storage layer).
@@ -64,9 +65,11 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
               help="Store the covariances full (cov), as their diagonals (cov_diag) or as their "
                    "mean variances (cov_spherical); the same random draws either way.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@storage_options_flag
 @user_errors(*_USER_ERRORS)
 def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: int,
-                 chunk_problems: int | None, covariance_type: str, overwrite: bool) -> None:
+                 chunk_problems: int | None, covariance_type: str, overwrite: bool,
+                 storage_options) -> None:
     """Write a seeded batch of problems to OUT (*.parquet or *.zarr)."""
     from raybary.storage.generate import generate
 
@@ -74,7 +77,7 @@ def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: 
     with _progress(n_problems, "generating") as update:
         store = generate(out, n_problems, family=family, dim=dim, seed=seed,
                          overwrite=overwrite, chunk_problems=chunk_problems, progress=update,
-                         covariance_type=covariance_type)
+                         covariance_type=covariance_type, storage_options=storage_options)
     kind = "" if covariance_type == "full" else f", {covariance_type} covariances"
     click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}{kind}) "
                f"in {time.perf_counter() - t0:.1f} s")
@@ -90,18 +93,22 @@ def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: 
                    "(cov_spherical) [default: as IN]. Refused, naming the first component, "
                    "if that would drop information (non-zero off-diagonals, unequal variances).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@storage_options_flag
+@output_storage_options_flag
 @user_errors(*_USER_ERRORS)
 def convert_cmd(src: str, dst: str, chunk_problems: int | None, covariance_type: str | None,
-                overwrite: bool) -> None:
+                overwrite: bool, storage_options, output_storage_options) -> None:
     """Convert a problem store IN to OUT (format from the suffixes: *.parquet, *.zarr)."""
     from raybary.storage.conversion import convert
     from raybary.storage.store import open_store
 
     t0 = time.perf_counter()
-    store = open_store(src)
+    store = open_store(src, storage_options=storage_options)
     with _progress(store.n_problems, "converting") as update:
         out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
-                      progress=update, covariance_type=covariance_type)
+                      progress=update, covariance_type=covariance_type,
+                      storage_options=storage_options,
+                      output_storage_options=output_storage_options)
     click.echo(f"converted {out.n_problems} problems from {src} ({store.format}, "
                f"{store.covariance_type} covariances) to {dst} ({out.format}, "
                f"{out.covariance_type} covariances) in {time.perf_counter() - t0:.1f} s")
@@ -116,22 +123,23 @@ def convert_cmd(src: str, dst: str, chunk_problems: int | None, covariance_type:
 @click.option("--renormalize", is_flag=True,
               help="Problem store: rescale component weights that do not sum to 1 "
                    "instead of reporting them (store.read(..., renormalize=True)).")
+@storage_options_flag
 @user_errors(*_USER_ERRORS)
-def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool) -> None:
+def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool, storage_options) -> None:
     """Summarise a results directory OUT, or describe and validate a problem store."""
     from raybary.storage import _fs
     from raybary.storage.results import LAYOUT_FILE, summarize
 
-    fs, root = _fs.url_to_fs(path)
+    fs, root = _fs.url_to_fs(path, storage_options)
     if fs.exists(root.rstrip("/") + "/" + LAYOUT_FILE):
-        click.echo(summarize(path, top=top))
+        click.echo(summarize(path, top=top, storage_options=storage_options))
         return
     from raybary.storage.store import open_store
 
     if not fs.exists(root):
         raise click.ClickException(
-            f"nothing at {path} (expected a results directory or a problem store)")
-    store = open_store(path)
+            f"nothing at {_fs.redact_url(path)} (expected a results directory or a problem store)")
+    store = open_store(path, storage_options=storage_options)
     click.echo(f"problem store {path}")
     for key, value in store.describe().items():
         if key == "dim" and value is None:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import click
 
 from raybary.cli.errors import user_errors
+from raybary.cli.storage_flags import FLAG_PARAMS
 from raybary.storage._fs import absolute_local
 
 _ADDRESS_HELP = ("The head node's dashboard, http://HEAD:8265 [env RAY_API_SERVER_ADDRESS; "
@@ -43,13 +44,16 @@ def _client(address, token, token_file):
 
 
 # ------------------------------------------------------------------ run arguments
-def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
-    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options)``.
+def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str], dict]:
+    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options, storage)``.
 
     Rule: ``run``'s own click parser reads ``args`` (any spelling click takes:
     ``-qn 3``, ``-n3``, ``--bar-size=3``, options anywhere, ``--``) and the
     options are written back in long form, each once, in the order given.
-    Reason: a second, hand-written parser would drift from click's.
+    Reason: a second, hand-written parser would drift from click's. The
+    storage options are not among them: ``storage`` holds them as ``run``
+    parsed them (``storage_options``, ``output_storage_options``), for the
+    job's environment (its entrypoint is shown to anyone who lists jobs).
     """
     from raybary.cli.run_cmds import run_cmd
 
@@ -66,9 +70,10 @@ def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str]]:
                                "run always joins that cluster")
     options = []
     for param in dict.fromkeys(order):  # each parameter once, where it was first given
-        if isinstance(param, click.Option):
+        if isinstance(param, click.Option) and param.name not in FLAG_PARAMS:
             options += _option_tokens(param, given[param.name])
-    return given["input_url"], given["output_url"], options
+    storage = {k: v for k, v in ctx.params.items() if k in FLAG_PARAMS}
+    return given["input_url"], given["output_url"], options, storage
 
 
 def _option_tokens(param: click.Option, value) -> list[str]:
@@ -167,6 +172,8 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
     --relative-epsilon, --restarts, --learn-weights, --dtype, --grid,
     --grid-bounds, --grid-dims, --actors, --gpus-per-actor, --shard-size,
     --overwrite, ...); the job's run joins the cluster it runs on.
+    --storage-option / --output-storage-option reach the job through its
+    runtime environment (RAYBARY_STORAGE_OPTIONS), not its entrypoint.
     """
     import json
 
@@ -177,9 +184,15 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
         failure_reason,
         normalize_address,
     )
-    from raybary.jobs.runtime import build_runtime_env, entrypoint_command, load_runtime_env
+    from raybary.jobs.runtime import (
+        build_runtime_env,
+        entrypoint_command,
+        load_runtime_env,
+        redacted_runtime_env,
+        with_storage_env,
+    )
 
-    input_url, output_url, rest = _split_run_args(run_args)
+    input_url, output_url, rest, storage = _split_run_args(run_args)
     addr = normalize_address(address)
     input_url, output_url = _cluster_path(input_url, addr), _cluster_path(output_url, addr)
     try:
@@ -190,14 +203,15 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
     except (OSError, ValueError) as e:
         raise JobsError(f"runtime environment: {e}") from None
     if dry_run:
+        shown = with_storage_env(runtime_env, **storage)
         click.echo(json.dumps({"address": addr,
                                "entrypoint": entrypoint_command(input_url, output_url, rest,
                                                                 python=python),
-                               "runtime_env": runtime_env}, indent=2))
+                               "runtime_env": redacted_runtime_env(shown)}, indent=2))
         return
     client = _client(address, token, token_file)
     jid = client.submit(input_url, output_url, rest, runtime_env=runtime_env, job_id=job_id,
-                        entrypoint_num_cpus=entrypoint_cpus, python=python)
+                        entrypoint_num_cpus=entrypoint_cpus, python=python, **storage)
     click.echo(jid)
     where = f" --address {client.address}" if address else ""
     if not wait:

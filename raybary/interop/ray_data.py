@@ -537,6 +537,7 @@ def _read_shards(batch: dict, *, store, shard_size: int) -> pa.Table:
 
 
 def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                          storage_options: Mapping[str, Any] | None = None,
                           **ray_remote_args: Any) -> ray.data.Dataset:
     """A problem store (Parquet or Zarr, local or remote) as a Ray dataset of
     problem rows (see the module docstring), one row per problem. Each read
@@ -552,9 +553,11 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
     them, and :class:`BarycenterSolver` returns them ``invalid``; their
     values are checked by the solver, with its dtype. A relative local path
     is made absolute first (Ray's workers have their own working directory;
-    the same goes for the paths given to Ray Data's writers). ``ray_remote_args``
-    (``num_cpus``, ``memory``, ``concurrency``, ...) go to the read tasks'
-    ``map_batches``.
+    the same goes for the paths given to Ray Data's writers). ``storage_options``
+    go to the URL's fsspec filesystem (e.g. an S3 ``endpoint_url`` and keys);
+    the read tasks get them with the store (as an argument, not through their
+    environment). ``ray_remote_args`` (``num_cpus``, ``memory``,
+    ``concurrency``, ...) go to the read tasks' ``map_batches``.
     """
     import ray.data
 
@@ -563,7 +566,8 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    store = open_store(absolute_local(url))  # Ray's workers have their own working directory
+    # Ray's workers have their own working directory
+    store = open_store(absolute_local(url), storage_options=storage_options)
     n_shards = shard_count(store.n_problems, shard_size)
     return ray.data.range(n_shards, override_num_blocks=max(1, n_shards)).map_batches(
         _read_shards, batch_size=1, batch_format="numpy",

@@ -22,7 +22,7 @@ from typing import Any
 
 from raybary.errors import RaybaryError
 from raybary.jobs.auth import Token, TokenError, auth_headers, resolve_token
-from raybary.jobs.runtime import build_runtime_env, entrypoint_command
+from raybary.jobs.runtime import build_runtime_env, entrypoint_command, with_storage_env
 
 __all__ = ["JobsError", "JobsClient", "connect", "DEFAULT_ADDRESS", "TERMINAL",
            "failure_reason", "environment_hint", "describe", "new_job_id"]
@@ -87,12 +87,17 @@ class JobsClient:
         metadata: Mapping[str, str] | None = None,
         entrypoint_num_cpus: float | None = None,
         python: str = "python",
+        storage_options: Mapping[str, Any] | None = None,
+        output_storage_options: Mapping[str, Any] | None = None,
     ) -> str:
         """Submit ``raybary run INPUT OUTPUT RUN_ARGS`` as a job; return its id.
 
         ``runtime_env`` defaults to :func:`~raybary.jobs.runtime.build_runtime_env` ``()``.
         Local directories in it (``py_modules``, ``working_dir``) are uploaded
-        by Ray to the cluster.
+        by Ray to the cluster. ``storage_options`` (and ``output_storage_options``,
+        the output's instead) go to the job's run through its runtime
+        environment (:func:`~raybary.jobs.runtime.storage_env_vars`), never
+        through the entrypoint.
         """
         from raybary import __version__
 
@@ -108,7 +113,8 @@ class JobsClient:
                               "storage's own credential chain instead (environment, instance "
                               "role, config file)", stacklevel=2)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        env = dict(runtime_env) if runtime_env is not None else build_runtime_env()
+        env = with_storage_env(runtime_env if runtime_env is not None else build_runtime_env(),
+                               storage_options, output_storage_options)
         with self._errors(job_id):
             return self._client.submit_job(
                 entrypoint=entrypoint_command(input_url, output_url, run_args, python=python),

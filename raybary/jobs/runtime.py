@@ -17,6 +17,12 @@ fractional GPUs):
   new actor (or the next job) on a node does not recompile the solver;
 * ``PYTHONUNBUFFERED=1`` — logs (and the runner's progress) reach
   ``raybary logs`` / ``--wait`` as they are written.
+
+Storage options (``raybary submit --storage-option KEY=VALUE``) reach the job
+as JSON in ``RAYBARY_STORAGE_OPTIONS`` / ``RAYBARY_OUTPUT_STORAGE_OPTIONS``
+(:func:`storage_env_vars`), which the job's ``raybary run`` reads: never in
+the entrypoint (shown by ``raybary status``, ``ray job list``, the
+dashboard's job table). :func:`redacted_runtime_env` is what may be printed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ __all__ = [
     "load_runtime_env",
     "entrypoint_command",
     "raybary_package_dir",
+    "storage_env_vars",
+    "with_storage_env",
+    "redacted_runtime_env",
 ]
 
 DEFAULT_ENV_VARS: dict[str, str] = {
@@ -148,6 +157,51 @@ def build_runtime_env(
     if env_vars:
         env = _merge(env, {"env_vars": dict(env_vars)})
     return env
+
+
+def storage_env_vars(storage_options: Mapping[str, Any] | None = None,
+                     output_storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The job's environment variables that carry storage options: JSON objects in
+    ``RAYBARY_STORAGE_OPTIONS`` (input and output) and, if given,
+    ``RAYBARY_OUTPUT_STORAGE_OPTIONS`` (the output's instead). Empty options
+    set nothing (the cluster's own configuration applies)."""
+    from raybary.storage.options import ENV_VAR, OUTPUT_ENV_VAR, StorageOptions
+
+    out = {}
+    if storage_options:
+        out[ENV_VAR] = StorageOptions.of(storage_options).to_json()
+    if output_storage_options is not None:
+        out[OUTPUT_ENV_VAR] = StorageOptions.of(output_storage_options).to_json()
+    return out
+
+
+def with_storage_env(runtime_env: Mapping[str, Any],
+                     storage_options: Mapping[str, Any] | None = None,
+                     output_storage_options: Mapping[str, Any] | None = None) -> dict:
+    """``runtime_env`` with :func:`storage_env_vars` added to its ``env_vars``
+    (over any it sets: the options given win)."""
+    out = copy.deepcopy(dict(runtime_env))
+    extra = storage_env_vars(storage_options, output_storage_options)
+    if extra:
+        out["env_vars"] = {**(out.get("env_vars") or {}), **extra}
+    return out
+
+
+def redacted_runtime_env(runtime_env: Mapping[str, Any]) -> dict:
+    """``runtime_env`` as it may be printed: the storage-option variables show
+    their keys with ``***`` for every value."""
+    from raybary.storage.options import ENV_VAR, INPUT_ENV_VAR, OUTPUT_ENV_VAR
+
+    out = copy.deepcopy(dict(runtime_env))
+    env = out.get("env_vars") or {}
+    for name in (ENV_VAR, OUTPUT_ENV_VAR, INPUT_ENV_VAR):
+        if name in env:
+            try:
+                keys = sorted(json.loads(env[name]))
+            except (ValueError, TypeError):
+                keys = []
+            env[name] = json.dumps({k: "***" for k in keys}) if keys else "***"
+    return out
 
 
 def entrypoint_command(input_url: str, output_url: str, run_args: Iterable[str] = (),

@@ -34,12 +34,14 @@ class ShardWorker:
     """Solves shards of one run; each method returns a small summary."""
 
     def __init__(self, store_url: str, committer, solver: SolverOptions,
-                 grid: GridOptions) -> None:
+                 grid: GridOptions, storage_options=None) -> None:
         from raybary.batch.api import configure_jax
         from raybary.storage import open_store
 
         configure_jax()
-        self.store = open_store(store_url)
+        # the input's storage options come as an argument (an actor does not see
+        # the driver's later environment); the committer carries the output's
+        self.store = open_store(store_url, storage_options=storage_options)
         self.committer = committer
         self.solver = solver
         self.grid = grid
@@ -95,9 +97,12 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
 
 
 def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOptions,
-               grid: GridOptions, worker: type[ShardWorker] = ShardWorker):
+               grid: GridOptions, worker: type[ShardWorker] = ShardWorker,
+               storage_options=None):
     """Start one ``worker`` actor (a :class:`ShardWorker`, or a subclass that
     injects faults in tests) with the resources and environment of ``exe``.
+    ``storage_options`` (the input's) and the committer's (the output's) travel
+    as the actor's arguments, never in its environment or its name.
 
     ``max_restarts=0``: the driver replaces a dead actor itself (and re-queues
     every shard that was on it), so there is one place that decides.
@@ -108,4 +113,4 @@ def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOption
                 scheduling_strategy="SPREAD")
     if exe.resources:
         opts["resources"] = dict(exe.resources)
-    return cls.options(**opts).remote(store_url, committer, solver, grid)
+    return cls.options(**opts).remote(store_url, committer, solver, grid, storage_options)

@@ -44,9 +44,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from raybary.errors import RaybaryError
 from raybary.runner.join import auth_env_restored, connect
@@ -71,6 +71,7 @@ from raybary.runner.pool import (
 from raybary.runner.shard import ShardSummary, current_rss_mb, peak_rss_mb, summary_from_marker
 from raybary.storage._fs import absolute_local, redact_url
 from raybary.storage.errors import InputChangedError
+from raybary.storage.options import StorageOptions
 
 if TYPE_CHECKING:
     from raybary.storage import ProblemStore, ResultWriter
@@ -265,6 +266,8 @@ def _default_actors(exe: ExecOptions) -> int:
 # ------------------------------------------------------------------ run
 def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
         grid: GridOptions | None = None, exe: ExecOptions | None = None, *,
+        storage_options: Mapping[str, Any] | None = None,
+        output_storage_options: Mapping[str, Any] | None = None,
         stream: TextIO | None = sys.stderr,
         on_shard: Callable[[ShardSummary], None] | None = None,
         _worker: type | None = None) -> RunReport:
@@ -282,6 +285,13 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     with its :class:`~raybary.runner.shard.ShardSummary` (shard, counts,
     timings, ``pid`` and ``node``).
 
+    ``storage_options`` go to the fsspec filesystems of the input and the
+    output (e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for
+    ``s3://``); ``output_storage_options``, if given, to the output's instead
+    (not merged: another bucket's credentials). The driver and every actor
+    use them (the actors get them as arguments: they do not see this
+    process's environment); no value is recorded or printed.
+
     A cluster is sent a token only if it wants one (found in
     ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``);
     Ray's token mode is then on in this process for the run only:
@@ -294,12 +304,26 @@ def run(input_url: str, output_url: str, solver: SolverOptions | None = None,
     user setting can reach it.
     """
     with auth_env_restored():  # joining may turn Ray's token mode on or off
-        return _run(input_url, output_url, solver, grid, exe, stream, on_shard, _worker)
+        return _run(input_url, output_url, solver, grid, exe, stream, on_shard, _worker,
+                    _Storage.of(storage_options, output_storage_options))
+
+
+class _Storage(NamedTuple):
+    """The storage options of a run's input and output."""
+
+    input: StorageOptions
+    output: StorageOptions
+
+    @classmethod
+    def of(cls, options, output_options) -> _Storage:
+        given = StorageOptions.of(options)
+        return cls(given, given if output_options is None else StorageOptions.of(output_options))
 
 
 def _run(input_url: str, output_url: str, solver: SolverOptions | None,
          grid: GridOptions | None, exe: ExecOptions | None, stream: TextIO | None,
-         on_shard: Callable[[ShardSummary], None] | None, worker: type | None) -> RunReport:
+         on_shard: Callable[[ShardSummary], None] | None, worker: type | None,
+         storage: _Storage) -> RunReport:
     """:func:`run`, with the process's environment its own to change."""
     from raybary.storage import ResultWriter, open_store
 
@@ -313,12 +337,13 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
     if not exe.progress:
         stream = None
     t0 = time.perf_counter()
-    store = open_store(input_url)  # metadata only
+    store = open_store(input_url, storage_options=storage.input)  # metadata only
     shard_ids = _shard_boundary_ids(store, store.shards(exe.shard_size))
     writer = ResultWriter(output_url, n_problems=store.n_problems, shard_size=exe.shard_size,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,
-                          input_fingerprint=store.fingerprint(), input_shards=shard_ids)
+                          input_fingerprint=store.fingerprint(), input_shards=shard_ids,
+                          storage_options=storage.output)
     writer.lease.acquire()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer.lease)
     try:
@@ -366,7 +391,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
             pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid,
-                                                worker),
+                                                worker, store.storage_options),
                              n_actors)
             _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:

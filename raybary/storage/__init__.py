@@ -7,6 +7,8 @@ takes :class:`raybary.types.Result` objects back. See ``docs/storage.md``.
 Main entry points (imported lazily, so ``import raybary.storage`` is cheap):
 
 * :func:`open_store` -> :class:`ProblemStore` with ``.read(start, stop)`` -> :class:`ShardInput`
+* :class:`StorageOptions`: fsspec options for a URL (every function that takes
+  a URL takes ``storage_options=``), shown by key only
 * :func:`convert`, :func:`write_store`, :func:`write_problems`
 * the table of formats (name -> store class, writer, URL suffixes) in
   :mod:`raybary.storage.formats`
@@ -23,6 +25,7 @@ from raybary.storage.errors import ResultsConflictError, StoreDataError, StoreFo
 
 _LAZY = {
     "open_store": "raybary.storage.store",
+    "StorageOptions": "raybary.storage.options",
     "detect_format": "raybary.storage.formats",
     "ProblemStore": "raybary.storage.base",
     "ShardInput": "raybary.storage.base",
@@ -47,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.storage.columns import ProblemColumns
     from raybary.storage.conversion import convert, write_problems, write_store
     from raybary.storage.formats import detect_format
+    from raybary.storage.options import StorageOptions
     from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
     from raybary.storage.results import (
         BarycenterNotFoundError,

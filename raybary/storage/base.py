@@ -21,6 +21,7 @@ import numpy as np
 
 from raybary.storage import _fs
 from raybary.storage.columns import ProblemColumns
+from raybary.storage.options import StorageOptions
 from raybary.types import Problem
 
 __all__ = ["ShardInput", "ProblemStore", "DEFAULT_SHARD_SIZE", "shard_count", "shard_bounds"]
@@ -87,6 +88,9 @@ class ProblemStore(ABC):
         ``"diag"`` or ``"spherical"`` (the name of the covariance column or
         array says it); :meth:`read` and :meth:`read_columns` give full
         covariances whatever it is.
+      storage_options: the fsspec options the store was opened with (kept,
+        and pickled with it: an actor that gets the store reads with them;
+        shown by key only).
     """
 
     url: str
@@ -94,6 +98,11 @@ class ProblemStore(ABC):
     n_problems: int
     dim: int | None
     covariance_type: str = "full"
+    storage_options: StorageOptions = StorageOptions()
+
+    def filesystem(self):
+        """``(fs, path)`` of the store: its URL resolved with its storage options."""
+        return _fs.url_to_fs(self.url, self.storage_options)
 
     @abstractmethod
     def read_columns(self, start: int, stop: int) -> ProblemColumns:
@@ -143,7 +152,7 @@ class ProblemStore(ABC):
         modification stamp (mtime, or the object store's etag / last-modified).
         Recorded with the results, so that a resume against a changed input
         is refused (:meth:`raybary.storage.ResultWriter.prepare`)."""
-        fs, root = _fs.url_to_fs(self.url)
+        fs, root = self.filesystem()
         root = _fs.strip_url(root)
         if fs.isdir(root):
             entries = fs.find(root, detail=True)

@@ -9,7 +9,8 @@ The output's format (its writer) comes from the table in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ def write_store(
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
     covariance_type: str = "full",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ProblemStore:
     """Write batches (ids ascending across batches) to a new store and open it.
 
@@ -50,13 +52,14 @@ def write_store(
     that differ for ``spherical``) are refused, naming the first such
     component, and nothing is written. Batches with decoding or shape issues
     are refused (:class:`StoreDataError`). ``progress(n)`` is called with the
-    number of problems of each batch written.
+    number of problems of each batch written. ``storage_options`` go to the
+    URL's fsspec filesystem (and stay with the store returned).
     """
     check_covariance_type(covariance_type)
     fmt = store_format(output_format(url))
-    with _fs.atomic_output(url, overwrite=overwrite) as tmp:
+    with _fs.atomic_output(url, overwrite=overwrite, storage_options=storage_options) as tmp:
         writer = fmt.writer(tmp, dim=dim, chunk_problems=chunk_problems,
-                            covariance_type=covariance_type)
+                            covariance_type=covariance_type, storage_options=storage_options)
         try:
             for cols in batches:
                 _refuse_issues(cols, url)
@@ -67,7 +70,7 @@ def write_store(
             writer.abort()  # no format attributes / footer: never a valid-looking store
             raise
         writer.close()
-    return open_store(url)
+    return open_store(url, storage_options=storage_options)
 
 
 def _refuse_issues(cols: ProblemColumns, url: str) -> None:
@@ -75,7 +78,7 @@ def _refuse_issues(cols: ProblemColumns, url: str) -> None:
     if issues:
         messages = [m for k in sorted(issues) for m in issues[k]]
         raise StoreDataError(
-            f"cannot write {url}: {len(issues)} problems cannot be stored as they are "
+            f"cannot write {_fs.redact_url(url)}: {len(issues)} problems cannot be stored as they are "
             f"(fix them first): {join_messages(messages, 10)}"
         )
 
@@ -87,6 +90,7 @@ def write_problems(
     *,
     overwrite: bool = False,
     covariance_type: str = "full",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ProblemStore:
     """Write :class:`Problem` objects (ids default to ``0..P-1``, ascending) to a store,
     the covariances in the ``covariance_type`` form (see :func:`write_store`)."""
@@ -94,7 +98,8 @@ def write_problems(
     order = np.argsort(cols.problem_id, kind="stable")
     if not np.array_equal(order, np.arange(len(order))):
         cols = cols.take(order)
-    return write_store(url, [cols], overwrite=overwrite, covariance_type=covariance_type)
+    return write_store(url, [cols], overwrite=overwrite, covariance_type=covariance_type,
+                       storage_options=storage_options)
 
 
 def convert(
@@ -106,6 +111,8 @@ def convert(
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
     covariance_type: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    output_storage_options: Mapping[str, Any] | None = None,
 ) -> ProblemStore:
     """Convert a problem store to another format (or re-chunk / sort it, or
     change the form its covariances are stored in).
@@ -121,13 +128,20 @@ def convert(
     the input's) is the output's covariance form: a diagonal store converts
     to full losslessly, full to diagonal only if every off-diagonal entry is
     zero (else the first offending component is named and nothing is written).
+    ``storage_options`` go to the filesystems of ``src`` (a URL) and
+    ``dst`` (default for ``dst``: those ``src``, an open store, was opened
+    with); ``output_storage_options``, if given, to ``dst``'s instead (not
+    merged: e.g. another bucket's credentials).
     """
-    store = src if isinstance(src, ProblemStore) else open_store(src)
+    store = src if isinstance(src, ProblemStore) else open_store(
+        src, storage_options=storage_options)
     covariance_type = check_covariance_type(covariance_type or store.covariance_type)
     if _fs.strip_url(store.url) == _fs.strip_url(dst):
         raise ValueError("convert: the output must differ from the input")
     output_format(dst)
     batches = (cols for _, _, cols in store.iter_columns(block_problems))
+    out_options = (output_storage_options if output_storage_options is not None
+                   else storage_options if storage_options is not None else store.storage_options)
     return write_store(dst, batches, overwrite=overwrite, dim=store.dim,
                        chunk_problems=chunk_problems, progress=progress,
-                       covariance_type=covariance_type)
+                       covariance_type=covariance_type, storage_options=out_options)

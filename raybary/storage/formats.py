@@ -15,9 +15,9 @@ Dependencies run one way: :mod:`~raybary.storage.base` <- the format modules
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fsspec import AbstractFileSystem
 
@@ -68,10 +68,11 @@ class StoreFormat:
       format_id: the versioned format id written into and checked on stores.
       suffixes: URL suffixes (lower case) that name this format.
       describe: what such a URL points at, for messages.
-      store: the :class:`ProblemStore` class that opens it.
-      writer: ``writer(url, dim=..., chunk_problems=..., covariance_type=...)``
-        -> a new writer (``covariance_type`` ``"full"``, ``"diag"`` or
-        ``"spherical"``: the form the covariances are stored in).
+      store: the :class:`ProblemStore` class that opens it
+        (``store(url, storage_options)``).
+      writer: ``writer(url, dim=..., chunk_problems=..., covariance_type=...,
+        storage_options=...)`` -> a new writer (``covariance_type`` ``"full"``,
+        ``"diag"`` or ``"spherical"``: the form the covariances are stored in).
       holds: ``holds(fs, path)``: whether a directory without a suffix is of
         this format (probes run in :data:`FORMATS` order).
     """
@@ -86,15 +87,18 @@ class StoreFormat:
 
 
 def _parquet_writer(url: str, *, dim: int | None = None, chunk_problems: int | None = None,
-                    covariance_type: str = "full") -> ProblemWriter:
+                    covariance_type: str = "full",
+                    storage_options: Mapping[str, Any] | None = None) -> ProblemWriter:
     # one dimension or many; row groups, not chunks
-    return ParquetProblemWriter(url, covariance_type=covariance_type)
+    return ParquetProblemWriter(url, covariance_type=covariance_type,
+                                storage_options=storage_options)
 
 
 def _zarr_writer(url: str, *, dim: int | None = None, chunk_problems: int | None = None,
-                 covariance_type: str = "full") -> ProblemWriter:
+                 covariance_type: str = "full",
+                 storage_options: Mapping[str, Any] | None = None) -> ProblemWriter:
     return ZarrProblemWriter(url, dim=dim, chunk_problems=chunk_problems or CHUNK_PROBLEMS,
-                             covariance_type=covariance_type)
+                             covariance_type=covariance_type, storage_options=storage_options)
 
 
 def _holds_zarr(fs: AbstractFileSystem, path: str) -> bool:
@@ -145,18 +149,18 @@ def format_from_name(url: str) -> str | None:
     return None
 
 
-def detect_format(url: str) -> str:
+def detect_format(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The format of an existing store: from the URL's suffix, or a directory's contents.
 
     ``*.parquet`` / ``*.pq`` (a file or a directory of Parquet files) is
     Parquet, ``*.zarr`` is Zarr; another directory is Zarr if it holds a
-    ``zarr.json`` and Parquet if it holds ``*.parquet`` files. Raises
-    :class:`StoreFormatError` otherwise.
+    ``zarr.json`` and Parquet if it holds ``*.parquet`` files (looked at
+    with ``storage_options``). Raises :class:`StoreFormatError` otherwise.
     """
     name = format_from_name(url)
     if name is not None:
         return name
-    fs, path = _fs.url_to_fs(url)
+    fs, path = _fs.url_to_fs(url, storage_options)
     if fs.isdir(path):
         for fmt in FORMATS.values():
             if fmt.holds(fs, path):

@@ -40,9 +40,9 @@ and ``.zarr`` outputs with the same seed hold the same problems.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -284,8 +284,12 @@ def generate(
     chunk_problems: int | None = None,
     progress: Callable[[int], None] | None = None,
     covariance_type: str = "full",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ProblemStore:
     """Write ``n_problems`` problems of ``family`` to ``url`` (``*.parquet`` or ``*.zarr``).
+
+    ``storage_options`` go to the URL's fsspec filesystem (e.g. an S3
+    ``endpoint_url`` and keys; :class:`~raybary.storage.options.StorageOptions`).
 
     ``covariance_type`` ``"diag"`` or ``"spherical"`` writes a diagonal or
     spherical store of the same problems (:func:`project_covariances`).
@@ -311,4 +315,5 @@ def generate(
     store_dim = 2 if family == "tutorial" and dim is None else dim
     return write_store(url, _blocks(family, n_problems, dim, seed, block, covariance_type),
                        overwrite=overwrite, dim=store_dim, chunk_problems=chunk_problems,
-                       progress=progress, covariance_type=covariance_type)
+                       progress=progress, covariance_type=covariance_type,
+                       storage_options=storage_options)

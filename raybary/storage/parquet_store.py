@@ -38,8 +38,9 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +57,7 @@ from raybary.storage.columns import (
     check_covariance_type,
 )
 from raybary.storage.errors import StoreDataError, StoreFormatError
+from raybary.storage.options import StorageOptions
 from raybary.validation import fmt_number, where
 
 __all__ = [
@@ -412,11 +414,12 @@ class ParquetProblemWriter:
     """
 
     def __init__(self, url: str, *, row_group_rows: int = ROW_GROUP_ROWS,
-                 compression: str = "zstd", covariance_type: str = "full") -> None:
+                 compression: str = "zstd", covariance_type: str = "full",
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
         self.covariance_type = check_covariance_type(covariance_type)
         self.row_group_rows = row_group_rows
-        self._fs, self._path = _fs.url_to_fs(url)
+        self._fs, self._path = _fs.url_to_fs(url, storage_options)
         self._fs.makedirs(posixpath.dirname(self._path) or "/", exist_ok=True)
         self._file = None if _fs.is_local(self._fs) else self._fs.open(self._path, "wb")
         # dictionary encoding only where values repeat: on the float lists it is tried
@@ -473,8 +476,8 @@ class _RowGroupIndex:
     n_rows: int
 
 
-def _list_files(url: str) -> tuple[object, list[str]]:
-    fs, path = _fs.url_to_fs(url)
+def _list_files(url: str, storage_options: StorageOptions) -> tuple[object, list[str]]:
+    fs, path = _fs.url_to_fs(url, storage_options)
     if fs.isfile(path):
         return fs, [path]
     files = sorted(
@@ -498,9 +501,10 @@ class ParquetProblemStore(ProblemStore):
 
     format = PARQUET_FORMAT_ID
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
-        fs, self._files = _list_files(url)
+        self.storage_options = StorageOptions.of(storage_options)
+        fs, self._files = _list_files(url, self.storage_options)
         problems = []
         forms: dict[str, list[str]] = {}
         for f in self._files:
@@ -594,7 +598,7 @@ class ParquetProblemStore(ProblemStore):
     # --------------------------------------------------------------- lookups
     def _unique_ids(self) -> np.ndarray:
         if self._unique is None:
-            fs, _ = _fs.url_to_fs(self.url)
+            fs, _ = self.filesystem()
             self._unique = self._collect_unique(fs)
         return self._unique
 
@@ -629,7 +633,7 @@ class ParquetProblemStore(ProblemStore):
         return lo, hi, list(range(ga, ge + 1))
 
     def _read_rows(self, start: int, stop: int, columns: list[str]) -> pa.Table | None:
-        fs, _ = _fs.url_to_fs(self.url)
+        fs, _ = self.filesystem()
         lo, hi, groups = self._id_range(fs, start, stop)
         pieces = []
         with contextlib.ExitStack() as stack:

@@ -19,15 +19,24 @@ Both are re-exported here, so ``raybary.storage.store.ProblemStore`` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from raybary.storage import _fs
 from raybary.storage.base import ProblemStore, ShardInput
 from raybary.storage.formats import detect_format, store_format
+from raybary.storage.options import StorageOptions
 
 __all__ = ["ShardInput", "ProblemStore", "open_store", "detect_format"]
 
 
-def open_store(url: str) -> ProblemStore:
+def open_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ProblemStore:
     """Open a problem store; its schema is checked here, before any work starts.
+
+    ``storage_options`` go to the URL's fsspec filesystem (e.g.
+    ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for ``s3://``; see
+    :class:`~raybary.storage.options.StorageOptions`); the store keeps them,
+    so its reads (and the actors it is sent to) use them too.
 
     The format comes from the suffix or the directory's contents (see
     :func:`~raybary.storage.formats.detect_format`). Raises
@@ -37,7 +46,8 @@ def open_store(url: str) -> ProblemStore:
     format name or version is wrong.
     """
     url = _fs.strip_url(str(url))
-    fs, path = _fs.url_to_fs(url)
+    options = StorageOptions.of(storage_options)
+    fs, path = _fs.url_to_fs(url, options)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no problem store at {url}")
-    return store_format(detect_format(url)).store(url)
+        raise FileNotFoundError(f"no problem store at {_fs.redact_url(url)}")
+    return store_format(detect_format(url, options)).store(url, options)

@@ -30,6 +30,9 @@ the store. Any integer/floating dtypes are accepted on reading.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import zarr
 
@@ -42,6 +45,7 @@ from raybary.storage.columns import (
     check_covariance_type,
 )
 from raybary.storage.errors import StoreDataError, StoreFormatError
+from raybary.storage.options import StorageOptions
 
 __all__ = [
     "ZARR_FORMAT",
@@ -100,8 +104,9 @@ class ZarrProblemStore(ProblemStore):
 
     format = ZARR_FORMAT_ID
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
+        self.storage_options = StorageOptions.of(storage_options)
         self._group = None
         self._arrays: dict = {}
         group = self._open()
@@ -119,7 +124,7 @@ class ZarrProblemStore(ProblemStore):
     def _open(self):
         if self._group is None:
             try:
-                self._group = _fs.open_zarr_group(self.url, "r")
+                self._group = _fs.open_zarr_group(self.url, "r", self.storage_options)
             except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
                 raise StoreFormatError(f"{self.url} is not a Zarr group ({e}); {EXPECTED}") from e
         return self._group
@@ -289,13 +294,14 @@ class ZarrProblemWriter:
     """
 
     def __init__(self, url: str, *, dim: int | None = None,
-                 chunk_problems: int = CHUNK_PROBLEMS, covariance_type: str = "full") -> None:
+                 chunk_problems: int = CHUNK_PROBLEMS, covariance_type: str = "full",
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
         self.dim = dim
         self.covariance_type = check_covariance_type(covariance_type)
         self._cov_key = f"components/{COVARIANCE_FIELDS[covariance_type]}"
         self.chunk_problems = int(chunk_problems)
-        self._group = _fs.open_zarr_group(url, "w")
+        self._group = _fs.open_zarr_group(url, "w", storage_options)
         self._arrays: dict[str, zarr.Array] | None = None
         self._sizes = [0, 0, 0]  # P, G, N written
         self._last_id: int | None = None

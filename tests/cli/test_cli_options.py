@@ -19,7 +19,8 @@ def _params(*args: str) -> dict:
     """``raybary run IN OUT ARGS`` parsed by click (defaults filled in, callbacks run)."""
     ctx = run_cmd.make_context("run", ["in.parquet", "out", *args])
     params = dict(ctx.params)
-    for name in ("input_url", "output_url", "as_json"):
+    for name in ("input_url", "output_url", "as_json", "storage_options",
+                 "output_storage_options"):  # the storage options go to run() itself
         params.pop(name)
     return params
 

@@ -80,7 +80,7 @@ def test_setup_installs_raybary_with_gpu_jax(config):
     gpu_name = next(iter(_gpu_types(config)))
     worker_cmds = config["available_node_types"][gpu_name].get(
         "worker_setup_commands", config.get("worker_setup_commands", []))
-    assert any(re.search(r"raybary\[gpu\]", c) for c in worker_cmds), worker_cmds
+    assert any(re.search(r"raybary\[[^]]*\bgpu\b", c) for c in worker_cmds), worker_cmds
     head_cmds = " ".join(config["setup_commands"] + config["head_setup_commands"])
     assert "raybary" in head_cmds
     # The checkout that is installed is the one mounted from the repository root.

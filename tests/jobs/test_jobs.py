@@ -169,6 +169,36 @@ def test_submit_passes_run_options_through(tmp_path, monkeypatch):
     assert "py_modules" not in out["runtime_env"]  # nothing shipped unless asked
 
 
+def test_submit_sends_storage_options_in_the_runtime_env_never_the_entrypoint(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAYBARY_STORAGE_OPTIONS", raising=False)
+    out = _dry_run("in.zarr", "s3://b/out", "--storage-option", "endpoint_url=http://h:9000",
+                   "-n", "3", "--storage-option", "secret=TOPSECRET-1",
+                   "--output-storage-option", "secret=TOPSECRET-2", "--env", "K=V")
+    shown = json.dumps(out)
+    assert "TOPSECRET" not in shown and "h:9000" not in shown
+    assert out["entrypoint"] == (f"python -m raybary.cli.job_entry {tmp_path}/in.zarr "
+                                 "s3://b/out --bar-size 3")
+    env = out["runtime_env"]["env_vars"]
+    assert json.loads(env["RAYBARY_STORAGE_OPTIONS"]) == {"endpoint_url": "***", "secret": "***"}
+    assert json.loads(env["RAYBARY_OUTPUT_STORAGE_OPTIONS"]) == {"secret": "***"}
+    assert env["K"] == "V"
+    # what the job gets, and its `raybary run` reads back from its environment
+    real = runtime.with_storage_env({"env_vars": {"K": "V"}},
+                                    {"endpoint_url": "http://h:9000", "secret": "TOPSECRET-1"},
+                                    {"secret": "TOPSECRET-2"})["env_vars"]
+    for name in ("RAYBARY_STORAGE_OPTIONS", "RAYBARY_OUTPUT_STORAGE_OPTIONS"):
+        monkeypatch.setenv(name, real[name])
+    from raybary.cli.run_cmds import run_cmd
+
+    params = run_cmd.make_context("run", ["in.zarr", "s3://b/out"]).params
+    assert dict(params["storage_options"]) == {"endpoint_url": "http://h:9000",
+                                               "secret": "TOPSECRET-1"}
+    assert dict(params["output_storage_options"]) == {"secret": "TOPSECRET-2"}
+    assert runtime.storage_env_vars({}, None) == {}  # none given: the cluster's own config
+
+
 @pytest.mark.parametrize("args", [
     ["in.parquet", "s3://b/out", "-qn", "3"],  # combined short flags, as `raybary run` takes them
     ["in.parquet", "s3://b/out", "-qn3"],
@@ -637,6 +667,30 @@ def test_a_job_that_runs_raybary_run_joins_its_cluster(head, home):
     from raybary import read_results
 
     assert read_results(str(out)).complete
+
+
+def test_submit_with_storage_options_on_s3(head, home, s3):
+    """A job reads and writes S3 (moto on loopback, one key pair accepted) with
+    --storage-option only: they reach the job's run and its actors, and no
+    command shows them."""
+    import raybary
+    from raybary.storage.generate import generate
+
+    address, token, _ = head
+    server, root = s3
+    generate(f"{root}/in.parquet", 6, family="tutorial", seed=2, storage_options=server.options)
+    flags = [a for k, v in server.options.items() for a in ("--storage-option", f"{k}={v}")]
+    job_id = f"s3-{secrets.token_hex(3)}"
+    r = _cli(["submit", f"{root}/in.parquet", f"{root}/out", "--address", address, "--job-id",
+              job_id, "--bar-size", "3", "--grid", "24x24", "--actors", "1", "--shard-size", "4",
+              *flags, "--wait"], token=token, home=home)
+    assert r.exit_code == 0, r.output
+    assert f"job {job_id}: SUCCEEDED" in r.output and server.secret not in r.output
+    res = raybary.read_results(f"{root}/out", storage_options=server.options)
+    assert res.complete and (res.problems["status"] == "ok").sum() == 6
+    for cmd in (["status", job_id], ["logs", job_id], ["status"]):
+        r = _cli([*cmd, "--address", address], token=token, home=home)
+        assert r.exit_code == 0 and server.secret not in r.output and server.key not in r.output
 
 
 @pytest.mark.parametrize("which,reason", [

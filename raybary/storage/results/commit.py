@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +32,7 @@ from raybary.storage import _fs
 from raybary.storage.arrow import list_array, offsets
 from raybary.storage.base import shard_bounds, shard_count
 from raybary.storage.errors import InputChangedError
+from raybary.storage.options import StorageOptions
 from raybary.storage.results.layout import (
     COMMIT_KEY,
     COMMITS_DIR,
@@ -79,8 +80,9 @@ class ShardCommitter:
     writes through, ``n_problems`` and ``shard_size`` (shard ``i`` is store
     positions :meth:`shard_range` ``(i)``), ``grid_shape`` and
     ``input_grid_gmms``, the solver ``options`` (recorded as ``opt_<key>``
-    columns), and the input's URL, fingerprint and per-shard first and last
-    problem ids (:meth:`check_input` compares them).
+    columns), the input's URL, fingerprint and per-shard first and last
+    problem ids (:meth:`check_input` compares them), and the output's
+    ``storage_options`` (an actor writes with them; never shown).
     """
 
     url: str
@@ -93,6 +95,12 @@ class ShardCommitter:
     input_url: str | None = None
     input_fingerprint: dict | None = None
     input_shards: list | None = None
+    storage_options: StorageOptions = field(default_factory=StorageOptions, repr=False,
+                                            compare=False)
+
+    def filesystem(self):
+        """``(fs, root)`` of the output, with its storage options."""
+        return _fs.url_to_fs(self.url, self.storage_options)
 
     @property
     def n_shards(self) -> int:
@@ -146,7 +154,7 @@ class ShardCommitter:
             raise ValueError(f"shard {shard_index} has {stop - start} problems (positions "
                              f"{start}:{stop}), the outcome {len(outcome)}")
         block = None if self.grid_shape is None else self._grid_block(outcome, grids)
-        fs, root = _fs.url_to_fs(self.url)
+        fs, root = self.filesystem()
         commit = uuid.uuid4().hex
         info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
                 "counts": outcome.counts(), "seconds": float(np.nansum(outcome.seconds))}
@@ -188,7 +196,8 @@ class ShardCommitter:
                      block: dict[str, np.ndarray]) -> str:
         """Write the grids of commit ``commit`` into a new group of their own; return its name."""
         name = grid_group_name(shard_index, commit)
-        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR, name), "w")
+        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR, name), "w",
+                                    self.storage_options)
         for key, arr in block.items():
             fill = -1 if key == "problem_id" else float("nan")
             out = group.create_array(key, shape=arr.shape, chunks=arr.shape, dtype=arr.dtype,

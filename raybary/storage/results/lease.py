@@ -10,14 +10,18 @@ which knows nothing of it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import socket
 import time
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from raybary.storage import _fs
 from raybary.storage.errors import ResultsConflictError
+from raybary.storage.options import StorageOptions
 from raybary.storage.results.layout import (
     LEASE_FILE,
     LEASE_SETTLE_S,
@@ -33,15 +37,21 @@ __all__ = ["OutputLease"]
 
 
 class OutputLease:
-    """The lease of run ``run_id`` on the results directory ``url``.
+    """The lease of run ``run_id`` on the results directory ``url`` (opened
+    with ``storage_options``).
 
     :attr:`held` says whether this run holds it (after :meth:`acquire`,
     until :meth:`release` or another run took it over).
     """
 
-    def __init__(self, url: str, run_id: str) -> None:
+    def __init__(self, url: str, run_id: str,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.url, self.run_id = url, run_id
+        self.storage_options = StorageOptions.of(storage_options)
         self.held = False
+
+    def _paths(self):
+        return _fs.url_to_fs(self.url, self.storage_options)
 
     def acquire(self) -> None:
         """Take the lease, before the directory is prepared.
@@ -49,17 +59,25 @@ class OutputLease:
         Another run's lease with a heartbeat younger than ``LEASE_STALE_S``
         raises :class:`ResultsConflictError`; an older one, or one whose
         driver ran on this machine and has exited, is taken over (its run is
-        presumed dead). The lease is written, then read back after a
-        moment: of two runs starting at once, the one that reads another id
-        gives up. A folder that is not raybary results is left alone (the
-        writer's ``prepare`` refuses it)."""
-        fs, root = _fs.url_to_fs(self.url)
+        presumed dead). Where there is no lease, it is created with a
+        conditional write (:func:`~raybary.storage._fs.write_bytes_exclusive`:
+        of two runs creating it at once, one gets "exists" and gives up).
+        Either way the lease is read back after a moment: of two runs that
+        both wrote (a take-over, or a store without conditional writes), the
+        one that reads another id gives up. A folder that is not raybary
+        results is left alone (the writer's ``prepare`` refuses it)."""
+        fs, root = self._paths()
         if fs.exists(root) and is_foreign(fs, root):
             return
         held = read_lease(fs, root)
         if held is not None and held.get("run_id") != self.run_id:
             self._take_over(held)
-        self._write(fs, root)
+        if held is None:
+            if not self._create(fs, root):  # another run created it since: refused
+                self._take_over(read_lease(fs, root) or {"run_id": "?", "heartbeat": time.time()})
+                self._write(fs, root)  # (only if that lease is already a dead run's)
+        else:
+            self._write(fs, root)
         time.sleep(LEASE_SETTLE_S)
         now = read_lease(fs, root)
         if now is None or now.get("run_id") != self.run_id:
@@ -88,7 +106,7 @@ class OutputLease:
         run has taken it over (this one should stop writing)."""
         if not self.held:
             return True
-        fs, root = _fs.url_to_fs(self.url)
+        fs, root = self._paths()
         held = read_lease(fs, root)
         if held is not None and held.get("run_id") != self.run_id:
             self.held = False
@@ -99,21 +117,29 @@ class OutputLease:
     def rewrite(self) -> None:
         """Write the lease again if held (the directory was replaced under it)."""
         if self.held:
-            self._write(*_fs.url_to_fs(self.url))
+            self._write(*self._paths())
 
     def release(self) -> None:
         """Give the lease back (at the end, whatever happened)."""
         if not self.held:
             return
         self.held = False
-        fs, root = _fs.url_to_fs(self.url)
+        fs, root = self._paths()
         held = read_lease(fs, root)
         if held is not None and held.get("run_id") == self.run_id:
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(posixpath.join(root, LEASE_FILE))
 
+    def _lease(self) -> dict:
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "heartbeat": time.time(), "written": now_iso()}
+
     def _write(self, fs, root: str) -> None:
-        lease = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                 "heartbeat": time.time(), "written": now_iso()}
-        _fs.write_json_atomic(fs, posixpath.join(root, LEASE_FILE), lease,
+        _fs.write_json_atomic(fs, posixpath.join(root, LEASE_FILE), self._lease(),
                               run_tmp(root, self.run_id))
+
+    def _create(self, fs, root: str) -> bool:
+        """Create the lease where there is none; ``False`` if one appeared meanwhile."""
+        data = json.dumps(self._lease(), indent=2, sort_keys=True).encode()
+        return _fs.write_bytes_exclusive(fs, posixpath.join(root, LEASE_FILE), data,
+                                         run_tmp(root, self.run_id))

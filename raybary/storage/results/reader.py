@@ -16,7 +16,7 @@ import json
 import operator
 import posixpath
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from raybary.errors import RaybaryError
 from raybary.storage import _fs
+from raybary.storage.options import StorageOptions
 from raybary.storage.results.layout import (
     COMMIT_KEY,
     GRIDS_DIR,
@@ -103,6 +104,8 @@ class Results:
       grid_groups: for each committed shard, the ``grids.zarr`` group its
         commit wrote (``None``: results of an older layout, whose grids are
         arrays at the root of ``grids.zarr``).
+      storage_options: the fsspec options the directory was read with (grids
+        are read with them too; never shown).
     """
 
     url: str
@@ -112,6 +115,8 @@ class Results:
     manifest: dict | None
     committed_shards: list[int]
     grid_groups: dict[int, str | None] = field(default_factory=dict, repr=False)
+    storage_options: StorageOptions = field(default_factory=StorageOptions, repr=False,
+                                            compare=False)
 
     @property
     def complete(self) -> bool:
@@ -148,7 +153,8 @@ class Results:
                      np.full((m, j, length), np.nan, dtype=np.float32) if j else None)
         for shard, name, lo, hi in rows.spans:
             # a group that has gone: its rows stay NaN (grids() warns of it)
-            source = _attempt_group(self.url, shard, name, warn=False) if name else None
+            source = (_attempt_group(self.url, shard, name, self.storage_options, warn=False)
+                      if name else None)
             if source is None:
                 continue
             dst, src = slice(lo - rows.start, hi - rows.start), slice(lo - shard * rows.size,
@@ -171,7 +177,8 @@ class Results:
         j = int(self.layout.get("input_grid_gmms") or 0) if inputs else 0
         out = _empty_grids(rows.stop - rows.start, rows.shape, j)
         for shard, name, lo, hi in rows.spans:
-            source = _attempt_group(self.url, shard, name) if name else None
+            source = (_attempt_group(self.url, shard, name, self.storage_options)
+                      if name else None)
             first = shard * rows.size  # the store position of the group's row 0
             if source is not None:
                 _copy_rows(out, source, slice(lo - rows.start, hi - rows.start),
@@ -300,11 +307,12 @@ class _BarycenterRows:
                 covs.reshape(n, d, d))
 
 
-def _attempt_group(url: str, shard: int, name: str, *, warn: bool = True):
+def _attempt_group(url: str, shard: int, name: str, storage_options: StorageOptions, *,
+                   warn: bool = True):
     """The grids group ``name`` of shard ``shard``'s committed attempt (``None``, with a
     warning unless ``warn`` is false, if it has gone: its rows stay NaN)."""
     try:
-        return _fs.open_zarr_group(_fs.join_url(url, GRIDS_DIR, name), "r")
+        return _fs.open_zarr_group(_fs.join_url(url, GRIDS_DIR, name), "r", storage_options)
     except _missing():
         if warn:
             warnings.warn(f"the grids of shard {shard} ({GRIDS_DIR}/{name}) are missing: its "
@@ -338,12 +346,16 @@ def _copy_rows(out: Grids, group, dst: slice, src: slice) -> None:
         out.inputs[dst] = group["inputs"][src]
 
 
-def read_results(path: str, *, as_: str = "pandas") -> Results:
+def read_results(path: str, *, as_: str = "pandas",
+                 storage_options: Mapping[str, Any] | None = None) -> Results:
     """Read the committed shards of an output directory.
 
     Args:
       path: the output directory (local path or fsspec URL).
       as_: ``"pandas"`` (DataFrames) or ``"pyarrow"`` (Tables).
+      storage_options: for the URL's fsspec filesystem (e.g. ``{"endpoint_url":
+        ..., "key": ..., "secret": ...}`` for ``s3://``); kept by the
+        :class:`Results` for its grids.
 
     Only shards with a commit marker are read, and only files whose commit id
     matches the marker (a shard being rewritten meanwhile is left out), so a
@@ -354,10 +366,12 @@ def read_results(path: str, *, as_: str = "pandas") -> Results:
     if as_ not in ("pandas", "pyarrow"):
         raise ValueError("as_ must be 'pandas' or 'pyarrow'")
     url = _fs.strip_url(str(path))
-    fs, root = _fs.url_to_fs(url)
+    options = StorageOptions.of(storage_options)
+    fs, root = _fs.url_to_fs(url, options)
     layout_path = posixpath.join(root, LAYOUT_FILE)
     if not fs.exists(layout_path):
-        raise FileNotFoundError(f"{url} is not a raybary results directory (no {LAYOUT_FILE})")
+        raise FileNotFoundError(f"{_fs.redact_url(url)} is not a raybary results directory "
+                                f"(no {LAYOUT_FILE})")
     layout = _fs.read_json(fs, layout_path)
     manifest_path = posixpath.join(root, MANIFEST_FILE)
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
@@ -373,7 +387,7 @@ def read_results(path: str, *, as_: str = "pandas") -> Results:
     b = _concat(barycenters, barycenters_schema())
     if as_ == "pandas":
         p, b = p.to_pandas(), b.to_pandas()
-    return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups)
+    return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups, options)
 
 
 def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
@@ -405,11 +419,12 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 
 # ------------------------------------------------------------------ summary
-def summarize(path: str, *, top: int = 5) -> str:
+def summarize(path: str, *, top: int = 5,
+              storage_options: Mapping[str, Any] | None = None) -> str:
     """A text summary of an output directory (what ``raybary show`` prints)."""
-    res = read_results(path)
+    res = read_results(path, storage_options=storage_options)
     p = res.problems
-    lines = [f"results {res.url} ({RESULTS_FORMAT}/{RESULTS_VERSION})"]
+    lines = [f"results {_fs.redact_url(res.url)} ({RESULTS_FORMAT}/{RESULTS_VERSION})"]
     lay = res.layout
     state = "finished" if res.manifest else "not finished (no manifest)"
     lines.append(f"  input: {lay.get('input_url')}  problems: {lay['n_problems']}  "

@@ -35,10 +35,14 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
 
 from raybary.storage import _fs
 from raybary.storage.errors import ResultsConflictError
+from raybary.storage.options import StorageOptions
 from raybary.storage.results.commit import ShardCommitter
 from raybary.storage.results.layout import (
     COMMITS_DIR,
@@ -87,6 +91,9 @@ class ResultWriter:
       input_fingerprint: the input's :meth:`ProblemStore.fingerprint`, and
       input_shards: each shard's first and last problem id: recorded, and a
         resume against an input that differs in either is refused.
+      storage_options: the output's fsspec storage options (used by the
+        lease, the writer and, through the committer, the actors; never
+        recorded).
 
     Attributes:
       run_id: this run's id (its lease and its ``_tmp/`` folder).
@@ -109,12 +116,14 @@ class ResultWriter:
         input_url: str | None = None,
         input_fingerprint: dict | None = None,
         input_shards: Sequence[tuple[int, int]] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
         if input_grid_gmms and grid_shape is None:
             raise ValueError("input_grid_gmms needs a grid_shape")
         self.url = _fs.strip_url(str(url))
+        self.storage_options = StorageOptions.of(storage_options)
         self.run_id = uuid.uuid4().hex[:16]
         self.committer = ShardCommitter(
             url=self.url, run_id=self.run_id, n_problems=int(n_problems),
@@ -123,8 +132,9 @@ class ResultWriter:
             input_grid_gmms=int(input_grid_gmms), options=jsonable(options or {}),
             input_url=input_url, input_fingerprint=input_fingerprint,
             input_shards=None if input_shards is None else [[int(a), int(b)]
-                                                            for a, b in input_shards])
-        self.lease = OutputLease(self.url, self.run_id)
+                                                            for a, b in input_shards],
+            storage_options=self.storage_options)
+        self.lease = OutputLease(self.url, self.run_id, self.storage_options)
         self.retried_gave_up: list[int] = []
 
     def __getattr__(self, name: str):
@@ -144,7 +154,7 @@ class ResultWriter:
         return jsonable(out)
 
     def _paths(self):
-        return _fs.url_to_fs(self.url)
+        return _fs.url_to_fs(self.url, self.storage_options)
 
     # -------------------------------------------------------------- prepare
     def prepare(self, *, overwrite: bool = False) -> set[int]:
@@ -219,12 +229,19 @@ class ResultWriter:
             )
 
     def _check_not_input(self, fs, root: str) -> None:
-        """Refuse an output that is, contains or lies inside the input store."""
+        """Refuse an output that is, contains or lies inside the input store.
+
+        The input is looked at with the output's storage options, and only
+        when both have the same protocol (the input's own options may differ;
+        resolving a path needs none)."""
         if not self.input_url:
             return
+        protocol = fsspec.core.split_protocol(self.input_url)[0] or "file"
+        if protocol not in _fs.fs_protocols(fs):
+            return
         try:
-            in_fs, in_root = _fs.url_to_fs(self.input_url)
-        except ImportError:  # no driver for the input's protocol here: not the output's
+            in_fs, in_root = _fs.url_to_fs(self.input_url, self.storage_options)
+        except (ImportError, ValueError):  # not resolvable here: not the output's
             return
         if _fs.fs_protocols(in_fs) != _fs.fs_protocols(fs):
             return
@@ -244,7 +261,7 @@ class ResultWriter:
         """Create ``grids.zarr``: a group whose attributes describe the grids;
         each attempt at a shard adds a group of its own (:class:`ShardCommitter`)."""
         h, w = self.grid_shape
-        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR), "w")
+        group = _fs.open_zarr_group(_fs.join_url(self.url, GRIDS_DIR), "w", self.storage_options)
         group.attrs.update({
             "format": GRIDS_FORMAT, "format_version": GRIDS_VERSION,
             "values": "log-density",
