@@ -65,6 +65,7 @@ __all__ = [
     "problem_row_schema",
     "result_row_schema",
     "DEFAULT_SHARD_SIZE",
+    "DEFAULT_READ_TASKS",
 ]
 
 _F64 = pa.float64()
@@ -457,7 +458,8 @@ class BarycenterSolver:
     ::
 
         ds.map_batches(BarycenterSolver, fn_constructor_kwargs={"bar_size": 3},
-                       batch_format="pyarrow", batch_size=1024, concurrency=4)
+                       batch_format="pyarrow", batch_size=1024,
+                       compute=ray.data.ActorPoolStrategy(size=4))
 
     Each actor builds one instance; its options are checked and fixed here,
     once, and the solver's compiled programs stay warm in the actor's process
@@ -536,8 +538,13 @@ def _read_shards(batch: dict, *, store, shard_size: int) -> pa.Table:
     return pa.concat_tables(tables) if tables else problem_row_schema().empty_table()
 
 
+#: Read tasks of :func:`read_problems_dataset` at once (each reads one shard).
+DEFAULT_READ_TASKS = 4
+
+
 def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
                           storage_options: Mapping[str, Any] | None = None,
+                          num_cpus: float = 0.0, concurrency: int = DEFAULT_READ_TASKS,
                           **ray_remote_args: Any) -> ray.data.Dataset:
     """A problem store (Parquet or Zarr, local or remote) as a Ray dataset of
     problem rows (see the module docstring), one row per problem. Each read
@@ -556,8 +563,21 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
     the same goes for the paths given to Ray Data's writers). ``storage_options``
     go to the URL's fsspec filesystem (e.g. an S3 ``endpoint_url`` and keys);
     the read tasks get them with the store (as an argument, not through their
-    environment). ``ray_remote_args`` (``num_cpus``, ``memory``,
-    ``concurrency``, ...) go to the read tasks' ``map_batches``.
+    environment).
+
+    The read tasks ask Ray for ``num_cpus`` (default 0) and at most
+    ``concurrency`` of them run at once (default :data:`DEFAULT_READ_TASKS`).
+    Why 0: a solver actor pool as large as the cluster's CPUs
+    (``ActorPoolStrategy(size=CPUs)``, one ``num_cpus=1`` actor per core)
+    holds every CPU for the whole run, so a read task that waits for a free
+    CPU never starts and the pipeline hangs with the actors idle. Reading a
+    shard is mostly I/O and Arrow decoding, short next to solving it; the cap
+    on concurrent tasks is what keeps reads from crowding the solvers (and
+    from starting a worker process per shard). Raise ``concurrency`` for
+    slow storage feeding many GPU actors. The shard numbers come from the
+    driver (``ray.data.from_items``), so no other read task waits for a CPU
+    either. Other ``ray_remote_args`` (``memory``, ``compute``, ...) go to
+    the read tasks' ``map_batches``.
     """
     import ray.data
 
@@ -566,9 +586,19 @@ def read_problems_dataset(url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if num_cpus < 0:
+        raise ValueError(f"num_cpus must be at least 0, got {num_cpus}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1 (read tasks at once), got {concurrency}")
     # Ray's workers have their own working directory
     store = open_store(absolute_local(url), storage_options=storage_options)
     n_shards = shard_count(store.n_problems, shard_size)
-    return ray.data.range(n_shards, override_num_blocks=max(1, n_shards)).map_batches(
-        _read_shards, batch_size=1, batch_format="numpy",
+    # from_items, not ray.data.range: range's read task asks for a whole CPU.
+    shards = ray.data.from_items([{"id": i} for i in range(n_shards)],
+                                 override_num_blocks=max(1, n_shards))
+    # no more tasks than shards (Ray Data warns of a cap it cannot reach)
+    tasks = max(1, min(int(concurrency), n_shards))
+    ray_remote_args.setdefault("compute", ray.data.TaskPoolStrategy(size=tasks))
+    return shards.map_batches(
+        _read_shards, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"store": store, "shard_size": shard_size}, **ray_remote_args)

@@ -8,6 +8,11 @@ pad to 16), so the compiled programs come from the persistent cache.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +135,69 @@ def test_in_memory_problems_default_batch_format_and_kept_columns():
         _close(g.means, r.means)
         _close(g.covs, r.covs)
         _close(g.weights, r.weights)
+
+
+#: docs/ray_data.md's CPU settings on a 2-CPU Ray: a pool of one actor per CPU
+#: (each num_cpus=1, so the pool holds every CPU), the write with no CPU.
+POOL_SCRIPT = """
+import json, logging, sys
+import ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+         logging_level=logging.WARNING)
+import pyarrow.parquet as pq
+import ray.data
+from raybary.interop import BarycenterSolver, read_problems_dataset
+
+store, out = sys.argv[1:3]
+ds = read_problems_dataset(store, shard_size=8)
+results = ds.map_batches(BarycenterSolver, fn_constructor_kwargs={"bar_size": 3},
+                         batch_format="pyarrow", batch_size=16, num_cpus=1,
+                         compute=ray.data.ActorPoolStrategy(size=2))
+results.write_parquet(out, ray_remote_args={"num_cpus": 0}, concurrency=2)
+t = pq.read_table(out)
+print(json.dumps({"cpus": ray.cluster_resources()["CPU"],
+                  "ids": sorted(t.column("problem_id").to_pylist()),
+                  "status": t.column("status").to_pylist()}))
+"""
+
+
+def _run_with_deadline(args: list[str], timeout: float) -> str:
+    """Run ``args`` in a process group of its own; kill the group (the driver
+    and the Ray it started) if it is not done in ``timeout`` seconds."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the pipeline did not finish in {timeout:.0f} s (deadlock?); its last "
+                    f"log lines:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_pool_as_large_as_the_cpus_does_not_hang(stores, tmp_path):
+    """Two solver actors of one CPU each on a 2-CPU Ray hold every CPU: the read
+    tasks (no CPU) and the write (docs/ray_data.md's settings) must still run.
+    With the reads of a whole CPU this waited forever ("ReadRange: 0/1 ...
+    backpressured"); the deadline turns that into a failure."""
+    out = _run_with_deadline([sys.executable, "-c", POOL_SCRIPT, stores["bad"],
+                              str(tmp_path / "out")], timeout=300)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["cpus"] == 2
+    shard = open_store(stores["bad"]).read(0, N, dtype="float32")
+    assert got["ids"] == sorted(shard.problem_ids.tolist())
+    assert sorted(got["status"]) == sorted(["invalid"] * len(BAD) + ["ok"] * (N - len(BAD)))
+
+
+def test_read_options_are_checked(stores):
+    with pytest.raises(ValueError, match="num_cpus must be at least 0"):
+        read_problems_dataset(stores["parquet"], num_cpus=-1)
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        read_problems_dataset(stores["parquet"], concurrency=0)
+    with pytest.raises(ValueError, match="shard_size must be at least 1"):
+        read_problems_dataset(stores["parquet"], shard_size=0)
 
 
 # ------------------------------------------------------------------ without Ray
