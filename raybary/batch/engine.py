@@ -56,7 +56,7 @@ SHRINK_AFTER_S = 1.5  # a tail moves to a batch not yet compiled after this long
 NARROW_BELOW = 512  # a bucket with fewer rows runs in a lane a quarter its size ...
 NARROW_LANE = 64  # ... of at least this many slots (lane_width)
 MAP_HEADROOM = 20_000  # memory maps kept free for new programs (about 8 solver programs)
-OFF = ("off", "0", "false", "none")  # values of RAYBARY_JAX_CACHE / RAYBARY_XLA_FLAGS that mean off
+OFF = ("off", "0", "false", "none")  # RAYBARY_JAX_CACHE / _XLA_FLAGS / _PROGRAMS: off
 CACHE_OFF = (*OFF, "")
 
 
@@ -257,7 +257,8 @@ class Engine:
         ``XLA_FLAGS`` alone.
       keep_programs: keep the solver's compiled programs whole, serialized,
         beside the compilation cache (:mod:`raybary.batch.programs`), so a new
-        process loads them without tracing; ``False``: JAX's cache only.
+        process loads them without tracing; ``False`` (or
+        ``RAYBARY_PROGRAMS=off``): JAX's cache only.
 
     Attributes:
       compiled: program keys (:func:`program_key`) this engine has run.
@@ -335,7 +336,9 @@ class Engine:
         saved beside the compilation cache when there is one."""
         with self._lock:
             if self._programs is None:
-                self._programs = Programs(self.setup() if self.keep_programs else None)
+                off = os.environ.get("RAYBARY_PROGRAMS", "").strip().lower() in OFF
+                keep = self.keep_programs and not off
+                self._programs = Programs(self.setup() if keep else None)
             return self._programs
 
     def run_program(self, name: str, *args, **static):

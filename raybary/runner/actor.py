@@ -72,9 +72,10 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
     fraction, so several actors share one GPU. CPU actors: ``JAX_PLATFORMS=cpu``,
     a solver lane per CPU of the actor (``RAYBARY_SOLVER_THREADS``, at least
     one) and XLA's intra-op thread pool off (:func:`~raybary.batch.engine.lane_xla_flags`:
-    the lanes are the parallelism). The driver's ``RAYBARY_JAX_CACHE`` and
-    ``RAYBARY_METRICS`` (:mod:`~raybary.runner.metrics`), where set, are passed
-    on. ``exe.actor_env`` overrides any of these.
+    the lanes are the parallelism). The driver's ``RAYBARY_JAX_CACHE``,
+    ``RAYBARY_PROGRAMS`` (:mod:`~raybary.batch.programs`) and
+    ``RAYBARY_METRICS`` (:mod:`~raybary.runner.metrics`), where set, are
+    passed on. ``exe.actor_env`` overrides any of these.
     """
     from raybary.batch.engine import lane_xla_flags
 
@@ -89,7 +90,7 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
         env["XLA_FLAGS"] = lane_xla_flags(os.environ.get("XLA_FLAGS", ""))
         env["RAYBARY_SOLVER_THREADS"] = threads
         env["OMP_NUM_THREADS"] = threads
-    for name in ("RAYBARY_JAX_CACHE", METRICS_ENV):
+    for name in ("RAYBARY_JAX_CACHE", "RAYBARY_PROGRAMS", METRICS_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     env.update({str(k): str(v) for k, v in exe.actor_env.items()})
