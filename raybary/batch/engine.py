@@ -332,18 +332,15 @@ class Engine:
 
     @property
     def programs(self) -> Programs:
-        """The solver's compiled programs (:class:`~raybary.batch.programs.Programs`),
-        saved beside the compilation cache when there is one."""
+        """The solver's :class:`~raybary.batch.programs.Programs` (kept beside the cache)."""
         with self._lock:
             if self._programs is None:
-                off = os.environ.get("RAYBARY_PROGRAMS", "").strip().lower() in OFF
-                keep = self.keep_programs and not off
+                keep = self.keep_programs and not Programs.turned_off()
                 self._programs = Programs(self.setup() if keep else None)
             return self._programs
 
     def run_program(self, name: str, *args, **static):
-        """Run the solver's jitted function ``name`` (of
-        :mod:`raybary.solvers.barycenter`) on ``args`` through :attr:`programs`."""
+        """The solver's jitted ``name`` on ``args``, through :attr:`programs`."""
         from raybary.solvers import barycenter as bc
 
         return self.programs.call(name, getattr(bc, name), args, static)

@@ -90,6 +90,12 @@ class Programs:
         self.loaded = 0  # programs loaded from disk
         self.saved = 0  # programs compiled and saved
 
+    @staticmethod
+    def turned_off() -> bool:
+        """Whether ``RAYBARY_PROGRAMS`` says off (``off``, ``0``, ``false``, ``none``)."""
+        return os.environ.get("RAYBARY_PROGRAMS", "").strip().lower() in ("off", "0", "false",
+                                                                         "none")
+
     def clear(self) -> None:
         """Drop the programs held in memory (the files stay)."""
         with self._lock:
