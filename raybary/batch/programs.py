@@ -63,13 +63,20 @@ def register_trees() -> None:
 
 
 def _signature(args: tuple) -> tuple:
-    """The shapes and dtypes of ``args``' leaves, and their tree structure."""
+    """The tree structure of ``args`` and the shapes and dtypes of its leaves
+    (hashable; cheap enough to compute on every call)."""
     import jax
     import numpy as np
 
     leaves, tree = jax.tree_util.tree_flatten(args)
-    return str(tree), tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__)))
-                            for x in leaves)
+    return tree, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
+
+
+def _written(key: tuple) -> tuple:
+    """``key`` (as :meth:`Programs.call` makes it) in words, the same in every process."""
+    name, (tree, leaves), static, x64 = key
+    return (name, (str(tree), tuple((shape, str(dtype)) for shape, dtype in leaves)),
+            tuple((k, repr(v)) for k, v in static), x64)
 
 
 class Programs:
@@ -105,7 +112,7 @@ class Programs:
         """``fn(*args, **static)`` through the compiled program of its key."""
         import jax
 
-        key = (name, _signature(args), tuple(sorted((k, repr(v)) for k, v in static.items())),
+        key = (name, _signature(args), tuple(sorted(static.items())),
                bool(jax.config.jax_enable_x64))
         compiled = self._memory.get(key)
         if compiled is None:
@@ -117,7 +124,7 @@ class Programs:
     def _load_or_compile(self, key: tuple, fn: Callable, args: tuple, static: dict):
         import jax
 
-        path = self._path(key)
+        path = self._path(_written(key))
         register_trees()
         exported = self._load(path) if path is not None and path.exists() else None
         if exported is None:
