@@ -22,12 +22,15 @@ _LAZY = {
     "log_density": "raybary.density",
     "log_density_grid": "raybary.density",
     "read_results": "raybary.storage.results",
+    "mw2": "raybary.batch.distances",
+    "mw2_batch": "raybary.batch.distances",
 }
 
 __all__ = ["GMM", "Problem", "Result", "RaybaryError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from raybary.batch.api import solve
+    from raybary.batch.distances import mw2, mw2_batch
     from raybary.batch.engine import Engine
     from raybary.density import log_density, log_density_grid
     from raybary.options import SolverOptions
