@@ -6,6 +6,8 @@ batches of 8), so the module compiles a handful of programs.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,26 @@ def test_absolute_epsilon_and_float64():
     # An absolute epsilon in squared data units: large blurs, small converges.
     np.testing.assert_allclose(mw2_batch(pairs, epsilon=1e-4), exact, rtol=1e-3)
     assert np.all(mw2_batch(pairs, epsilon=10.0) > exact * (1 + 1e-3))
+
+
+def test_a_pair_the_fast_schedule_stalls_on_is_solved_again():
+    # Pair 14 of these d = 2 pairs (K = 5 and 6): the plan solver's default
+    # epsilon-scaling (x0.2 per level) stalls at marginal error 0.32 in float64.
+    pytest.importorskip("ot")
+    from tests.reference import pot_mw2
+
+    rng = np.random.default_rng(2)
+    pairs = [(random_gmm(rng, 2, int(rng.integers(1, 9))),
+              random_gmm(rng, 2, int(rng.integers(1, 9)), shift=1.0)) for _ in range(15)]
+    a, b = pairs[14]
+    assert (a.n_components, b.n_components) == (5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = mw2(a, b, dtype="float64")
+    assert value == pytest.approx(pot_mw2(a, b), rel=1e-6)
+    # Capped at one iteration, no schedule can solve it: a warning names the pair.
+    with pytest.warns(RuntimeWarning, match=r"pairs \[0\] did not reach"):
+        mw2(a, b, dtype="float64", max_iterations=1)
 
 
 def test_plans_have_the_shapes_and_marginals_of_the_pairs():
