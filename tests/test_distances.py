@@ -161,3 +161,13 @@ def test_lazy_exports():
     assert raybary.mw2 is mw2 and raybary.mw2_batch is mw2_batch
     empty = mw2_batch([])
     assert empty.shape == (0,) and empty.dtype == np.float64
+
+
+def test_docs_examples_run():
+    from tests.docs_blocks import ROOT, blocks
+
+    code = [c for info, c in blocks(ROOT / "docs" / "distances.md") if info == "python"]
+    assert code
+    namespace: dict = {}
+    for block in code:
+        exec(compile(block, "docs/distances.md", "exec"), namespace)
