@@ -171,3 +171,18 @@ def test_docs_examples_run():
     namespace: dict = {}
     for block in code:
         exec(compile(block, "docs/distances.md", "exec"), namespace)
+
+
+def test_accuracy_benchmark_runs(capsys):
+    pytest.importorskip("ot")
+    import importlib.util
+
+    from tests.docs_blocks import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_mw2", ROOT / "benchmarks" / "bench_mw2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--pairs", "4", "--eps", "1e-3", "--dtypes", "float32", "--no-tutorial"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    errors = [float(x) for x in row.strip("|").split("|")[1:]]
+    assert row.startswith("| 0.001 |") and len(errors) == 2 and max(errors) < 0.1
