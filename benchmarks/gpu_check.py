@@ -407,7 +407,7 @@ def kernel_counts(sizes: dict, width: int) -> dict:
     with jax.enable_x64(False):
         batch = jax.tree_util.tree_map(wide, bc.PaddedProblem(**sizes["arrays"]))
         state = jax.eval_shape(lambda b: bc.init_batch(b, config), batch)
-        text = bc.run_batch.lower(state, batch, config, 4).compile().as_text()
+        text = bc.run_batch.lower(state, batch, 4, config).compile().as_text()
     return loop_kernels(text)
 
 

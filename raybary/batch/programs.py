@@ -128,12 +128,16 @@ class Programs:
         register_trees()
         exported = self._load(path) if path is not None and path.exists() else None
         if exported is None:
-            exported = jax.export.export(jax.jit(functools.partial(fn, **static)))(*args)
+            jitted = jax.jit(functools.partial(fn, **static))
+            try:
+                exported = jax.export.export(jitted)(*args)
+            except Exception:  # noqa: BLE001 - e.g. a custom call export does not take
+                return jitted  # runs as plain jax.jit, traced in every process
             if path is not None and self._save(path, exported):
                 self.saved += 1
         else:
             self.loaded += 1
-        return jax.jit(exported.call)
+        return jax.jit(_named(key[0], exported.call))
 
     def _path(self, key: tuple) -> Path | None:
         if self.directory is None:
@@ -166,6 +170,16 @@ class Programs:
             return True
         except Exception:  # noqa: BLE001 - saving is an optimisation only
             return False
+
+
+def _named(name: str, call: Callable) -> Callable:
+    """``call`` under the solver function's ``name`` (what JAX's logs and
+    compile-time events call the program)."""
+    def program(*args):
+        return call(*args)
+
+    program.__name__ = program.__qualname__ = name
+    return program
 
 
 def _environment() -> str:
