@@ -94,17 +94,11 @@ def _old_eval_curves(gmms, extents, length):
 def old_shard_grids(problems, results, statuses, grid, curve_length=None):
     """``raybary.runner.shard.shard_grids`` as it was before the whole-shard path
     (commit 2e5d17e), for this benchmark and for nothing else."""
-    from raybary.runner.shard import problem_extents
-    from raybary.storage.results import ShardGrids
+    from raybary.runner.shard import blank_shard_grids, problem_extents
 
-    n = len(problems)
-    h, w = grid.shape
-    length = int(curve_length or max(h, w))
-    j = grid.input_gmms
-    out = ShardGrids(np.full((n, h, w), np.nan, np.float32), np.full((n, 4), np.nan),
-                     np.full((n, j, h, w), np.nan, np.float32) if j else None,
-                     np.full((n, length), np.nan, np.float32), np.full((n, 2), np.nan),
-                     np.full((n, j, length), np.nan, np.float32) if j else None)
+    n, j = len(problems), grid.input_gmms
+    out = blank_shard_grids(n, grid, curve_length)
+    length = out.curve.shape[1]
     by_dim = {}
     for i, p in enumerate(problems):
         if p is not None and (p.dim == 1 or max(grid.dims) < p.dim):

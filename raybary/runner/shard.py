@@ -26,7 +26,7 @@ from raybary.runner.options import GridOptions
 from raybary.storage.results import ShardGrids
 from raybary.types import Problem, Result
 
-__all__ = ["process_shard", "fail_shard", "shard_grids", "problem_extents", "ShardSummary",
+__all__ = ["process_shard", "fail_shard", "shard_grids", "blank_shard_grids", "problem_extents", "ShardSummary",
            "peak_rss_mb", "current_rss_mb"]
 
 
@@ -104,6 +104,19 @@ def problem_extents(problem: Problem, dims: tuple[int, int] = (0, 1),
     return covering_extent(gmms, (0,) if problem.dim == 1 else tuple(dims))
 
 
+def blank_shard_grids(n: int, grid: GridOptions, curve_length: int | None = None) -> ShardGrids:
+    """The grids of ``n`` problems before any is evaluated: NaN everywhere (what
+    a problem without a barycenter or an evaluable input keeps). Curves have
+    ``curve_length`` points (default ``max(H, W)``)."""
+    h, w = grid.shape
+    length = int(curve_length or max(h, w))
+    j = grid.input_gmms
+    return ShardGrids(np.full((n, h, w), np.nan, np.float32), np.full((n, 4), np.nan),
+                      np.full((n, j, h, w), np.nan, np.float32) if j else None,
+                      np.full((n, length), np.nan, np.float32), np.full((n, 2), np.nan),
+                      np.full((n, j, length), np.nan, np.float32) if j else None)
+
+
 def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | None],
                 statuses: Sequence[str], grid: GridOptions,
                 curve_length: int | None = None) -> ShardGrids:
@@ -117,14 +130,9 @@ def shard_grids(problems: Sequence[Problem | None], results: Sequence[Result | N
     """
     from raybary.runner.grids import rows_log_densities
 
-    n = len(problems)
-    h, w = grid.shape
-    length = int(curve_length or max(h, w))
-    j = grid.input_gmms
-    out = ShardGrids(np.full((n, h, w), np.nan, np.float32), np.full((n, 4), np.nan),
-                     np.full((n, j, h, w), np.nan, np.float32) if j else None,
-                     np.full((n, length), np.nan, np.float32), np.full((n, 2), np.nan),
-                     np.full((n, j, length), np.nan, np.float32) if j else None)
+    n, j = len(problems), grid.input_gmms
+    out = blank_shard_grids(n, grid, curve_length)
+    length = out.curve.shape[1]
     by_dim: dict[int, list[int]] = {}
     for i, p in enumerate(problems):
         if p is not None and (p.dim == 1 or max(grid.dims) < p.dim):
