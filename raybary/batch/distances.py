@@ -16,6 +16,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from raybary.batch.padding import dim_class, next_pow2
 from raybary.options import SolverOptions
 from raybary.types import GMM, Problem
 
-__all__ = ["mw2", "mw2_batch", "DEFAULT_MW2_RELATIVE_EPSILON"]
+__all__ = ["mw2", "mw2_batch", "solve_pairs", "PairsResult", "DEFAULT_MW2_RELATIVE_EPSILON"]
 
 #: The regularisation of :func:`mw2` when neither ``epsilon`` nor
 #: ``relative_epsilon`` is given, relative to the independent coupling's cost
@@ -85,28 +86,52 @@ def mw2_batch(pairs: Sequence[tuple[GMM, GMM]], *, plans: bool = False,
     """
     options = SolverOptions.build(epsilon=epsilon, relative_epsilon=relative_epsilon,
                                   dtype=dtype)
-    plan_options = _plan_options(options.dtype, max_iterations, tol)
     pairs = _checked_pairs(pairs, options.dtype, validate)
+    out = solve_pairs(pairs, options, max_iterations=max_iterations, tol=tol, plans=plans)
+    bad = [int(i) for i in np.flatnonzero(~out.converged)]
+    if bad:
+        warnings.warn(f"mw2: the plans of pairs {bad} did not reach the marginal "
+                      "tolerance (raise max_iterations or epsilon)", RuntimeWarning,
+                      stacklevel=2)
+    return (out.values, out.plans) if plans else out.values
+
+
+class PairsResult(NamedTuple):
+    """What :func:`solve_pairs` found: ``values`` (float64, in the data's
+    units), ``converged`` (bool: the plan reached the marginal tolerance),
+    plan ``iterations`` (of the last try) and, if asked, ``plans`` (a list of
+    float64 ``(K_a, K_b)`` arrays, else None)."""
+
+    values: np.ndarray
+    converged: np.ndarray
+    iterations: np.ndarray
+    plans: list | None
+
+
+def solve_pairs(pairs: Sequence[tuple[GMM, GMM]], options: SolverOptions, *,
+                max_iterations: int | None = None, tol: float | None = None,
+                plans: bool = False) -> PairsResult:
+    """Solve already-checked pairs (:func:`_checked_pairs`'s output; no
+    validation here): the engine under :func:`mw2_batch` and the distance job.
+    A pair whose plan misses the tolerance is solved once more with
+    :func:`_fallback`'s slower schedule; ``converged`` says whether it then made it."""
+    plan_options = _plan_options(options.dtype, max_iterations, tol)
     eps = options.epsilon if options.epsilon is not None else (
         DEFAULT_MW2_RELATIVE_EPSILON if options.relative_epsilon is None
         else options.relative_epsilon)
-    values = np.full(len(pairs), np.nan)
-    plan_out: list = [None] * len(pairs)
+    n = len(pairs)
+    out = PairsResult(np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, np.int64),
+                      [None] * n)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, (a, _) in enumerate(pairs):
         groups[dim_class(a.dim)].append(i)
     for d, idx in sorted(groups.items()):
         for start in range(0, len(idx), MAX_BATCH):
             chunk = idx[start:start + MAX_BATCH]
-            bad = _solve_group(pairs, d, eps, options, plan_options, chunk, values, plan_out)
+            bad = _solve_group(pairs, d, eps, options, plan_options, chunk, out)
             if bad:  # rare stalls of the fast schedule: once more, slower
-                bad = _solve_group(pairs, d, eps, options, _fallback(plan_options), bad,
-                                   values, plan_out)
-            if bad:
-                warnings.warn(f"mw2: the plans of pairs {bad} did not reach the marginal "
-                              f"tolerance {plan_options.tol:g} (raise max_iterations or "
-                              "epsilon)", RuntimeWarning, stacklevel=2)
-    return (values, plan_out) if plans else values
+                _solve_group(pairs, d, eps, options, _fallback(plan_options), bad, out)
+    return out if plans else out._replace(plans=None)
 
 
 def _fallback(plan_options):
@@ -213,11 +238,11 @@ def _program():
     return jax.jit(batch_distance, static_argnames=("relative", "options"))
 
 
-def _solve_group(pairs, d, eps, options: SolverOptions, plan_options, idx, values,
-                 plans) -> list[int]:
+def _solve_group(pairs, d, eps, options: SolverOptions, plan_options, idx,
+                 result: PairsResult) -> list[int]:
     """Solve the pairs ``idx`` (of one dimension class) in one compiled call;
-    fill ``values`` (back in the data's units) and ``plans`` at ``idx``;
-    return the pairs whose plans missed ``plan_options.tol``."""
+    fill ``result`` (values back in the data's units) at ``idx``; return the
+    pairs whose plans missed ``plan_options.tol``."""
     import jax
 
     from raybary.batch.api import configure_jax
@@ -232,8 +257,11 @@ def _solve_group(pairs, d, eps, options: SolverOptions, plan_options, idx, value
                          relative=relative, options=plan_options)
         out = jax.tree_util.tree_map(np.asarray, out)
     n = len(group)
-    values[idx] = out.value[:n].astype(np.float64) * scales[:n] ** 2
+    ok = out.error[:n] <= plan_options.tol
+    result.values[idx] = out.value[:n].astype(np.float64) * scales[:n] ** 2
+    result.converged[idx] = ok
+    result.iterations[idx] = out.iterations[:n]
     for r, i in enumerate(idx):
         a, b = group[r]
-        plans[i] = out.plan[r, :a.n_components, :b.n_components].astype(np.float64)
-    return [i for i, e in zip(idx, out.error[:n]) if not e <= plan_options.tol]
+        result.plans[i] = out.plan[r, :a.n_components, :b.n_components].astype(np.float64)
+    return [i for i, good in zip(idx, ok) if not good]
