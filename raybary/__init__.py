@@ -24,6 +24,7 @@ _LAZY = {
     "read_results": "raybary.storage.results",
     "mw2": "raybary.batch.distances",
     "mw2_batch": "raybary.batch.distances",
+    "read_distances": "raybary.storage.results.distances",
 }
 
 __all__ = ["GMM", "Problem", "Result", "RaybaryError", "__version__", *_LAZY]
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.options import SolverOptions
     from raybary.solvers.config import SolverConfig
     from raybary.storage.results import read_results
+    from raybary.storage.results.distances import read_distances
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ from raybary.runner.metrics import METRICS_ENV, ShardMetrics, run_tags
 from raybary.runner.options import ExecOptions, GridOptions, SolverOptions
 from raybary.runner.shard import ShardSummary, fail_shard, peak_rss_mb, process_shard
 
-__all__ = ["ShardWorker", "ActorInfo", "actor_env", "make_actor"]
+__all__ = ["ShardWorker", "DistanceWorker", "ActorInfo", "actor_env", "make_actor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +36,23 @@ class ShardWorker:
     def __init__(self, store_url: str, committer, solver: SolverOptions,
                  grid: GridOptions, storage_options=None) -> None:
         from raybary.batch.api import configure_jax
-        from raybary.storage import open_store
 
         configure_jax()
         # the input's storage options come as an argument (an actor does not see
         # the driver's later environment); the committer carries the output's
-        self.store = open_store(store_url, storage_options=storage_options)
+        self.store = self.open_input(store_url, storage_options)
         self.committer = committer
         self.solver = solver
         self.grid = grid
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = ShardMetrics(run_tags(committer.run_id, committer.url))
+
+    @staticmethod
+    def open_input(store_url: str, storage_options=None):
+        """The input store (a subclass reading other stores overrides this)."""
+        from raybary.storage import open_store
+
+        return open_store(store_url, storage_options=storage_options)
 
     def info(self) -> ActorInfo:
         """This actor's process (the driver's sign that the actor runs)."""
@@ -97,13 +103,13 @@ def actor_env(exe: ExecOptions) -> dict[str, str]:
     return env
 
 
-def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOptions,
-               grid: GridOptions, worker: type[ShardWorker] = ShardWorker,
-               storage_options=None):
-    """Start one ``worker`` actor (a :class:`ShardWorker`, or a subclass that
-    injects faults in tests) with the resources and environment of ``exe``.
-    ``storage_options`` (the input's) and the committer's (the output's) travel
-    as the actor's arguments, never in its environment or its name.
+def make_actor(exe: ExecOptions, worker: type[ShardWorker], *args):
+    """Start one ``worker`` actor (a :class:`ShardWorker`, a
+    :class:`DistanceWorker`, or a subclass that injects faults in tests) with
+    the resources and environment of ``exe``; ``args`` go to its constructor
+    (``store_url, committer, solver, grid or pairs, storage_options``). The
+    input's storage options and the committer's (the output's) travel as the
+    actor's arguments, never in its environment or its name.
 
     ``max_restarts=0``: the driver replaces a dead actor itself (and re-queues
     every shard that was on it), so there is one place that decides.
@@ -114,4 +120,38 @@ def make_actor(exe: ExecOptions, store_url: str, committer, solver: SolverOption
                 scheduling_strategy="SPREAD")
     if exe.resources:
         opts["resources"] = dict(exe.resources)
-    return cls.options(**opts).remote(store_url, committer, solver, grid, storage_options)
+    return cls.options(**opts).remote(*args)
+
+
+class DistanceWorker(ShardWorker):
+    """Solves the shards of a distance job: ``pairs`` (an
+    :class:`~raybary.storage.pairs.AllPairs` or
+    :class:`~raybary.storage.pairs.PairsFile`) in place of a run's grid
+    options, a :class:`~raybary.storage.gmm_store.GMMStore` as input
+    (:mod:`raybary.runner.pairs_shard` does the work)."""
+
+    def __init__(self, store_url: str, committer, solver: SolverOptions, pairs,
+                 storage_options=None) -> None:
+        super().__init__(store_url, committer, solver, None, storage_options)
+        self.pairs = pairs
+
+    @staticmethod
+    def open_input(store_url: str, storage_options=None):
+        from raybary.storage.gmm_store import open_gmm_store
+
+        return open_gmm_store(store_url, storage_options=storage_options)
+
+    def run_shard(self, shard_index: int) -> ShardSummary:
+        from raybary.runner.pairs_shard import process_pairs_shard
+
+        out = process_pairs_shard(self.store, self.pairs, self.committer, shard_index,
+                                  self.solver)
+        self.metrics.shard_done(out)
+        return dataclasses.replace(out, node=self.node_id)
+
+    def fail_shard(self, shard_index: int, message: str) -> ShardSummary:
+        from raybary.runner.pairs_shard import process_pairs_shard
+
+        out = process_pairs_shard(self.store, self.pairs, self.committer, shard_index,
+                                  self.solver, give_up=message)
+        return dataclasses.replace(out, node=self.node_id)

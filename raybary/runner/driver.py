@@ -76,7 +76,7 @@ from raybary.storage.options import StorageOptions
 if TYPE_CHECKING:
     from raybary.storage import ProblemStore, ResultWriter
 
-__all__ = ["run", "RunReport", "JobIncomplete"]
+__all__ = ["run", "run_job", "Job", "RunReport", "JobIncomplete"]
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,11 @@ MILESTONES = (0.1, 0.5, 1.0)  # fractions of a run's problems at which RunReport
 
 # ------------------------------------------------------------------ progress
 class _Progress:
-    """One status line on stderr: problems done, problems/s, ETA, failures."""
+    """One status line on stderr: problems (or ``unit``) done, per second, ETA, failures."""
 
-    def __init__(self, total: int, done: int, stream: TextIO | None, interval: float = 1.0):
-        self.total, self.done0, self.done = total, done, done
+    def __init__(self, total: int, done: int, stream: TextIO | None, interval: float = 1.0,
+                 unit: str = "problems"):
+        self.total, self.done0, self.done, self.unit = total, done, done, unit
         self.stream = stream
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self.interval = interval if self.tty else 10.0
@@ -207,8 +208,8 @@ class _Progress:
         eta = _hms(left / rate) if rate > 0 else "--:--"
         pct = 100.0 * self.done / self.total if self.total else 100.0
         extra = f", {self.retries} retried" if self.retries else ""
-        return (f"[raybary] {self.done}/{self.total} problems ({pct:5.1f}%) | "
-                f"{rate:7.1f} problems/s | ETA {eta} | failed {self.failed}, "
+        return (f"[raybary] {self.done}/{self.total} {self.unit} ({pct:5.1f}%) | "
+                f"{rate:7.1f} {self.unit}/s | ETA {eta} | failed {self.failed}, "
                 f"invalid {self.invalid}{extra}   ")
 
     def close(self) -> None:
@@ -344,36 +345,60 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
                           options=recorded_options(solver, grid), input_url=store.url,
                           input_fingerprint=store.fingerprint(), input_shards=shard_ids,
                           storage_options=storage.output)
+
+    def new_actor():
+        from raybary.runner.actor import ShardWorker, make_actor
+
+        return make_actor(exe, worker or ShardWorker, store.url, writer.committer, solver, grid,
+                          store.storage_options)
+
+    return run_job(writer, Job(store.url, store.n_problems, new_actor), exe, stream, on_shard, t0)
+
+
+class Job(NamedTuple):
+    """What :func:`run_job` schedules, whatever the work: the input's URL (for
+    the report), the number of items (problems, or a distance job's pairs:
+    the shards' positions), how to start one actor (a
+    :class:`~raybary.runner.actor.ShardWorker` or subclass, whose
+    ``run_shard``/``fail_shard`` commit through the writer's committer), and
+    the items' name in the progress line."""
+
+    input_url: str
+    n_items: int
+    new_actor: Callable[[], Any]
+    unit: str = "problems"
+
+
+def run_job(writer: ResultWriter, job: Job, exe: ExecOptions, stream: TextIO | None,
+            on_shard: Callable[[ShardSummary], None] | None, t0: float) -> RunReport:
+    """Run ``job`` into ``writer``'s OUTPUT under its lease: the one scheduler,
+    fault handling, resume and manifest of every kind of run (the module
+    docstring). ``t0``: when the run started (``time.perf_counter()``)."""
     writer.lease.acquire()  # one run per OUTPUT
     keeper = _LeaseKeeper(writer.lease)
     try:
-        return _run_leased(writer, store, solver, grid, exe, stream, on_shard, t0, worker)
+        return _run_leased(writer, job, exe, stream, on_shard, t0)
     finally:
         keeper.stop()
         writer.lease.release()
 
 
-def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: ExecOptions,
-                stream, on_shard, t0: float, worker: type | None = None) -> RunReport:
+def _run_leased(writer, job: Job, exe: ExecOptions, stream, on_shard, t0: float) -> RunReport:
     import ray
 
-    from raybary.runner.actor import ShardWorker, make_actor
-
-    worker = worker or ShardWorker
-
     committed = writer.prepare(overwrite=exe.overwrite)
-    report = RunReport(input=redact_url(store.url), output=redact_url(writer.url),
-                       n_problems=store.n_problems,
+    report = RunReport(input=redact_url(job.input_url), output=redact_url(writer.url),
+                       n_problems=job.n_items,
                        n_shards=writer.n_shards, shard_size=writer.shard_size,
                        shards_skipped=len(committed), run_id=writer.run_id)
     todo: collections.deque[ShardTask] = collections.deque(
         ShardTask(i) for i in range(writer.n_shards) if i not in committed)
     done_before = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in committed)
     report.problems_skipped = done_before
-    progress = _Progress(store.n_problems, done_before, stream)
+    progress = _Progress(job.n_items, done_before, stream, unit=job.unit)
     if stream is not None and committed:
         stream.write(f"[raybary] resuming: {len(committed)} of {writer.n_shards} shards "
-                     f"({done_before} problems) already committed in {writer.url}\n")
+                     f"({done_before} {job.unit}) already committed in {writer.url}\n")
     if stream is not None and writer.retried_gave_up:
         stream.write(f"[raybary] solving again {len(writer.retried_gave_up)} shards that gave up "
                      f"last time (shards {writer.retried_gave_up[:10]})\n")
@@ -390,9 +415,7 @@ def _run_leased(writer, store, solver: SolverOptions, grid: GridOptions, exe: Ex
             progress.metrics = DriverMetrics(run_tags(writer.run_id, writer.url), report)
             n_actors = min(exe.actors or _default_actors(exe), len(todo))
             report.actors = n_actors
-            pool = ActorPool(lambda: make_actor(exe, store.url, writer.committer, solver, grid,
-                                                worker, store.storage_options),
-                             n_actors)
+            pool = ActorPool(job.new_actor, n_actors)
             _Scheduler(pool, todo, exe, report, progress, t0, on_shard, writer).run()
     except (JobIncomplete, InputChangedError) as e:
         stopped = e

@@ -13,6 +13,9 @@ Main entry points (imported lazily, so ``import raybary.storage`` is cheap):
 * the table of formats (name -> store class, writer, URL suffixes) in
   :mod:`raybary.storage.formats`
 * :class:`ResultWriter`, :func:`read_results`
+* GMM stores (the input of a distance job): :func:`write_gmms`,
+  :func:`generate_gmms`, :func:`open_gmm_store`; its output:
+  :func:`read_distances`
 * generators in :mod:`raybary.storage.generate`
 """
 
@@ -41,6 +44,12 @@ _LAZY = {
     "ZarrProblemStore": "raybary.storage.zarr_store",
     "PARQUET_FORMAT_ID": "raybary.storage.parquet_store",
     "ZARR_FORMAT_ID": "raybary.storage.zarr_store",
+    "GMMStore": "raybary.storage.gmm_store",
+    "open_gmm_store": "raybary.storage.gmm_store",
+    "write_gmms": "raybary.storage.gmm_store",
+    "generate_gmms": "raybary.storage.gmm_store",
+    "read_distances": "raybary.storage.results.distances",
+    "Distances": "raybary.storage.results.distances",
 }
 
 __all__ = ["StoreFormatError", "StoreDataError", "ResultsConflictError", *_LAZY]
@@ -50,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.storage.columns import ProblemColumns
     from raybary.storage.conversion import convert, write_problems, write_store
     from raybary.storage.formats import detect_format
+    from raybary.storage.gmm_store import GMMStore, generate_gmms, open_gmm_store, write_gmms
     from raybary.storage.options import StorageOptions
     from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
     from raybary.storage.results import (
@@ -58,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ResultWriter,
         read_results,
     )
+    from raybary.storage.results.distances import Distances, read_distances
     from raybary.storage.store import open_store
     from raybary.storage.zarr_store import ZARR_FORMAT_ID, ZarrProblemStore
 

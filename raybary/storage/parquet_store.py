@@ -500,6 +500,8 @@ class ParquetProblemStore(ProblemStore):
     """
 
     format = PARQUET_FORMAT_ID
+    #: The column that orders the store (a GMM store's is ``gmm_id``).
+    ID_COLUMN = "problem_id"
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
@@ -515,7 +517,7 @@ class ParquetProblemStore(ProblemStore):
                 problems.append(f"{f}: not a readable Parquet file ({e})")
                 continue
             label = f"{f}: " if len(self._files) > 1 else ""
-            found = schema_problems(schema)
+            found = self._schema_problems(schema)
             problems += [label + p for p in found]
             if not found:
                 forms.setdefault(schema_covariance_type(schema), []).append(f)
@@ -527,13 +529,34 @@ class ParquetProblemStore(ProblemStore):
                             for t, fs_ in forms.items())
                 + "): a store has one covariance form; rewrite the files in one form")
         if problems:
-            raise _refuse(url, problems)
+            raise self._refusal(url, problems)
         self.covariance_type = next(iter(forms), "full")
-        self._columns = [*BASE_COLUMNS, COVARIANCE_FIELDS[self.covariance_type]]
+        self._columns = [*self._base_columns(), COVARIANCE_FIELDS[self.covariance_type]]
         self._index = self._scan(fs)
         self._unique = None if self._index.sorted else self._collect_unique(fs)
         self.n_problems = int(self._index.new.sum()) if self._index.sorted else len(self._unique)
         self.dim = None
+
+    # the format's own rules: a subclass of another long format (GMM stores) overrides these
+    @staticmethod
+    def _schema_problems(schema: pa.Schema) -> list[str]:
+        """What is wrong with a file's ``schema`` (:func:`schema_problems`)."""
+        return schema_problems(schema)
+
+    @staticmethod
+    def _refusal(url: str, problems: list[str]) -> StoreFormatError:
+        """The error that refuses a store whose files have ``problems``."""
+        return _refuse(url, problems)
+
+    @staticmethod
+    def _base_columns() -> tuple[str, ...]:
+        """The columns read besides the covariance column (the id column first)."""
+        return BASE_COLUMNS
+
+    @staticmethod
+    def _normalised(batch: pa.RecordBatch) -> pa.Table:
+        """Rows read from a file as the problem long format's canonical table."""
+        return _normalise(batch)
 
     # pickling: no file handles, no O(P) arrays
     def __getstate__(self) -> dict:
@@ -560,11 +583,11 @@ class ParquetProblemStore(ProblemStore):
         for fi in range(len(self._files)):
             with self._open(fs, self._files[fi]) as pf:
                 for gi in range(pf.num_row_groups):
-                    col = pf.read_row_group(gi, columns=["problem_id"]).column(0)
+                    col = pf.read_row_group(gi, columns=[self.ID_COLUMN]).column(0)
                     if col.null_count:
                         raise StoreDataError(
-                            f"{self._files[fi]}, row group {gi}: column 'problem_id' has "
-                            f"{col.null_count} null values; every row needs a problem id"
+                            f"{self._files[fi]}, row group {gi}: column {self.ID_COLUMN!r} has "
+                            f"{col.null_count} null values; every row needs an id"
                         )
                     yield fi, gi, col.to_numpy().astype(np.int64, copy=False)
 
@@ -609,7 +632,7 @@ class ParquetProblemStore(ProblemStore):
     def _new_ids(self, fs, g: int) -> np.ndarray:
         """Distinct ids whose first row is in row group ``g`` (sorted stores)."""
         with self._open(fs, self._files[int(self._index.file[g])]) as pf:
-            ids = pf.read_row_group(int(self._index.group[g]), columns=["problem_id"]).column(0)
+            ids = pf.read_row_group(int(self._index.group[g]), columns=[self.ID_COLUMN]).column(0)
         ids = np.unique(ids.to_numpy())
         if g > 0 and len(ids) and ids[0] == self._index.last[g - 1]:
             ids = ids[1:]
@@ -656,7 +679,8 @@ class ParquetProblemStore(ProblemStore):
                 break
             kept = batch.filter(pc.and_(pc.greater_equal(ids, lo), pc.less_equal(ids, hi)))
             if kept.num_rows:
-                pieces.append(_normalise(kept) if len(columns) > 1 else pa.Table.from_batches([kept]))
+                pieces.append(self._normalised(kept) if len(columns) > 1
+                              else pa.Table.from_batches([kept]))
 
     # ------------------------------------------------------------- interface
     def problem_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -666,7 +690,7 @@ class ParquetProblemStore(ProblemStore):
             return np.zeros(0, dtype=np.int64)
         if not self._index.sorted:
             return self._unique_ids()[start:stop].copy()
-        table = self._read_rows(start, stop, ["problem_id"])
+        table = self._read_rows(start, stop, [self.ID_COLUMN])
         return np.unique(table.column(0).to_numpy()).astype(np.int64)
 
     def read_columns(self, start: int, stop: int) -> ProblemColumns:

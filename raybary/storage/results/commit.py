@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from raybary.storage.options import StorageOptions
 from raybary.storage.results.layout import (
     COMMIT_KEY,
     COMMITS_DIR,
+    DEFAULT_TABLES,
     GRIDS_DIR,
     barycenters_schema,
     curve_length,
@@ -97,6 +99,8 @@ class ShardCommitter:
     input_shards: list | None = None
     storage_options: StorageOptions = field(default_factory=StorageOptions, repr=False,
                                             compare=False)
+    tables: tuple[str, ...] = DEFAULT_TABLES
+    shard_stops: tuple[int, ...] | None = None
 
     def filesystem(self):
         """``(fs, root)`` of the output, with its storage options."""
@@ -104,6 +108,8 @@ class ShardCommitter:
 
     @property
     def n_shards(self) -> int:
+        if self.shard_stops is not None:
+            return len(self.shard_stops)
         return shard_count(self.n_problems, self.shard_size)
 
     @property
@@ -112,8 +118,15 @@ class ShardCommitter:
         return None if self.grid_shape is None else curve_length(self.grid_shape)
 
     def shard_range(self, shard_index: int) -> tuple[int, int]:
-        """Positions ``(start, stop)`` of shard ``shard_index``."""
-        return shard_bounds(shard_index, self.n_problems, self.shard_size)
+        """Positions ``(start, stop)`` of shard ``shard_index``: ``shard_size``
+        consecutive positions each, or, where ``shard_stops`` is given (shards
+        of unequal sizes, e.g. the tiles of a distance job), up to the shard's stop."""
+        if self.shard_stops is None:
+            return shard_bounds(shard_index, self.n_problems, self.shard_size)
+        if not 0 <= shard_index < len(self.shard_stops):
+            raise IndexError(f"shard {shard_index} is outside 0..{len(self.shard_stops) - 1}")
+        start = self.shard_stops[shard_index - 1] if shard_index else 0
+        return int(start), int(self.shard_stops[shard_index])
 
     def check_input(self, store, shard_index: int, problem_ids: np.ndarray) -> None:
         """After reading a shard: raise :class:`InputChangedError` if the input is
@@ -154,20 +167,50 @@ class ShardCommitter:
             raise ValueError(f"shard {shard_index} has {stop - start} problems (positions "
                              f"{start}:{stop}), the outcome {len(outcome)}")
         block = None if self.grid_shape is None else self._grid_block(outcome, grids)
-        fs, root = self.filesystem()
         commit = uuid.uuid4().hex
-        info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
-                "counts": outcome.counts(), "seconds": float(np.nansum(outcome.seconds))}
+        extra = {}
         if block is not None:  # into a group of this commit's own: the committed one is untouched
-            info["grids"] = self._write_grids(shard_index, start, stop, commit, block)
+            extra["grids"] = self._write_grids(shard_index, start, stop, commit, block)
+        barycenters = _barycenters_table(outcome)
+        extra["barycenter_rows"] = barycenters.num_rows
+        return self.commit_tables(
+            shard_index, {"problems": self._problems_table(shard_index, start, outcome),
+                          "barycenters": barycenters},
+            outcome.counts(), seconds=float(np.nansum(outcome.seconds)), gave_up=gave_up,
+            commit=commit, extra=extra)
+
+    def commit_tables(self, shard_index: int, tables: Mapping[str, pa.Table],
+                      counts: Mapping[str, int], *, seconds: float = 0.0,
+                      gave_up: str | None = None, commit: str | None = None,
+                      extra: Mapping[str, object] | None = None) -> dict:
+        """Atomically commit shard ``shard_index``'s ``tables`` (one per name of
+        :attr:`tables`, e.g. ``{"problems": ..., "barycenters": ...}``); return its marker.
+
+        The protocol of every kind of run (the module docstring): remove the old
+        marker, write each table through ``_tmp/`` onto ``sub/shard-NNNNNN.parquet``
+        with ``commit`` (a new id if ``None``) in its footer, then write the
+        marker: the shard's range, ``counts`` by status, ``seconds``, ``extra``
+        entries (the grids group, ...) and ``gave_up`` where given. A marker of
+        a run whose tables are not the default ones lists them (``tables``), so
+        that verifying it checks those files.
+        """
+        if sorted(tables) != sorted(self.tables):
+            raise ValueError(f"shard {shard_index}: tables {sorted(tables)} given, this run "
+                             f"writes {sorted(self.tables)}")
+        start, stop = self.shard_range(shard_index)
+        fs, root = self.filesystem()
+        commit = commit or uuid.uuid4().hex
+        info = {"shard": shard_index, "start": start, "stop": stop, "commit": commit,
+                "counts": {k: int(v) for k, v in counts.items()}, "seconds": float(seconds),
+                **(extra or {})}
+        if tuple(self.tables) != DEFAULT_TABLES:
+            info["tables"] = list(self.tables)
         marker = posixpath.join(root, COMMITS_DIR, shard_name(shard_index) + ".json")
         if fs.exists(marker):
             fs.rm(marker)
-        barycenters = _barycenters_table(outcome)
         _write_tables(fs, root, shard_name(shard_index), commit, run_tmp(root, self.run_id),
-                      {"problems": self._problems_table(shard_index, start, outcome),
-                       "barycenters": barycenters})
-        info.update(barycenter_rows=barycenters.num_rows, committed=now_iso())
+                      dict(tables))
+        info["committed"] = now_iso()
         if gave_up is not None:
             info["gave_up"] = str(gave_up)
         _fs.write_json_atomic(fs, marker, info, run_tmp(root, self.run_id))

@@ -66,6 +66,7 @@ __all__ = [
     "LEASE_STALE_S",
     "LEASE_SETTLE_S",
     "COMMIT_KEY",
+    "DEFAULT_TABLES",
     "GRIDS_DIR",
     "GRIDS_VERSION",
     "grid_group_name",
@@ -81,6 +82,7 @@ __all__ = [
     "fresh_listing",
     "is_foreign",
     "jsonable",
+    "marker_tables",
     "now_iso",
     "option_columns",
     "pid_alive",
@@ -109,6 +111,9 @@ LEASE_HEARTBEAT_S = 20.0  # the driver refreshes its lease this often
 LEASE_STALE_S = 120.0  # a lease without a heartbeat for this long is taken over
 LEASE_SETTLE_S = 0.3  # wait before reading a new lease back
 COMMIT_KEY = b"raybary.commit"
+#: The Parquet tables of each shard of a ``raybary run`` (a distance job's are
+#: ``("distances",)``; a marker of other tables lists them under ``tables``).
+DEFAULT_TABLES = ("problems", "barycenters")
 SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
 
 
@@ -307,8 +312,8 @@ def verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
     """
     out = {}
     for shard, info in read_markers(fs, root, repair=repair).items():
-        commits = [_table_commit(fs, root, sub, shard, repair)  # both read: both warn
-                   for sub in ("problems", "barycenters")]
+        commits = [_table_commit(fs, root, sub, shard, repair)  # all read: all warn
+                   for sub in marker_tables(info)]
         ok = all(c == info.get("commit") for c in commits)
         if ok and not _grids_present(fs, root, info):
             warnings.warn(f"the grids of shard {shard} ({GRIDS_DIR}/{info['grids']}) are missing: "
@@ -322,6 +327,11 @@ def verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
             if fs.exists(marker):
                 fs.rm(marker)
     return out
+
+
+def marker_tables(info: dict) -> tuple[str, ...]:
+    """The tables a commit marker vouches for: its ``tables``, else :data:`DEFAULT_TABLES`."""
+    return tuple(info.get("tables") or DEFAULT_TABLES)
 
 
 def _table_commit(fs, root: str, sub: str, shard: int, repair: bool) -> str:

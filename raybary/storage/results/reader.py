@@ -29,6 +29,7 @@ from raybary.storage import _fs
 from raybary.storage.options import StorageOptions
 from raybary.storage.results.layout import (
     COMMIT_KEY,
+    DEFAULT_TABLES,
     GRIDS_DIR,
     LAYOUT_FILE,
     MANIFEST_FILE,
@@ -373,6 +374,9 @@ def read_results(path: str, *, as_: str = "pandas",
         raise FileNotFoundError(f"{_fs.redact_url(url)} is not a raybary results directory "
                                 f"(no {LAYOUT_FILE})")
     layout = _fs.read_json(fs, layout_path)
+    if tuple(layout.get("tables") or DEFAULT_TABLES) != DEFAULT_TABLES:
+        raise ValueError(f"{_fs.redact_url(url)} holds the tables {layout['tables']}, not "
+                         "barycenters: read a distance job's output with raybary.read_distances")
     manifest_path = posixpath.join(root, MANIFEST_FILE)
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
     problems, barycenters, grid_groups = [], [], {}
@@ -390,9 +394,12 @@ def read_results(path: str, *, as_: str = "pandas",
     return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups, options)
 
 
-def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Table] | None:
+def _read_shard(fs, root: str, shard: int, commit: str,
+                subs: tuple[str, ...] = DEFAULT_TABLES) -> tuple[pa.Table, ...] | None:
+    """The tables ``subs`` of committed shard ``shard`` (``None``, with a warning, if
+    one cannot be read or carries another commit id than its marker's ``commit``)."""
     out = []
-    for sub in ("problems", "barycenters"):
+    for sub in subs:
         path = posixpath.join(root, sub, shard_name(shard) + ".parquet")
         try:
             with fs.open(path, "rb") as f:
@@ -409,7 +416,7 @@ def _read_shard(fs, root: str, shard: int, commit: str) -> tuple[pa.Table, pa.Ta
             warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
             return None
         out.append(table.replace_schema_metadata(None))
-    return out[0], out[1]
+    return tuple(out)
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:

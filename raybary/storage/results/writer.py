@@ -46,6 +46,7 @@ from raybary.storage.options import StorageOptions
 from raybary.storage.results.commit import ShardCommitter
 from raybary.storage.results.layout import (
     COMMITS_DIR,
+    DEFAULT_TABLES,
     GRIDS_DIR,
     GRIDS_FORMAT,
     GRIDS_VERSION,
@@ -94,6 +95,11 @@ class ResultWriter:
       storage_options: the output's fsspec storage options (used by the
         lease, the writer and, through the committer, the actors; never
         recorded).
+      tables: the Parquet tables of each shard (``problems``, ``barycenters``
+        for a barycenter run; ``distances`` for a distance job); recorded in
+        the layout.
+      shard_stops: each shard's stop position, for shards of unequal sizes
+        (a distance job's tiles); default ``shard_size`` positions each.
 
     Attributes:
       run_id: this run's id (its lease and its ``_tmp/`` folder).
@@ -117,6 +123,8 @@ class ResultWriter:
         input_fingerprint: dict | None = None,
         input_shards: Sequence[tuple[int, int]] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        tables: Sequence[str] = DEFAULT_TABLES,
+        shard_stops: Sequence[int] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
@@ -133,7 +141,8 @@ class ResultWriter:
             input_url=input_url, input_fingerprint=input_fingerprint,
             input_shards=None if input_shards is None else [[int(a), int(b)]
                                                             for a, b in input_shards],
-            storage_options=self.storage_options)
+            storage_options=self.storage_options, tables=tuple(tables),
+            shard_stops=None if shard_stops is None else tuple(int(s) for s in shard_stops))
         self.lease = OutputLease(self.url, self.run_id, self.storage_options)
         self.retried_gave_up: list[int] = []
 
@@ -201,12 +210,13 @@ class ResultWriter:
                 )
             fs.rm(root, recursive=True)
             self.lease.rewrite()  # it went with the old results
-        for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR):
+        for sub in (*self.tables, COMMITS_DIR, TMP_DIR):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
         if self.grid_shape is not None:
             self._create_grids()
         layout = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
-                  "created": now_iso(), "n_shards": self.n_shards, **self.settings()}
+                  "created": now_iso(), "n_shards": self.n_shards, **self.settings(),
+                  "tables": list(self.tables)}
         if self.input_fingerprint is not None:
             layout["input_fingerprint"] = self.input_fingerprint
         if self.input_shards is not None:
@@ -316,7 +326,7 @@ class ResultWriter:
         fs, root = self._paths()
         markers = verified_markers(fs, root, repair=True)
         committed = sorted(markers)
-        self._clean(fs, root, markers)
+        self._clean(fs, root, markers, self.tables)
         counts = {s: sum(m["counts"].get(s, 0) for m in markers.values()) for s in STATUSES}
         missing = sorted(set(range(self.n_shards)) - set(committed))
         manifest = {
@@ -344,10 +354,10 @@ class ResultWriter:
         return manifest
 
     @staticmethod
-    def _clean(fs, root: str, markers: dict[int, dict]) -> None:
-        """Remove the tables of shards without a (verified) marker, and the grids
+    def _clean(fs, root: str, markers: dict[int, dict], tables: Sequence[str]) -> None:
+        """Remove the ``tables`` of shards without a (verified) marker, and the grids
         groups that no marker names (attempts that did not commit)."""
-        for sub in ("problems", "barycenters"):
+        for sub in tables:
             for path in fs.glob(posixpath.join(root, sub, "shard-*.parquet")):
                 if shard_of(path) not in markers:
                     fs.rm(path)
@@ -361,4 +371,5 @@ class ResultWriter:
 _FROM_COMMITTER = frozenset({
     "n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url",
     "input_fingerprint", "input_shards", "n_shards", "shard_range", "curve_length",
+    "tables", "shard_stops",
 })
