@@ -26,11 +26,19 @@ def main() -> None:
 
 
 def _register() -> None:
-    from raybary.cli import plot_cmds, run_cmds, solve_cmds, storage_cmds, submit_cmds
+    from raybary.cli import (
+        distances_cmds,
+        plot_cmds,
+        run_cmds,
+        solve_cmds,
+        storage_cmds,
+        submit_cmds,
+    )
 
     solve_cmds.register(main)
     storage_cmds.register(main)
     run_cmds.register(main)
+    distances_cmds.register(main)
     plot_cmds.register(main)
     submit_cmds.register(main)
 

@@ -1,6 +1,7 @@
 """What a raybary job runs on the cluster: ``raybary run`` joined to the job's Ray.
 
     python -m raybary.cli.job_entry INPUT OUTPUT [raybary run options]
+    python -m raybary.cli.job_entry distances INPUT OUTPUT [raybary distances options]
 
 It prints a short header (versions, host) to the job's log and runs
 ``raybary run`` with ``--address auto`` unless an address is given, exiting
@@ -24,8 +25,12 @@ import os
 import platform
 import sys
 
+#: Commands other than ``run`` a job runs, named first (a submitted INPUT is an
+#: absolute path or a URL, never one of these words).
+COMMANDS = ("distances",)
 
-def _header(argv: list[str]) -> str:
+
+def _header(argv: list[str], command: str = "run") -> str:
     import ray
 
     import raybary
@@ -33,7 +38,7 @@ def _header(argv: list[str]) -> str:
     where = os.path.dirname(os.path.abspath(raybary.__file__))
     return (f"raybary job: raybary {raybary.__version__} ({where}), ray {ray.__version__}, "
             f"python {platform.python_version()} on {platform.node()}\n"
-            f"raybary run {' '.join(argv)}")
+            f"raybary {command} {' '.join(argv)}")
 
 
 def with_address(argv: list[str]) -> list[str]:
@@ -44,12 +49,15 @@ def with_address(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the header, then run ``raybary run ARGV --address auto``; exits with its status."""
-    argv = with_address(list(sys.argv[1:] if argv is None else argv))
-    print(_header(argv), flush=True)
+    """Print the header, then run ``raybary run ARGV --address auto`` (``raybary
+    distances`` where ARGV starts with ``distances``); exits with its status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    argv = with_address(argv)
+    print(_header(argv, command), flush=True)
     from raybary.cli import main as cli
 
-    cli.main(args=["run", *argv], prog_name="raybary")
+    cli.main(args=[command, *argv], prog_name="raybary")
 
 
 if __name__ == "__main__":

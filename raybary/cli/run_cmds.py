@@ -50,7 +50,56 @@ def _parsed_by(parse, param_hint: str):
     return callback
 
 
+def _options(*decorators):
+    """One decorator applying ``decorators`` in order (the first is the outermost)."""
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
 _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the options below
+
+#: ``--epsilon`` and ``--relative-epsilon``, shared with ``raybary distances``.
+epsilon_options = _options(
+    click.option("--epsilon", type=float, default=_default(_S, "epsilon"),
+                 help="Absolute entropic regularisation (squared data units, e.g. the tutorial's 0.1)."),
+    click.option("--relative-epsilon", type=float, default=_default(_S, "relative_epsilon"),
+                 help="Regularisation relative to the mean cost (scale-free). Default when neither "
+                      "is given: the solver's default relative epsilon."),
+)
+
+#: Where and how the work runs (Ray, actors, shards, retries), shared with
+#: ``raybary distances``: :class:`ExecOptions`' fields.
+exec_options = _options(
+    click.option("--address", default=_default(_E, "address"), metavar="HOST:PORT|auto|local",
+                 help=ADDRESS_HELP),
+    click.option("--actors", type=click.IntRange(min=1), default=_default(_E, "actors"),
+                 help="Actors (solver processes). Default: one per CPU (per GPU with "
+                      "--gpus-per-actor)."),
+    click.option("--cpus-per-actor", type=click.FloatRange(min=0),
+                 default=_default(_E, "cpus_per_actor"), show_default=True),
+    click.option("--gpus-per-actor", type=click.FloatRange(min=0),
+                 default=_default(_E, "gpus_per_actor"), show_default=True,
+                 help="GPUs per actor; fractions (e.g. 0.25) put several actors on one GPU."),
+    click.option("--shard-size", type=click.IntRange(min=1), default=_default(_E, "shard_size"),
+                 show_default=True, help="Problems per shard (the unit of work, commit and resume)."),
+    click.option("--in-flight", type=click.IntRange(min=1), default=_default(_E, "in_flight"),
+                 show_default=True, help="Shards queued per actor."),
+    click.option("--max-attempts", type=click.IntRange(min=1), default=_default(_E, "max_attempts"),
+                 show_default=True, help=MAX_ATTEMPTS_HELP),
+    click.option("--num-cpus", type=click.IntRange(min=1), default=_default(_E, "num_cpus"),
+                 help="CPUs of a private local Ray (default: all)."),
+    click.option("--placement-timeout", "placement_timeout_s", type=click.FloatRange(min=0, min_open=True),
+                 default=_default(_E, "placement_timeout_s"),
+                 help="Fail when no actor has started for this many seconds (default: 60 on "
+                      "the embedded local Ray, 900 on a cluster, where nodes may take minutes "
+                      "to start). Actors that cannot be placed while others run get no work."),
+    click.option("--overwrite", is_flag=True, default=_default(_E, "overwrite"),
+                 help="Replace OUTPUT even if it holds results of other options."),
+)
 
 
 @click.command("run")
@@ -58,11 +107,7 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.argument("output_url", metavar="OUTPUT")
 @click.option("--bar-size", "-n", type=click.IntRange(min=1), default=_default(_S, "bar_size"),
               show_default=True, help="Components of each barycenter.")
-@click.option("--epsilon", type=float, default=_default(_S, "epsilon"),
-              help="Absolute entropic regularisation (squared data units, e.g. the tutorial's 0.1).")
-@click.option("--relative-epsilon", type=float, default=_default(_S, "relative_epsilon"),
-              help="Regularisation relative to the mean cost (scale-free). Default when neither "
-                   "is given: the solver's default relative epsilon.")
+@epsilon_options
 @click.option("--restarts", type=click.IntRange(min=1), default=_default(_S, "restarts"),
               show_default=True, help="Initialisations per problem; the lowest objective wins.")
 @click.option("--learn-weights/--uniform-weights", default=_default(_S, "learn_weights"),
@@ -90,31 +135,7 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.option("--input-grids", type=click.IntRange(min=0), default=_default(_G, "input_gmms"),
               show_default=True,
               help="Also store the grids of the first J input GMMs of each problem.")
-@click.option("--address", default=_default(_E, "address"), metavar="HOST:PORT|auto|local",
-              help=ADDRESS_HELP)
-@click.option("--actors", type=click.IntRange(min=1), default=_default(_E, "actors"),
-              help="Actors (solver processes). Default: one per CPU (per GPU with "
-                   "--gpus-per-actor).")
-@click.option("--cpus-per-actor", type=click.FloatRange(min=0),
-              default=_default(_E, "cpus_per_actor"), show_default=True)
-@click.option("--gpus-per-actor", type=click.FloatRange(min=0),
-              default=_default(_E, "gpus_per_actor"), show_default=True,
-              help="GPUs per actor; fractions (e.g. 0.25) put several actors on one GPU.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=_default(_E, "shard_size"),
-              show_default=True, help="Problems per shard (the unit of work, commit and resume).")
-@click.option("--in-flight", type=click.IntRange(min=1), default=_default(_E, "in_flight"),
-              show_default=True, help="Shards queued per actor.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=_default(_E, "max_attempts"),
-              show_default=True, help=MAX_ATTEMPTS_HELP)
-@click.option("--num-cpus", type=click.IntRange(min=1), default=_default(_E, "num_cpus"),
-              help="CPUs of a private local Ray (default: all).")
-@click.option("--placement-timeout", "placement_timeout_s", type=click.FloatRange(min=0, min_open=True),
-              default=_default(_E, "placement_timeout_s"),
-              help="Fail when no actor has started for this many seconds (default: 60 on "
-                   "the embedded local Ray, 900 on a cluster, where nodes may take minutes "
-                   "to start). Actors that cannot be placed while others run get no work.")
-@click.option("--overwrite", is_flag=True, default=_default(_E, "overwrite"),
-              help="Replace OUTPUT even if it holds results of other options.")
+@exec_options
 @click.option("--quiet", "-q", is_flag=True, default=not _default(_E, "progress"),
               help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")

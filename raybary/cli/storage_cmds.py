@@ -51,8 +51,11 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
 
 @click.command("generate")
 @click.argument("out")
-@click.option("--problems", "n_problems", type=click.IntRange(min=0), required=True,
-              help="Number of problems.")
+@click.option("--problems", "n_problems", type=click.IntRange(min=0), default=None,
+              help="Number of problems (a problem store).")
+@click.option("--gmms", "n_gmms", type=click.IntRange(min=0), default=None,
+              help="Number of GMMs: write a GMM store instead (the input of `raybary "
+                   "distances`; the tutorial family's GMMs, 2 to 5 components, *.parquet).")
 @click.option("--family", type=click.Choice(["tutorial", "random"]), default="tutorial",
               show_default=True, help="Problem family (see docs/storage.md).")
 @click.option("--dim", type=click.IntRange(min=1), default=None,
@@ -67,13 +70,23 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @storage_options_flag
 @user_errors(*_USER_ERRORS)
-def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: int,
-                 chunk_problems: int | None, covariance_type: str, overwrite: bool,
-                 storage_options) -> None:
-    """Write a seeded batch of problems to OUT (*.parquet or *.zarr)."""
+def generate_cmd(out: str, n_problems: int | None, n_gmms: int | None, family: str,
+                 dim: int | None, seed: int, chunk_problems: int | None, covariance_type: str,
+                 overwrite: bool, storage_options) -> None:
+    """Write a seeded batch of problems (--problems) or of GMMs (--gmms) to OUT
+    (*.parquet or *.zarr; GMMs: *.parquet)."""
     from raybary.storage.generate import generate
 
+    if (n_problems is None) == (n_gmms is None):
+        raise click.UsageError("give one of --problems N (a problem store) and --gmms N "
+                               "(a GMM store)")
     t0 = time.perf_counter()
+    if n_gmms is not None:
+        _generate_gmms(out, n_gmms, family, dim, seed, covariance_type, overwrite,
+                       storage_options)
+        click.echo(f"wrote {n_gmms} GMMs to {out} (raybary.gmms.parquet/1) in "
+                   f"{time.perf_counter() - t0:.1f} s")
+        return
     with _progress(n_problems, "generating") as update:
         store = generate(out, n_problems, family=family, dim=dim, seed=seed,
                          overwrite=overwrite, chunk_problems=chunk_problems, progress=update,
@@ -81,6 +94,17 @@ def generate_cmd(out: str, n_problems: int, family: str, dim: int | None, seed: 
     kind = "" if covariance_type == "full" else f", {covariance_type} covariances"
     click.echo(f"wrote {store.n_problems} {family} problems to {out} ({store.format}{kind}) "
                f"in {time.perf_counter() - t0:.1f} s")
+
+
+def _generate_gmms(out: str, n_gmms: int, family: str, dim: int | None, seed: int,
+                   covariance_type: str, overwrite: bool, storage_options) -> None:
+    """``generate --gmms``: the tutorial family's GMMs into a GMM store."""
+    from raybary.storage.gmm_store import generate_gmms
+
+    if family != "tutorial":
+        raise click.UsageError("--gmms draws the tutorial family's GMMs (--family tutorial)")
+    generate_gmms(out, n_gmms, dim=dim or 2, seed=seed, covariance_type=covariance_type,
+                  overwrite=overwrite, storage_options=storage_options)
 
 
 @click.command("convert")

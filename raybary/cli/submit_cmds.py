@@ -44,8 +44,10 @@ def _client(address, token, token_file):
 
 
 # ------------------------------------------------------------------ run arguments
-def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str], dict]:
-    """Check ``args`` against ``raybary run``; return ``(INPUT, OUTPUT, options, storage)``.
+def _split_run_args(args: tuple[str, ...],
+                    command: str = "run") -> tuple[str, str, list[str], dict]:
+    """Check ``args`` against ``raybary run`` (or ``command``, e.g. ``distances``);
+    return ``(INPUT, OUTPUT, options, storage)``.
 
     Rule: ``run``'s own click parser reads ``args`` (any spelling click takes:
     ``-qn 3``, ``-n3``, ``--bar-size=3``, options anywhere, ``--``) and the
@@ -55,15 +57,16 @@ def _split_run_args(args: tuple[str, ...]) -> tuple[str, str, list[str], dict]:
     parsed them (``storage_options``, ``output_storage_options``), for the
     job's environment (its entrypoint is shown to anyone who lists jobs).
     """
-    from raybary.cli.run_cmds import run_cmd
+    from raybary.cli import main
 
+    run_cmd = main.commands[command]
     try:
-        ctx = run_cmd.make_context("raybary run", list(args), resilient_parsing=False)
+        ctx = run_cmd.make_context(f"raybary {command}", list(args), resilient_parsing=False)
     except click.exceptions.Exit:  # --help
         raise
     except click.UsageError as e:
-        raise click.UsageError(f"{e.format_message()} (options of `raybary run`, see "
-                               "`raybary run --help`)") from None
+        raise click.UsageError(f"{e.format_message()} (options of `raybary {command}`, see "
+                               f"`raybary {command} --help`)") from None
     given, _, order = run_cmd.make_parser(ctx).parse_args(list(args))
     if "address" in given:
         raise click.UsageError("--address is the dashboard of the cluster to submit to; the job's "
@@ -129,6 +132,9 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
                                            "help_option_names": ["-h", "--help"]})
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="INPUT OUTPUT [RUN OPTIONS]")
 @_connection_options
+@click.option("--distances", is_flag=True,
+              help="Submit `raybary distances INPUT OUTPUT [DISTANCES OPTIONS]` (a distance "
+                   "job over a GMM store) instead of `raybary run`.")
 @click.option("--wait", is_flag=True,
               help="Follow the job's logs (with the run's progress) until it ends; exit 0 if "
                    "it succeeded, 1 if it failed or was stopped.")
@@ -156,8 +162,9 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dry-run", is_flag=True,
               help="Print the entrypoint and runtime environment; submit nothing.")
 @user_errors()
-def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runtime_env_file,
-               ship_source, pip, env, working_dir, entrypoint_cpus, python, dry_run):
+def submit_cmd(run_args, address, token, token_file, distances, wait, timeout, job_id,
+               runtime_env_file, ship_source, pip, env, working_dir, entrypoint_cpus, python,
+               dry_run):
     """Submit `raybary run INPUT OUTPUT [RUN OPTIONS]` to a Ray cluster as a job.
 
     INPUT and OUTPUT are read and written by the cluster: use URLs (s3://,
@@ -174,6 +181,8 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
     --overwrite, ...); the job's run joins the cluster it runs on.
     --storage-option / --output-storage-option reach the job through its
     runtime environment (RAYBARY_STORAGE_OPTIONS), not its entrypoint.
+    With --distances, INPUT is a GMM store and the options are those of
+    `raybary distances` (--pairs, --tile, --epsilon, ...).
     """
     import json
 
@@ -192,7 +201,8 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
         with_storage_env,
     )
 
-    input_url, output_url, rest, storage = _split_run_args(run_args)
+    command = "distances" if distances else "run"
+    input_url, output_url, rest, storage = _split_run_args(run_args, command)
     addr = normalize_address(address)
     input_url, output_url = _cluster_path(input_url, addr), _cluster_path(output_url, addr)
     try:
@@ -206,12 +216,14 @@ def submit_cmd(run_args, address, token, token_file, wait, timeout, job_id, runt
         shown = with_storage_env(runtime_env, **storage)
         click.echo(json.dumps({"address": addr,
                                "entrypoint": entrypoint_command(input_url, output_url, rest,
-                                                                python=python),
+                                                                python=python,
+                                                                command=command),
                                "runtime_env": redacted_runtime_env(shown)}, indent=2))
         return
     client = _client(address, token, token_file)
     jid = client.submit(input_url, output_url, rest, runtime_env=runtime_env, job_id=job_id,
-                        entrypoint_num_cpus=entrypoint_cpus, python=python, **storage)
+                        entrypoint_num_cpus=entrypoint_cpus, python=python,
+                        command=command, **storage)
     click.echo(jid)
     where = f" --address {client.address}" if address else ""
     if not wait:

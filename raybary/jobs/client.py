@@ -89,8 +89,10 @@ class JobsClient:
         python: str = "python",
         storage_options: Mapping[str, Any] | None = None,
         output_storage_options: Mapping[str, Any] | None = None,
+        command: str = "run",
     ) -> str:
-        """Submit ``raybary run INPUT OUTPUT RUN_ARGS`` as a job; return its id.
+        """Submit ``raybary run INPUT OUTPUT RUN_ARGS`` as a job; return its id
+        (``command="distances"``: ``raybary distances INPUT OUTPUT ARGS``).
 
         ``runtime_env`` defaults to :func:`~raybary.jobs.runtime.build_runtime_env` ``()``.
         Local directories in it (``py_modules``, ``working_dir``) are uploaded
@@ -104,7 +106,7 @@ class JobsClient:
         job_id = job_id or new_job_id()
         from raybary.storage._fs import has_credentials, redact_url
 
-        meta = {"raybary_version": __version__, "raybary_command": "run",
+        meta = {"raybary_version": __version__, "raybary_command": command,
                 "input": redact_url(input_url), "output": redact_url(output_url)}
         for url in (input_url, output_url):
             if has_credentials(url):
@@ -117,7 +119,8 @@ class JobsClient:
                                storage_options, output_storage_options)
         with self._errors(job_id):
             return self._client.submit_job(
-                entrypoint=entrypoint_command(input_url, output_url, run_args, python=python),
+                entrypoint=entrypoint_command(input_url, output_url, run_args, python=python,
+                                              command=command),
                 submission_id=job_id,
                 runtime_env=env,
                 metadata=meta,

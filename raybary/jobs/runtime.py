@@ -205,11 +205,14 @@ def redacted_runtime_env(runtime_env: Mapping[str, Any]) -> dict:
 
 
 def entrypoint_command(input_url: str, output_url: str, run_args: Iterable[str] = (),
-                       *, python: str = "python") -> str:
-    """The shell command the job runs: ``python -m raybary.cli.job_entry INPUT OUTPUT ARGS``.
+                       *, python: str = "python", command: str = "run") -> str:
+    """The shell command the job runs: ``python -m raybary.cli.job_entry INPUT OUTPUT ARGS``
+    for ``raybary run``; ``... job_entry distances INPUT OUTPUT ARGS`` for
+    ``command="distances"`` (``raybary distances``).
 
-    ``run_args`` are options of ``raybary run`` (passed through unchanged; the
+    ``run_args`` are options of that command (passed through unchanged; the
     entrypoint adds ``--address auto`` so the run joins the job's cluster).
     """
-    parts = [python, "-m", ENTRYPOINT_MODULE, input_url, output_url, *run_args]
+    named = [] if command == "run" else [command]
+    parts = [python, "-m", ENTRYPOINT_MODULE, *named, input_url, output_url, *run_args]
     return " ".join(shlex.quote(str(p)) for p in parts)
