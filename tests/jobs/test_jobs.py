@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -167,6 +168,22 @@ def test_submit_passes_run_options_through(tmp_path, monkeypatch):
     assert out["address"] == "http://headnode:8265"
     assert out["runtime_env"]["env_vars"]["K"] == "V"
     assert "py_modules" not in out["runtime_env"]  # nothing shipped unless asked
+
+
+def test_submit_distances_runs_the_distance_job_entrypoint(tmp_path, monkeypatch):
+    from raybary.cli.distances_cmds import distances_cmd
+
+    monkeypatch.chdir(tmp_path)
+    out = _dry_run("--distances", "g.parquet", "s3://b/d", "--pairs", "all", "--tile", "50",
+                   "--relative-epsilon", "1e-3")
+    want = (f"python -m raybary.cli.job_entry distances {tmp_path}/g.parquet s3://b/d "
+            "--pairs all --tile 50 --relative-epsilon 1e-3")
+    assert out["entrypoint"] == want
+    entry = shlex.split(out["entrypoint"])
+    assert distances_cmd.make_context("distances", entry[4:]).params["tile"] == 50
+    r = CliRunner().invoke(main, ["submit", "--distances", "g.parquet", "o", "--bar-size", "3",
+                                  "--dry-run"])
+    assert r.exit_code == 2 and "options of `raybary distances`" in r.output, r.output
 
 
 def test_submit_sends_storage_options_in_the_runtime_env_never_the_entrypoint(tmp_path,
@@ -642,6 +659,24 @@ def test_submit_wait_and_read_results(head, home):
     r = _cli(["plot", str(out), "--problem", "2", "-o", str(fig)])
     assert r.exit_code == 0, r.output
     assert fig.stat().st_size > 20_000
+
+
+def test_submit_distances_wait_and_read_the_matrix(head, home):
+    import raybary
+    from raybary.storage.gmm_store import generate_gmms
+
+    address, token, data = head
+    store = generate_gmms(str(data / "gmms.parquet"), 5, seed=1)
+    out = data / "distances"
+    r = _cli(["submit", "--distances", store.url, str(out), "--address", address, "--tile", "3",
+              "--actors", "1", "--wait"], token=token, home=home)
+    assert r.exit_code == 0, r.output
+    assert "10/10 pairs" in r.stdout and "[raybary] Ray: joined the cluster at" in r.stdout
+    assert "raybary distances: 10 pairs in 3 shards (complete)" in r.stdout
+    matrix, ids = raybary.read_distances(str(out)).matrix()
+    assert ids.tolist() == list(range(5)) and not np.isnan(matrix).any()
+    gmms = store.read_gmms(0, 5).gmms
+    assert matrix[1, 4] == pytest.approx(raybary.mw2(gmms[1], gmms[4]), rel=1e-4)
 
 
 def test_a_job_that_runs_raybary_run_joins_its_cluster(head, home):
