@@ -202,3 +202,33 @@ def test_other_options_on_the_same_output_are_refused(data, reference):
         run_distances(data["store"], reference[0],
                       raybary.SolverOptions(relative_epsilon=1e-2), exe=exe(), tile=TILE,
                       stream=None)
+
+
+def test_the_distance_job_section_of_the_docs_runs(data, tmp_path, monkeypatch):
+    """docs/distances.md's ``job`` blocks: every ``raybary`` command parses (submit
+    with --dry-run); the first two run at a small size; the python blocks run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from docs_blocks import ROOT, blocks, shell_commands
+
+    monkeypatch.chdir(tmp_path)
+    found = {info: [c for i, c in blocks(ROOT / "docs" / "distances.md") if i == info]
+             for info in ("bash job", "python job")}
+    commands = [c for code in found["bash job"] for c in shell_commands(code)]
+    assert [c[:2] for c in commands] == [["raybary", "generate"], ["raybary", "distances"],
+                                         ["raybary", "distances"], ["raybary", "submit"]]
+    small = [["generate", "gmms.parquet", "--gmms", "6"], [*commands[1][1:], "--tile", "3", "-q"]]
+    for args in small:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(main, [*commands[3][1:], "--dry-run"]).exit_code == 0
+    from raybary.cli.distances_cmds import distances_cmd
+
+    distances_cmd.make_context("distances", commands[2][2:])
+    namespace: dict = {}
+    for code in found["python job"]:
+        exec(compile(code, "docs/distances.md", "exec"), namespace)
+    assert namespace["ids"].tolist() == list(range(6)) and namespace["df"].shape == (15, 6)
+    assert raybary.storage.open_gmm_store("sklearn-gmms.parquet").n_gmms == 3
