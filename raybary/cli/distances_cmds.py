@@ -6,13 +6,12 @@ Exit statuses, Ray options, resume and storage options are ``raybary run``'s
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from raybary.cli.errors import user_errors
-from raybary.cli.run_cmds import _default, epsilon_options, exec_options
+from raybary.cli.run_cmds import _default, epsilon_options, exec_options, report_run
 from raybary.cli.storage_flags import output_storage_options_flag, storage_options_flag
 from raybary.runner.options import DTYPES, ExecOptions, SolverOptions
 
@@ -61,19 +60,11 @@ def distances_cmd(input_url, output_url, pairs, tile, epsilon, relative_epsilon,
 
     from raybary.runner.distances import run_distances
 
-    try:
-        report = run_distances(input_url, output_url, solver, exe, pairs=pairs, tile=tile,
-                               storage_options=storage_options,
-                               output_storage_options=output_storage_options,
-                               stream=None if quiet else sys.stderr)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; committed shards are kept, run the same command to resume",
-                   err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
-    if not quiet:
-        click.echo(summary_text(report), err=as_json)
+    report_run(lambda: run_distances(input_url, output_url, solver, exe, pairs=pairs, tile=tile,
+                                     storage_options=storage_options,
+                                     output_storage_options=output_storage_options,
+                                     stream=None if quiet else sys.stderr),
+               quiet, as_json, summary_text)
 
 
 def summary_text(report) -> str:

@@ -156,10 +156,19 @@ def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_stora
 
     from raybary.runner.driver import run
 
+    report_run(lambda: run(input_url, output_url, solver, grid, exe,
+                           storage_options=storage_options,
+                           output_storage_options=output_storage_options,
+                           stream=None if quiet else sys.stderr),
+               quiet, as_json, summary_text)
+
+
+def report_run(start, quiet: bool, as_json: bool, summary) -> None:
+    """Run ``start()`` (a run, or a distance job) and print its report: as JSON on
+    stdout with ``as_json``, ``summary(report)`` unless ``quiet``. Ctrl-C exits
+    130, saying that committed shards are kept."""
     try:
-        report = run(input_url, output_url, solver, grid, exe, storage_options=storage_options,
-                     output_storage_options=output_storage_options,
-                     stream=None if quiet else sys.stderr)
+        report = start()
     except KeyboardInterrupt:
         click.echo("\ninterrupted; committed shards are kept, run the same command to resume",
                    err=True)
@@ -167,7 +176,7 @@ def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_stora
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     if not quiet:
-        click.echo(summary_text(report), err=as_json)
+        click.echo(summary(report), err=as_json)
 
 
 def build_options(*, quiet: bool = False, **params) -> tuple[SolverOptions, GridOptions,
