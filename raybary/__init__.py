@@ -25,6 +25,7 @@ _LAZY = {
     "mw2": "raybary.batch.distances",
     "mw2_batch": "raybary.batch.distances",
     "read_distances": "raybary.storage.results.distances",
+    "map_samples": "raybary.batch.maps",
 }
 
 __all__ = ["GMM", "Problem", "Result", "RaybaryError", "__version__", *_LAZY]
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.batch.api import solve
     from raybary.batch.distances import mw2, mw2_batch
     from raybary.batch.engine import Engine
+    from raybary.batch.maps import map_samples
     from raybary.density import log_density, log_density_grid
     from raybary.options import SolverOptions
     from raybary.solvers.config import SolverConfig

@@ -31,14 +31,19 @@ __all__ = ["PairDistance", "component_costs", "pair_distance", "batch_distance"]
 
 class PairDistance(NamedTuple):
     """One pair's result: ``value`` (transport cost of the plan), ``plan
-    (Ka, Kb)``, the plan's L1 marginal ``error``, plan ``iterations`` and the
-    absolute ``epsilon`` used (in the pair's units)."""
+    (Ka, Kb)``, the plan's L1 marginal ``error``, plan ``iterations``, the
+    absolute ``epsilon`` used (in the pair's units) and the dual potentials
+    ``f (Ka,)``, ``g (Kb,)`` with ``plan = exp((f_i + g_j - C_ij) / epsilon)``
+    on the real components (0 on padded ones; :mod:`raybary.jax`'s weight
+    gradients)."""
 
     value: jnp.ndarray
     plan: jnp.ndarray
     error: jnp.ndarray
     iterations: jnp.ndarray
     epsilon: jnp.ndarray
+    f: jnp.ndarray
+    g: jnp.ndarray
 
 
 def component_costs(means_a, covs_a, means_b, covs_b) -> jnp.ndarray:
@@ -83,7 +88,8 @@ def pair_distance(means_a, covs_a, weights_a, means_b, covs_b, weights_b, epsilo
     result = solve_plans(state, geo, epsilon=eps, epsilon_start=jnp.maximum(scale, eps),
                          options=options)
     plan = plan_matrix(result.reduced, result.epsilon, mask_a, mask_b)
-    return PairDistance(jnp.sum(plan * cost), plan, result.error, result.iteration, eps)
+    return PairDistance(jnp.sum(plan * cost), plan, result.error, result.iteration, eps,
+                        jnp.where(mask_a, result.f[0], 0.0), jnp.where(mask_b, result.g, 0.0))
 
 
 def batch_distance(means_a, covs_a, weights_a, means_b, covs_b, weights_b, epsilon,
