@@ -80,3 +80,43 @@ def test_scores_and_figure(federated):
     ink = (image[..., :3] < 0.9).any(axis=-1).mean()  # share of pixels that are not white
     assert 0.03 < ink < 0.6
     assert federated["figure"].stat().st_size > 50_000
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("cluster_digits")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cluster_digits.py"), "--out", str(out),
+         "--parts", "3", "--actors", "1", "--address", ray_local],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"out": out, "figure": out / "cluster_digits.png", "stdout": proc.stdout}
+
+
+def test_clusters_are_the_digits(clustered):
+    """30 GMMs (3 per digit) in 4-D: every pair's distance computed once by the
+    job, and MW2 alone puts each digit's GMMs in a cluster of their own."""
+    table = pd.read_csv(clustered["out"] / "clusters.csv")
+    assert len(table) == 30 and (table.groupby("digit").size() == 3).all()
+    assert table.groupby("digit").cluster.nunique().eq(1).all()  # a digit in one cluster
+    assert table.groupby("cluster").digit.nunique().eq(1).all()  # a cluster of one digit
+    assert "adjusted Rand index of the 10 clusters vs the digits: 1.000" in clustered["stdout"]
+    dist = raybary.read_distances(str(clustered["out"] / "distances"))
+    assert dist.complete and len(dist.table) == 30 * 29 // 2
+    mw2, ids = dist.matrix()
+    assert ids.tolist() == list(range(30)) and np.allclose(mw2, mw2.T)
+    same = table.digit.to_numpy()[:, None] == table.digit.to_numpy()[None, :]
+    off = ~np.eye(30, dtype=bool)
+    # every GMM is nearer to the other GMMs of its digit than to any of another digit
+    assert (np.where(same & off, mw2, -np.inf).max(axis=1)
+            < np.where(same, np.inf, mw2).min(axis=1)).all()
+
+
+def test_cluster_figure(clustered):
+    from matplotlib.image import imread
+
+    image = imread(clustered["figure"])
+    assert image.shape[:2] == (650, 1400)
+    ink = (image[..., :3] < 0.9).any(axis=-1).mean()
+    assert 0.05 < ink < 0.7
+    assert str(clustered["figure"]) in clustered["stdout"]
