@@ -37,7 +37,7 @@ __all__ = ["mw2", "mw2_batch", "solve_pairs", "PairsResult", "DEFAULT_MW2_RELATI
 DEFAULT_MW2_RELATIVE_EPSILON = 1e-4
 MIN_COMPONENTS = 4  # components are padded to a power of two, at least this: few shapes
 BATCHES = (64, 512, 4096)  # pairs per compiled call: the first of these that holds them
-SLOTS = (64, 256)  # pairs iterated at once in a call, at least / at most (_slots)
+SLOTS = (64, 128)  # pairs iterated at once in a call, at least / at most (_slots)
 BLOCK = 8  # plan iterations between two refills of the slots
 LEVEL_TOL = 1e-3  # marginal error at which epsilon-scaling goes down a level
 FALLBACK_DECAY = 0.5  # epsilon-scaling factor of the second try (_fallback)
@@ -449,12 +449,13 @@ def _solve_group(table, key, ia, ib, rows, epsilon, relative, options: SolverOpt
     return np.concatenate([bad for bad, _ in done])
 
 
-def _slots(count: int) -> int:
-    """Slots of a call of ``count`` pairs: a power of two about a sixteenth of
-    them, within :data:`SLOTS`. The slots idle only in the tail (the last
-    pairs to finish), which this keeps to about a tenth of the work; narrower
-    lanes cost more per slot (measured in docs/performance.md)."""
-    return min(SLOTS[1], max(SLOTS[0], next_pow2(count) // 16))
+def _slots(size: int) -> int:
+    """Slots of a call of a batch of ``size``: a thirty-second of it, within
+    :data:`SLOTS` (one per batch size: few programs). The slots idle only in
+    the tail (the last pairs to finish), which this keeps to about a tenth
+    of a full batch's work; narrower lanes cost more per slot
+    (docs/performance.md)."""
+    return min(SLOTS[1], max(SLOTS[0], size // 32), size)
 
 
 def _solve_chunk(table, key, ia, ib, epsilon, relative, options: SolverOptions, plan_options,
@@ -474,7 +475,7 @@ def _solve_chunk(table, key, ia, ib, epsilon, relative, options: SolverOptions, 
     with jax.enable_x64(options.dtype == "float64"):
         res = _program()(**arrays, epsilon=eps.astype(options.dtype),
                          count=np.int32(len(rows)), relative=relative, options=plan_options,
-                         slots=_slots(len(rows)), block=BLOCK)
+                         slots=_slots(size), block=BLOCK)
         res = jax.tree_util.tree_map(np.asarray, res)
     n, s2 = len(rows), scales[:len(rows)] ** 2
     ok = res.error[:n] <= plan_options.tol
