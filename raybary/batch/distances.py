@@ -160,7 +160,7 @@ def solve_pairs(pairs: Sequence[tuple[GMM, GMM]], options: SolverOptions, *,
     eps = options.epsilon if not relative else (
         DEFAULT_MW2_RELATIVE_EPSILON if options.relative_epsilon is None
         else options.relative_epsilon)
-    table = _PairTable(pairs)
+    table = getattr(pairs, "table", None) or _PairTable(pairs)
     n = len(pairs)
     main = _solve_requests(table, table.ia, table.ib, np.full(n, float(eps)), relative, options,
                            plan_options, plans, workers, stats)
@@ -234,6 +234,13 @@ def _plan_options(dtype: str, max_iterations: int | None, tol: float | None):
     return config.plan_options()
 
 
+class _Checked(list):
+    """Checked pairs (a list of ``(GMM, GMM)``) and their :class:`_PairTable`,
+    so that :func:`solve_pairs` does not index them again."""
+
+    table: _PairTable
+
+
 def _checked_pairs(pairs, dtype: str, validate: bool) -> list[tuple[GMM, GMM]]:
     """The pairs as a list of ``(GMM, GMM)``, else ``ValueError`` naming each
     bad pair. With ``validate``, every distinct GMM (by identity: a GMM in many
@@ -243,32 +250,34 @@ def _checked_pairs(pairs, dtype: str, validate: bool) -> list[tuple[GMM, GMM]]:
     covariances itself, as validation's cleaning would)."""
     from raybary.validation import join_messages
 
-    out, errors, shape_ok = [], [], []
+    errors, kept = [], []
     for i, pair in enumerate(pairs):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+        if (type(pair) in (tuple, list) and len(pair) == 2 and type(pair[0]) is GMM
+                and type(pair[1]) is GMM) or (
+                isinstance(pair, (tuple, list)) and len(pair) == 2
                 and all(isinstance(g, GMM) for g in pair)):
+            kept.append(i)
+        else:
             errors.append(f"pair {i}: must be an (a, b) pair of raybary.GMM, "
                           f"got {type(pair).__name__}")
-            continue
-        a, b = pair
-        if a.dim != b.dim:
-            errors.append(f"pair {i}: a and b differ in dimension (a: {a.dim}, b: {b.dim})")
-            continue
-        out.append((a, b))
-        shape_ok.append(i)
-    if validate and out:
-        errors += _gmm_errors(out, shape_ok, dtype)
+    table = _PairTable([pairs[i] for i in kept])
+    da, db = table.dims[table.ia], table.dims[table.ib]
+    for r in np.flatnonzero(da != db):
+        errors.append(f"pair {kept[r]}: a and b differ in dimension (a: {da[r]}, b: {db[r]})")
+    if validate and not errors:
+        errors += _gmm_errors(table, kept, dtype)
     if errors:
         raise ValueError(f"invalid GMM pairs: {join_messages(errors)}")
+    out = _Checked(tuple(pairs[i]) for i in kept)
+    out.table = table
     return out
 
 
-def _gmm_errors(pairs: list[tuple[GMM, GMM]], labels: list[int], dtype: str) -> list[str]:
+def _gmm_errors(table: _PairTable, labels: list[int], dtype: str) -> list[str]:
     """The messages of the pairs with an invalid GMM (``pair 3, b, component
     0: weight is negative (-0.5)``), in order, each distinct GMM checked once."""
     from raybary.validation import validate_arrays
 
-    table = _PairTable(pairs)
     bad: dict[int, str] = {}
     for members in table.by_dim().values():
         flat = table.flat(members)
@@ -277,14 +286,13 @@ def _gmm_errors(pairs: list[tuple[GMM, GMM]], labels: list[int], dtype: str) -> 
                                   lambdas=np.ones(n), comp_offset=flat["offset"],
                                   weights=flat["weights"], means=flat["means"],
                                   covs=flat["covs"], dtype=dtype)
-        for r, message in enumerate(checked.errors):
-            if message is not None:
-                bad[int(members[r])] = message.replace(f"problem {r}, gmm 0", "{side}")
+        for r in np.flatnonzero(np.array([e is not None for e in checked.errors], bool)):
+            bad[int(members[r])] = checked.errors[r].replace(f"problem {r}, gmm 0", "{side}")
     errors = []
-    for r, i in enumerate(labels):
+    for r in np.flatnonzero(np.isin(table.ia, list(bad)) | np.isin(table.ib, list(bad))):
         for side, g in (("a", table.ia[r]), ("b", table.ib[r])):
             if int(g) in bad:
-                errors.append(bad[int(g)].replace("{side}", f"pair {i}, {side}"))
+                errors.append(bad[int(g)].replace("{side}", f"pair {labels[r]}, {side}"))
     return errors
 
 
@@ -296,30 +304,39 @@ class _PairTable:
     def __init__(self, pairs: Sequence[tuple[GMM, GMM]]):
         index: dict[int, int] = {}
         self.gmms: list[GMM] = []
-        sides = np.zeros((len(pairs), 2), np.int64)
-        for r, pair in enumerate(pairs):
-            for c, g in enumerate(pair):
+        shapes: list[tuple[int, int]] = []
+        sides = []
+        for pair in pairs:
+            for g in pair:
                 k = index.get(id(g))
                 if k is None:
                     k = index[id(g)] = len(self.gmms)
                     self.gmms.append(g)
-                sides[r, c] = k
+                    shapes.append(g.means.shape)
+                sides.append(k)
+        sides = np.array(sides, np.int64).reshape(-1, 2)
         self.ia, self.ib = sides[:, 0], sides[:, 1]
-        self.dims = np.array([g.dim for g in self.gmms], np.int64)
-        self.counts = np.array([g.n_components for g in self.gmms], np.int64)
+        shapes = np.array(shapes, np.int64).reshape(-1, 2)
+        self.counts, self.dims = shapes[:, 0], shapes[:, 1]
         self._padded: dict[int, dict] = {}
+        self._flat: dict[int, dict] = {}
 
     def by_dim(self) -> dict[int, np.ndarray]:
         """The GMMs of each dimension."""
         return {int(d): np.flatnonzero(self.dims == d) for d in np.unique(self.dims)}
 
     def flat(self, members: np.ndarray) -> dict:
-        """CSR arrays (``offset``, ``weights``, ``means``, ``covs``) of GMMs of one dimension."""
+        """CSR arrays (``offset``, ``weights``, ``means``, ``covs``) of GMMs of
+        one dimension (:meth:`by_dim`'s groups are kept)."""
+        key = int(members[0]) if len(members) else -1
+        if key in self._flat and len(self._flat[key]["offset"]) == len(members) + 1:
+            return self._flat[key]
         gmms = [self.gmms[int(g)] for g in members]
-        return dict(offset=np.concatenate([[0], np.cumsum(self.counts[members])]),
+        self._flat[key] = dict(offset=np.concatenate([[0], np.cumsum(self.counts[members])]),
                     weights=np.concatenate([g.weights for g in gmms]),
                     means=np.concatenate([g.means for g in gmms]),
                     covs=np.concatenate([g.covs for g in gmms]))
+        return self._flat[key]
 
     def groups(self, ia: np.ndarray, ib: np.ndarray):
         """``((d, ka, kb), rows)`` for the requests ``(ia, ib)``: padded
@@ -327,7 +344,8 @@ class _PairTable:
         smaller (a pair whose ``a`` is the smaller is solved turned around,
         :meth:`turned`: the Newton system is of the second side's size)."""
         d = np.array([dim_class(int(x)) for x in range(int(self.dims.max(initial=0)) + 1)])
-        cls = np.array([max(MIN_COMPONENTS, next_pow2(int(k))) for k in self.counts], np.int64)
+        cls = np.maximum(MIN_COMPONENTS, 1 << np.ceil(np.log2(np.maximum(self.counts, 1))).astype(
+            np.int64))
         ka, kb = cls[ia], cls[ib]
         keys = np.stack([d[self.dims[ia]], np.maximum(ka, kb), np.minimum(ka, kb)], axis=1)
         unique, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -476,7 +494,7 @@ def _solve_chunk(table, key, ia, ib, epsilon, relative, options: SolverOptions, 
         res = _program()(**arrays, epsilon=eps.astype(options.dtype),
                          count=np.int32(len(rows)), relative=relative, options=plan_options,
                          slots=_slots(size), block=BLOCK)
-        res = jax.tree_util.tree_map(np.asarray, res)
+        res = jax.tree_util.tree_map(np.asarray, jax.block_until_ready(res))  # GIL released
     n, s2 = len(rows), scales[:len(rows)] ** 2
     ok = res.error[:n] <= plan_options.tol
     out.value[rows] = res.value[:n].astype(np.float64) * s2
