@@ -213,3 +213,24 @@ def test_gpu_check_runs_on_the_cpu_at_tiny_sizes(blocked_env, tmp_path):
     [saved] = out.glob("gpu_check-*.json")
     run = json.loads(saved.read_text())
     assert run["check"]["ok"] and len(run["sizes"]) == 2 and run["kernels"]["block"] > 0
+
+
+def test_mw2_speed_benchmark_runs_small(capsys):
+    """benchmarks/bench_mw2_speed.py at 64 pairs, one repeat: a row per
+    method, rates positive, every pair solved within 1e-3 of POT."""
+    pytest.importorskip("ot")
+    spec = importlib.util.spec_from_file_location("bench_mw2_speed",
+                                                  ROOT / "benchmarks" / "bench_mw2_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--pairs", "64", "--pot-pairs", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| method | pairs/s (median) |" in out
+    assert set(rows) == {"mw2_batch", "mw2_batch workers=1", "fixed batch, workers=1",
+                         "POT loop"}
+    for name, row in rows.items():
+        assert row["rate"] > 0 and row["low"] <= row["rate"] <= row["high"]
+        if name != "POT loop":
+            assert row["error"] < 1e-3 and 20 < row["iterations"] < 200
+            assert 0 <= row["idle"] < 1 and row["us"] > 0
+    assert f"| {rows['POT loop']['x_pot']:.1f} |" in out

@@ -125,6 +125,27 @@ def test_a_pair_the_fast_schedule_stalls_on_is_solved_again():
         mw2(a, b, dtype="float64", max_iterations=1)
 
 
+def test_debiased_is_the_sinkhorn_divergence():
+    pairs = ragged_pairs(23, 8)  # d = 1, 2, 3, 5
+    a, b = next(p for p in pairs if p[0].n_components >= 3)
+    copy = GMM(a.weights.copy(), a.means.copy(), a.covs.copy())
+    values = mw2_batch([(a, a), (a, copy), (a, b), (b, a)], debiased=True)
+    plain = mw2(a, b)
+    # Identical mixtures (the same object or an equal copy): 0 up to rounding,
+    # where the plain value keeps epsilon's blur.
+    assert abs(values[0]) <= 1e-6 * plain and abs(values[1]) <= 1e-6 * plain
+    assert values[2] == pytest.approx(values[3], rel=1e-5)  # symmetric
+    # Well-separated pairs: close to the plain value (the blur terms are small), >= 0.
+    debiased, plain_all = mw2_batch(pairs, debiased=True), mw2_batch(pairs)
+    np.testing.assert_allclose(debiased, plain_all, rtol=1e-3)
+    assert np.all(debiased >= 0)
+    # One Gaussian each side: the plan is the product, KL = 0, the self terms
+    # are 0, so the divergence is W2^2 exactly.
+    g1, g2 = gaussian([0.5, 1.0], [2.0, 1.0]), gaussian([-1.0, 0.0], [0.5, 3.0])
+    w2 = 1.5**2 + 1.0 + (np.sqrt(2) - np.sqrt(0.5)) ** 2 + (1 - np.sqrt(3)) ** 2
+    assert mw2(g1, g2, debiased=True) == pytest.approx(w2, rel=1e-5)
+
+
 def test_plans_have_the_shapes_and_marginals_of_the_pairs():
     pairs = ragged_pairs(17, 6)
     values, plans = mw2_batch(pairs, plans=True)
