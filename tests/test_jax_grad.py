@@ -65,8 +65,10 @@ def test_value_is_mw2_and_gradients_match_finite_differences(d):
     args = random_pair(10 + d, d)
     value, grads = value_and_grads()(*args)
     a, b = GMM(args[2], args[0], args[1]), GMM(args[5], args[3], args[4])
+    # same plan problem; mw2_batch's continuous batching checks convergence every
+    # few iterations, so its plan may take a few more steps past the tolerance
     assert float(value) == pytest.approx(
-        raybary.mw2(a, b, relative_epsilon=REL_EPS, dtype="float64"), rel=1e-12)
+        raybary.mw2(a, b, relative_epsilon=REL_EPS, dtype="float64"), rel=1e-7)
     for g in grads[1], grads[4]:  # covariance gradients are symmetric
         np.testing.assert_allclose(g, np.swapaxes(g, -1, -2), atol=1e-12)
     rng = np.random.default_rng(d)
@@ -130,7 +132,7 @@ def test_jit_and_vmap_over_padded_pairs():
     values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=tuple(range(6)))))(*batch)
     want = raybary.mw2_batch([(GMM(p[2], p[0], p[1]), GMM(p[5], p[3], p[4])) for p in pairs],
                              relative_epsilon=REL_EPS, dtype="float64")
-    np.testing.assert_allclose(values, want, rtol=1e-10)
+    np.testing.assert_allclose(values, want, rtol=1e-7)  # see the first test's comment
     ka, kb = SHAPES[2]
     for i, p in enumerate(pairs):
         _, single = value_and_grads()(*p)
@@ -173,10 +175,10 @@ def test_barycenter_objective_sums_the_losses_and_has_the_right_gradient():
                                 GMM(weights[j][weights[j] > 0], means[j][weights[j] > 0],
                                     covs[j][weights[j] > 0])) for j in range(2)],
                               relative_epsilon=REL_EPS, dtype="float64")
-    assert float(value) == pytest.approx(lambdas[:2] @ terms, rel=1e-10)
+    assert float(value) == pytest.approx(lambdas[:2] @ terms, rel=1e-7)
     assert all(np.all(np.isfinite(g)) for g in grads)
     assert np.all(np.asarray(grads[3][2]) == 0) and np.all(np.asarray(grads[5][2]) == 0)
-    np.testing.assert_allclose(grads[6][:2], terms, rtol=1e-10)  # d/d lambda_j = MW2^2_j
+    np.testing.assert_allclose(grads[6][:2], terms, rtol=1e-7)  # d/d lambda_j = MW2^2_j
     rng, h, args = np.random.default_rng(51), 1e-5, [*bar, *inputs]
     for arg in range(3):
         e = direction(rng, arg, bar[arg].shape)
