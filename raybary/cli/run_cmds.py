@@ -90,6 +90,9 @@ _S, _G, _E = SolverOptions, GridOptions, ExecOptions  # short names for the opti
 @click.option("--input-grids", type=click.IntRange(min=0), default=_default(_G, "input_gmms"),
               show_default=True,
               help="Also store the grids of the first J input GMMs of each problem.")
+@click.option("--plans/--no-plans", default=_default(_G, "plans"), show_default=True,
+              help="Also store each problem's transport plans in OUTPUT/plans/ (long "
+                   "format: problem_id, gmm, bar_component, component, mass).")
 @click.option("--address", default=_default(_E, "address"), metavar="HOST:PORT|auto|local",
               help=ADDRESS_HELP)
 @click.option("--actors", type=click.IntRange(min=1), default=_default(_E, "actors"),
@@ -146,23 +149,25 @@ def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_stora
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     if not quiet:
-        click.echo(summary_text(report), err=as_json)
+        click.echo(summary_text(report, plans=grid.plans), err=as_json)
 
 
 def build_options(*, quiet: bool = False, **params) -> tuple[SolverOptions, GridOptions,
                                                             ExecOptions]:
     """The run's options from ``raybary run``'s parameters (named as the options'
-    fields, except ``grid_*``, ``input_grids`` and ``quiet``); raises
+    fields, except ``grid_*``, ``input_grids``, ``plans`` and ``quiet``); raises
     :class:`~raybary.errors.OptionsError` for options that do not go together."""
     grid = GridOptions(shape=params.pop("grid_shape"), bounds=params.pop("grid_bounds"),
-                       dims=params.pop("grid_dims"), input_gmms=params.pop("input_grids"))
+                       dims=params.pop("grid_dims"), input_gmms=params.pop("input_grids"),
+                       plans=params.pop("plans", False))
     solver = SolverOptions(**{f.name: params.pop(f.name) for f in fields(SolverOptions)})
     exe = ExecOptions(progress=not quiet, **params)
     return solver, grid, exe
 
 
-def summary_text(report) -> str:
-    """The end-of-run summary: counts, throughput, where the results are."""
+def summary_text(report, *, plans: bool = False) -> str:
+    """The end-of-run summary: counts, throughput, where the results are
+    (``plans``: the run stored plans too)."""
     c = report.counts
     lines = [
         f"raybary run: {report.n_problems} problems in {report.n_shards} shards "
@@ -180,7 +185,8 @@ def summary_text(report) -> str:
     out = report.output
     lines += [
         f"  results      {out}/problems/ (one row per problem), {out}/barycenters/ "
-        f"(one row per component), {out}/grids.zarr (log-density grids)",
+        f"(one row per component), {out}/grids.zarr (log-density grids)"
+        + (f", {out}/plans/ (one row per plan entry)" if plans else ""),
         f"  read them    raybary show {out}   |   python: raybary.read_results({out!r})",
         f"               duckdb: SELECT status, count(*) FROM '{out}/problems/*.parquet' "
         "GROUP BY status",

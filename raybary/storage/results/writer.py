@@ -51,6 +51,7 @@ from raybary.storage.results.layout import (
     GRIDS_VERSION,
     LAYOUT_FILE,
     MANIFEST_FILE,
+    PLANS_DIR,
     RESULTS_FORMAT,
     RESULTS_VERSION,
     SETTINGS,
@@ -91,6 +92,8 @@ class ResultWriter:
       input_fingerprint: the input's :meth:`ProblemStore.fingerprint`, and
       input_shards: each shard's first and last problem id: recorded, and a
         resume against an input that differs in either is refused.
+      plans: also store each problem's plans (``plans/``, one row per plan
+        entry); recorded, so a resume with the other choice is refused.
       storage_options: the output's fsspec storage options (used by the
         lease, the writer and, through the committer, the actors; never
         recorded).
@@ -117,6 +120,7 @@ class ResultWriter:
         input_fingerprint: dict | None = None,
         input_shards: Sequence[tuple[int, int]] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        plans: bool = False,
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
@@ -133,7 +137,7 @@ class ResultWriter:
             input_url=input_url, input_fingerprint=input_fingerprint,
             input_shards=None if input_shards is None else [[int(a), int(b)]
                                                             for a, b in input_shards],
-            storage_options=self.storage_options)
+            plans=bool(plans), storage_options=self.storage_options)
         self.lease = OutputLease(self.url, self.run_id, self.storage_options)
         self.retried_gave_up: list[int] = []
 
@@ -149,6 +153,8 @@ class ResultWriter:
     def settings(self) -> dict:
         """The settings recorded in the layout and compared on a re-run."""
         out = {k: getattr(self, k) for k in SETTINGS}
+        if not out["plans"]:  # as results written before plans existed
+            del out["plans"]
         if out.get("input_url"):  # never record credentials
             out["input_url"] = _fs.redact_url(out["input_url"])
         return jsonable(out)
@@ -201,7 +207,8 @@ class ResultWriter:
                 )
             fs.rm(root, recursive=True)
             self.lease.rewrite()  # it went with the old results
-        for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR):
+        for sub in ("problems", "barycenters", COMMITS_DIR, TMP_DIR) + (
+                (PLANS_DIR,) if self.plans else ()):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
         if self.grid_shape is not None:
             self._create_grids()
@@ -347,7 +354,7 @@ class ResultWriter:
     def _clean(fs, root: str, markers: dict[int, dict]) -> None:
         """Remove the tables of shards without a (verified) marker, and the grids
         groups that no marker names (attempts that did not commit)."""
-        for sub in ("problems", "barycenters"):
+        for sub in ("problems", "barycenters", PLANS_DIR):
             for path in fs.glob(posixpath.join(root, sub, "shard-*.parquet")):
                 if shard_of(path) not in markers:
                     fs.rm(path)
@@ -360,5 +367,5 @@ class ResultWriter:
 
 _FROM_COMMITTER = frozenset({
     "n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url",
-    "input_fingerprint", "input_shards", "n_shards", "shard_range", "curve_length",
+    "input_fingerprint", "input_shards", "n_shards", "shard_range", "curve_length", "plans",
 })
