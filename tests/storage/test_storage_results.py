@@ -216,6 +216,14 @@ def test_plans_follow_the_commit_protocol(tmp_path):
     commit(plain, 0)
     with pytest.raises(ValueError, match="has no plans: the run did not store them"):
         read_results(str(tmp_path / "plain")).plans()
+    # a shard without an ok problem (given up, all invalid) commits an empty plans table
+    ids = np.arange(20, 25) * 10  # positions 20..24
+    info = writer.committer.commit_shard(2, BatchOutcome(ids, ["failed"] * 5, ["gave up"] * 5,
+                                                         [None] * 5, np.nan), gave_up="gave up")
+    assert info["plan_rows"] == 0
+    res = read_results(str(out))
+    assert 2 in res.committed_shards and res.plans(ids).empty
+    assert res.problems.set_index("problem_id").costs.loc[ids].isna().all()
     # finalize removes the plans of shards without a marker
     (out / "_commits" / "shard-000002.json").unlink()
     writer.finalize()
