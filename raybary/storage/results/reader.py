@@ -16,7 +16,7 @@ import json
 import operator
 import posixpath
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -194,7 +194,7 @@ class Results:
         return out
 
     # -------------------------------------------------------- plans
-    def plans(self, problem_ids=None):
+    def plans(self, problem_ids: Sequence[int] | np.ndarray | None = None) -> Any:
         """The plans of the ``ok`` problems (all, or those of ``problem_ids``), one
         row per plan entry: ``problem_id, gmm, bar_component, component, mass``
         (a DataFrame, or a Table if read ``as_="pyarrow"``; ``plans/`` in
@@ -202,7 +202,8 @@ class Results:
 
         The shards' plans are read when asked for, from the commits whose
         :attr:`problems` were read: a shard rewritten since is left out, with
-        a warning (read the results again).
+        a warning (read the results again). With ``problem_ids``, only the
+        shards that hold them are read.
         """
         if not self.layout.get("plans"):
             raise ValueError(f"{_fs.redact_url(self.url)} has no plans: the run did not store "
