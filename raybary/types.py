@@ -155,7 +155,8 @@ class Result:
     Attributes:
       weights, means, covs: the barycenter GMM, ``(n,)``, ``(n, d)``, ``(n, d, d)``.
       objective: transport objective ``sum_j lambda_j <P_j, C_j>`` of the final
-        plans against the returned atoms, without the entropy term.
+        plans against the returned atoms, without the entropy term:
+        ``sum_j lambdas[j] * costs[j]`` (lambdas normalised to sum to one).
       converged: whether the stopping criteria were met before ``max_iterations``.
       iterations: outer (plan / atom) iterations done.
       marginal_error: largest L1 error of the plans' marginals.
@@ -163,6 +164,17 @@ class Result:
       status: ``"ok"``, or ``"failed"`` when the solver produced non-finite values.
       error: what went wrong when ``status`` is not ``"ok"``.
       extra: solver diagnostics (Sinkhorn iterations, epsilon used, ...).
+      costs: ``float64 (J,)``, each input GMM's transport cost to the
+        barycenter, ``<P_j, C_j>`` under the squared Bures cost between
+        components (the convention of :func:`raybary.mw2`; an upper bound of
+        the exact MW2^2 of the pair, close to it at small epsilon), in input
+        order; NaN for a GMM of lambda 0 (it takes no part). ``None`` where
+        the solver gave none (a failed problem).
+      plans: one ``float64 (n, K_j)`` plan per input GMM, in input order
+        (``None`` for a GMM of lambda 0): ``plans[j][i, k]`` is the mass
+        moved between barycenter component ``i`` and component ``k`` of GMM
+        ``j``; rows sum to ``weights``, columns to the GMM's weights
+        (normalised), and ``(plans[j] * C_j).sum() == costs[j]``.
     """
 
     weights: np.ndarray
@@ -176,6 +188,8 @@ class Result:
     status: str = "ok"
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    costs: np.ndarray | None = None
+    plans: list[np.ndarray | None] | None = None
 
     def gmm(self) -> GMM:
         return GMM(self.weights, self.means, self.covs)

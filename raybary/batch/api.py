@@ -169,7 +169,7 @@ def solve_with(problems: Problem | Sequence[Problem], options: SolverOptions, *,
             out, norm = _solve_chunk(engine, problems, plan, options, config, bucket, chunk,
                                      min(next_pow2(len(chunk)), next_pow2(batch_size)), stats)
             for row, (i, r) in enumerate(chunk):
-                res = _to_result(out, row, plan.sizes[i], problems[i].dim, norm, r)
+                res = _to_result(out, row, plan.sizes[i], problems[i], norm, r)
                 if best[i] is None or _better(res, best[i]):
                     best[i] = res
             finished.add(i for i, _ in chunk)
@@ -295,17 +295,34 @@ def _better(a: Result, b: Result) -> bool:
     return bool(a.objective < b.objective)
 
 
-def _to_result(out: dict, row: int, n: int, d: int, norm, restart: int) -> Result:
+def _split_plans(out: dict, row: int, n: int, problem: Problem) -> tuple[np.ndarray, list]:
+    """The per-GMM costs ``(J,)`` (solver units) and plans (``(n, K_j)``, ``None``
+    for GMMs that take no part: NaN cost) of row ``row``: the flat layout holds
+    GMM j's components contiguously, in input order."""
+    J = problem.n_gmms
+    costs = out["costs"][row, :J].astype(np.float64)
+    flat = out["plans"][row, :n].astype(np.float64)
+    bounds = np.cumsum([0] + [g.n_components for g in problem.gmms])
+    plans = [flat[:, bounds[j]:bounds[j + 1]] if not np.isnan(costs[j]) else None
+             for j in range(J)]
+    return costs, plans
+
+
+def _to_result(out: dict, row: int, n: int, problem: Problem, norm, restart: int) -> Result:
+    d = problem.dim
     c, s = norm.center[row, :d], norm.scale[row]
     weights = out["weights"][row, :n].astype(np.float64)
     means = out["means"][row, :n, :d].astype(np.float64) * s + c
     covs = out["covs"][row, :n, :d, :d].astype(np.float64) * s**2
     objective = float(out["objective"][row]) * s**2
+    costs, plans = _split_plans(out, row, n, problem)
+    costs *= s**2
     finite = (
         np.isfinite(objective)
         and np.all(np.isfinite(weights))
         and np.all(np.isfinite(means))
         and np.all(np.isfinite(covs))
+        and all(np.all(np.isfinite(p)) for p in plans if p is not None)
     )
     return Result(
         weights=weights,
@@ -322,4 +339,6 @@ def _to_result(out: dict, row: int, n: int, d: int, norm, restart: int) -> Resul
             "plan_iterations": int(out["plan_iterations"][row]),
             "epsilon": float(out["epsilon"][row]) * s**2,
         },
+        costs=costs if finite else None,
+        plans=plans if finite else None,
     )

@@ -10,6 +10,7 @@ those of :mod:`raybary.runner.options`, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import fields
@@ -135,6 +136,9 @@ exec_options = _options(
 @click.option("--input-grids", type=click.IntRange(min=0), default=_default(_G, "input_gmms"),
               show_default=True,
               help="Also store the grids of the first J input GMMs of each problem.")
+@click.option("--plans/--no-plans", default=_default(_G, "plans"), show_default=True,
+              help="Also store each problem's transport plans in OUTPUT/plans/ (long "
+                   "format: problem_id, gmm, bar_component, component, mass).")
 @exec_options
 @click.option("--quiet", "-q", is_flag=True, default=not _default(_E, "progress"),
               help="No progress line.")
@@ -160,7 +164,7 @@ def run_cmd(input_url, output_url, quiet, as_json, storage_options, output_stora
                            storage_options=storage_options,
                            output_storage_options=output_storage_options,
                            stream=None if quiet else sys.stderr),
-               quiet, as_json, summary_text)
+               quiet, as_json, functools.partial(summary_text, plans=grid.plans))
 
 
 def report_run(start, quiet: bool, as_json: bool, summary) -> None:
@@ -182,17 +186,19 @@ def report_run(start, quiet: bool, as_json: bool, summary) -> None:
 def build_options(*, quiet: bool = False, **params) -> tuple[SolverOptions, GridOptions,
                                                             ExecOptions]:
     """The run's options from ``raybary run``'s parameters (named as the options'
-    fields, except ``grid_*``, ``input_grids`` and ``quiet``); raises
+    fields, except ``grid_*``, ``input_grids``, ``plans`` and ``quiet``); raises
     :class:`~raybary.errors.OptionsError` for options that do not go together."""
     grid = GridOptions(shape=params.pop("grid_shape"), bounds=params.pop("grid_bounds"),
-                       dims=params.pop("grid_dims"), input_gmms=params.pop("input_grids"))
+                       dims=params.pop("grid_dims"), input_gmms=params.pop("input_grids"),
+                       plans=params.pop("plans", False))
     solver = SolverOptions(**{f.name: params.pop(f.name) for f in fields(SolverOptions)})
     exe = ExecOptions(progress=not quiet, **params)
     return solver, grid, exe
 
 
-def summary_text(report) -> str:
-    """The end-of-run summary: counts, throughput, where the results are."""
+def summary_text(report, *, plans: bool = False) -> str:
+    """The end-of-run summary: counts, throughput, where the results are
+    (``plans``: the run stored plans too)."""
     c = report.counts
     lines = [
         f"raybary run: {report.n_problems} problems in {report.n_shards} shards "
@@ -210,7 +216,8 @@ def summary_text(report) -> str:
     out = report.output
     lines += [
         f"  results      {out}/problems/ (one row per problem), {out}/barycenters/ "
-        f"(one row per component), {out}/grids.zarr (log-density grids)",
+        f"(one row per component), {out}/grids.zarr (log-density grids)"
+        + (f", {out}/plans/ (one row per plan entry)" if plans else ""),
         f"  read them    raybary show {out}   |   python: raybary.read_results({out!r})",
         f"               duckdb: SELECT status, count(*) FROM '{out}/problems/*.parquet' "
         "GROUP BY status",

@@ -92,6 +92,7 @@ def result_row_schema() -> pa.Schema:
         ("status", pa.string()),
         ("error", pa.string()),
         ("objective", _F64),
+        ("costs", _LIST1),
         ("iterations", pa.int32()),
         ("converged", pa.bool_()),
         ("marginal_error", _F64),

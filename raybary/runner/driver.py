@@ -344,7 +344,7 @@ def _run(input_url: str, output_url: str, solver: SolverOptions | None,
                           grid_shape=grid.shape, input_grid_gmms=grid.input_gmms,
                           options=recorded_options(solver, grid), input_url=store.url,
                           input_fingerprint=store.fingerprint(), input_shards=shard_ids,
-                          storage_options=storage.output)
+                          storage_options=storage.output, plans=grid.plans)
 
     def new_actor():
         from raybary.runner.actor import ShardWorker, make_actor

@@ -68,12 +68,18 @@ class GridOptions:
     or ``None`` for extents from each problem's input and barycenter
     components (shared by the barycenter and the input grids of that problem);
     ``dims`` the two coordinates shown when ``d > 2``; ``input_gmms`` how many
-    input GMMs' grids to store too."""
+    input GMMs' grids to store too.
+
+    The other per-problem output stored beside the grids: ``plans``, each
+    problem's transport plans (``plans/`` of the results, one row per plan
+    entry; ``raybary run --plans``). Recorded with the results like the grids:
+    a resume with the other choice is refused."""
 
     shape: tuple[int, int] | None = DEFAULT_GRID
     bounds: tuple[float, float, float, float] | None = None
     dims: tuple[int, int] = (0, 1)
     input_gmms: int = 0
+    plans: bool = False
 
     def __post_init__(self) -> None:
         if self.shape is not None and (len(self.shape) != 2 or min(self.shape) < 1):

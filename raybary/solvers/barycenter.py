@@ -160,8 +160,9 @@ class BarycenterState(NamedTuple):
     ``cross (n, L, d, d)`` and ``inv_sqrt (n, d, d)`` are the Bures cross
     terms and :math:`S^{-1/2}` of the atoms ``cost`` was computed for (the
     atom update needs them); ``plans`` is the plan solve in progress for
-    ``cost``; ``blocks`` counts loop blocks (of ``config.plan_block`` plan
-    iterations each); ``stalled`` the outer iterations in a row whose plan
+    ``cost``; ``kept_plan (n, L)`` the plans (without lambda) of the last
+    kept measurement, the ones :func:`finish_one` returns; ``blocks`` counts
+    loop blocks (of ``config.plan_block`` plan iterations each); ``stalled`` the outer iterations in a row whose plan
     solve ran out of iterations without reaching :data:`SOLVED_ERROR` (the
     dtype cannot resolve the plans at this epsilon: after
     :data:`STALL_LIMIT` of them the problem stops, not converged, instead of
@@ -187,12 +188,21 @@ class BarycenterState(NamedTuple):
     cross: jnp.ndarray
     inv_sqrt: jnp.ndarray
     plans: PlanLoop
+    kept_plan: jnp.ndarray
     blocks: jnp.ndarray
     stalled: jnp.ndarray
 
 
 class BarycenterOutput(NamedTuple):
-    """Result of one problem: the barycenter and diagnostics."""
+    r"""Result of one problem: the barycenter, its plans and diagnostics.
+
+    ``plans (n, L)``: all J plans in the flat layout (GMM j's columns are its
+    components, ``gmm_index == j``), without lambda, rows summing to
+    ``weights`` and GMM j's columns to its component weights; ``costs (J,)``:
+    each plan's transport cost :math:`\langle P_j, C_j\rangle` against the
+    returned atoms (NaN for padded GMMs and GMMs of lambda 0); ``objective`` is
+    :math:`\sum_j \lambda_j` ``costs[j]`` (normalised lambdas).
+    """
 
     weights: jnp.ndarray
     means: jnp.ndarray
@@ -203,6 +213,8 @@ class BarycenterOutput(NamedTuple):
     marginal_error: jnp.ndarray
     plan_iterations: jnp.ndarray
     epsilon: jnp.ndarray
+    costs: jnp.ndarray
+    plans: jnp.ndarray
 
 
 def _costs(means, covs, comp_means, comp_covs, comp_sqrt, pair_mask):
@@ -363,6 +375,7 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
         inv_sqrt=jnp.zeros((n, d, d), dtype),
         plans=idle_loop(init_state(cost0, jnp.zeros((J, n), dtype), zeros_l, log_a0,
                                    p.gmm_index), J, eps),  # replaced by _start_plans
+        kept_plan=jnp.zeros((n, L), dtype),
         blocks=jnp.asarray(0, jnp.int32),
         stalled=jnp.asarray(0, jnp.int32),
     )
@@ -372,13 +385,14 @@ def init_one(p: PaddedProblem, config: SolverConfig) -> BarycenterState:
 class PlanMeasure(NamedTuple):
     """The solved plans of one outer iteration, measured.
 
-    ``result``: the plan solver's output; ``weight_il (n, L)``: the plans
-    weighted by each component's lambda; ``objective``; ``slack``: how much
+    ``result``: the plan solver's output; ``plan (n, L)``: the plans;
+    ``weight_il (n, L)``: the plans weighted by each component's lambda; ``objective``; ``slack``: how much
     the objective may move and still count as unchanged; ``solved``: the
     plans' marginal error is small enough for them to count.
     """
 
     result: PlanState
+    plan: jnp.ndarray
     weight_il: jnp.ndarray
     objective: jnp.ndarray
     slack: jnp.ndarray
@@ -411,7 +425,7 @@ def _measure_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
     slack = (config.tol * jnp.maximum(jnp.abs(objective), tiny) + result.error * s.scale
              + rounding)
     solved = result.error <= max(10 * config.plan_tol, SOLVED_ERROR)
-    return PlanMeasure(result, weight_il, objective, slack, solved)
+    return PlanMeasure(result, plan, weight_il, objective, slack, solved)
 
 
 def _move_atoms(s: BarycenterState, p: PaddedProblem, weight_il: jnp.ndarray, move: jnp.ndarray,
@@ -456,6 +470,7 @@ def _finish_plans(s: BarycenterState, p: PaddedProblem, masks: ProblemMasks,
         g=m.result.g,
         objective=jnp.where(keep, m.objective, ref),
         reference=jnp.where(keep, m.objective, ref),
+        kept_plan=jnp.where(keep, m.plan, s.kept_plan),
         weights=w.state,
         iteration=s.iteration + 1,
         done=w.stop,
@@ -520,20 +535,43 @@ def run_one(
 
 
 def finish_one(state: BarycenterState, p: PaddedProblem) -> BarycenterOutput:
-    """The barycenter and diagnostics from a final state."""
+    r"""The barycenter, its plans and diagnostics from a final state.
+
+    The plans are the last kept ones (``state.kept_plan``), and each input's
+    cost is their transport cost against the returned atoms:
+    :math:`c_j = \langle P_j, C_j \rangle` with ``state.cost``, which
+    :func:`_start_plans` computed for those atoms. The objective is
+    :math:`\sum_j \lambda_j c_j`, so that it is exactly the objective of the
+    returned barycenter and plans. With fixed weights that is the objective
+    the loop last measured (the last iteration does not move the atoms); when
+    learning weights ends on an undone trial, the atoms moved after the kept
+    plans were measured, which lowers their cost (the atom update does not
+    raise it for fixed plans). A problem never measured keeps its objective
+    (infinite). A GMM of lambda 0 (or padded) takes no part: its plan is not
+    solved and its cost is NaN.
+    """
     dtype = p.means.dtype
     a = jnp.where(p.atom_mask, jnp.exp(jnp.where(p.atom_mask, state.log_a, 0.0)), 0.0)
     a = a / jnp.maximum(jnp.sum(a), jnp.finfo(dtype).tiny)
+    masks = problem_masks(p)
+    costs = masks.member.astype(dtype) @ jnp.sum(state.kept_plan * state.cost, axis=0)
+    taking_part = masks.lambdas > 0  # the others' plans are not solved
+    objective = jnp.where(jnp.isfinite(state.objective),
+                          jnp.sum(jnp.where(taking_part, masks.lambdas * costs, 0.0)),
+                          state.objective)
+    costs = jnp.where(taking_part, costs, jnp.nan)
     return BarycenterOutput(
         weights=a,
         means=state.means,
         covs=state.covs,
-        objective=state.objective,
+        objective=objective,
         converged=state.converged,
         iterations=state.iteration,
         marginal_error=state.error,
         plan_iterations=state.plan_iterations,
         epsilon=state.epsilon,
+        costs=costs,
+        plans=state.kept_plan,
     )
 
 

@@ -247,6 +247,49 @@ def test_learned_weights(tutorial):
     assert improved >= 1
 
 
+# --------------------------------------------------------------------------- per-input costs and plans
+
+
+@pytest.mark.parametrize("learn_weights", [False, True])
+def test_costs_and_plans_make_up_the_objective(tutorial, learn_weights):
+    """``Result.costs[j]`` is ``<P_j, C_j>`` of ``Result.plans[j]`` under the
+    squared Bures cost to the returned atoms (POT's ``dist_bures_squared``,
+    computed independently), the objective is ``sum_j lambda_j costs[j]``,
+    each plan couples the barycenter's weights with GMM j's, and each cost is
+    at least POT's exact ``MW2^2`` (a coupling's cost) and close to it. A GMM
+    of lambda 0 takes no part: NaN cost, no plan."""
+    import ot
+
+    problems = [p for p, _ in tutorial]
+    inits = [i for _, i in tutorial]
+    off = Problem(problems[0].gmms, [0.5, 0.5, 0.0])  # same shapes: no new compile
+    results = raybary.solve(problems + [off], bar_size=6, init=inits + [inits[0]],
+                            dtype="float64", learn_weights=learn_weights)
+    for p, r in zip(problems + [off], results):
+        lam = p.lambdas / p.lambdas.sum()
+        assert len(r.costs) == len(r.plans) == p.n_gmms
+        taking = lam > 0
+        assert r.objective == pytest.approx(float(lam[taking] @ r.costs[taking]), rel=1e-12)
+        for j, g in enumerate(p.gmms):
+            if not taking[j]:
+                assert np.isnan(r.costs[j]) and r.plans[j] is None
+                continue
+            plan = r.plans[j]
+            assert plan.shape == (6, g.n_components)
+            np.testing.assert_allclose(plan.sum(axis=1), r.weights, atol=1e-7)
+            np.testing.assert_allclose(plan.sum(axis=0), g.weights, atol=1e-7)
+            cost = ot.gmm.dist_bures_squared(r.means, g.means, r.covs, g.covs)
+            assert float(np.sum(plan * cost)) == pytest.approx(r.costs[j], rel=1e-9)
+            exact = ref.pot_mw2(r.gmm(), g)
+            assert exact * (1 - 1e-9) <= r.costs[j] <= exact * (1 + 1e-2), (j, r.costs[j], exact)
+    # lambda 0 for GMM 2: the others' barycenter, as if it were not there (up to
+    # the warm starts, whose schedule sees GMM 2's costs move too)
+    two = raybary.solve(Problem(problems[0].gmms[:2], [0.5, 0.5]), bar_size=6, init=[inits[0]],
+                        dtype="float64", learn_weights=learn_weights)[0]
+    assert results[-1].objective == pytest.approx(two.objective, rel=1e-6)
+    np.testing.assert_allclose(results[-1].costs[:2], two.costs, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- API behaviour
 
 

@@ -49,9 +49,9 @@ def test_every_options_field_a_user_sets_has_its_cli_default():
 def test_options_are_parsed_by_options_py():
     solver, grid, exe = build_options(**_params(
         "--grid", "40x60", "--grid-bounds", "-1,2,-3,4", "--grid-dims", "0,2", "-n", "3",
-        "--max-attempts", "5", "--placement-timeout", "7", "-q"))
+        "--max-attempts", "5", "--placement-timeout", "7", "--plans", "-q"))
     assert grid.shape == options.parse_grid("40x60") == (40, 60)
-    assert grid.bounds == (-1.0, 2.0, -3.0, 4.0) and grid.dims == (0, 2)
+    assert grid.bounds == (-1.0, 2.0, -3.0, 4.0) and grid.dims == (0, 2) and grid.plans
     assert solver.bar_size == 3 and exe.max_attempts == 5 and exe.placement_timeout_s == 7.0
     assert exe.progress is False
     assert options.format_grid((40, 60)) == "40x60" and options.format_grid(None) == "none"

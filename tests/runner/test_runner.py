@@ -27,7 +27,7 @@ from stores import write_broken_copy
 import raybary
 from raybary.runner import ExecOptions, GridOptions, SolverOptions, run
 from raybary.runner.shard import problem_extents
-from raybary.storage import open_store, read_results
+from raybary.storage import ResultsConflictError, open_store, read_results
 from raybary.storage.generate import generate
 
 N, SHARD, GRID = 80, 10, (8, 8)
@@ -115,9 +115,55 @@ def test_zarr_gives_the_same_results_as_parquet(data, reference):
     np.testing.assert_allclose(a.grids().barycenter, b.grids().barycenter, rtol=1e-6)
 
 
-def test_invalid_problems_are_reported_and_the_rest_solved(data, reference):
+@pytest.fixture(scope="module")
+def bad_run(data):
+    """A run of the store with four invalid problems (shard 1), with plans."""
     out = str(data["root"] / "bad-out")
-    report = run(data["bad"], out, SOLVER, GridOptions(shape=GRID), exe(), stream=None)
+    report = run(data["bad"], out, SOLVER, GridOptions(shape=GRID, plans=True), exe(),
+                 stream=None)
+    return out, report
+
+
+def check_costs_and_plans(res, store, positions):
+    """The problems at ``positions``: ``costs`` null unless ok; for ok ones, one
+    cost per input GMM, ``objective = sum_j lambda_j costs[j]``, and each plan
+    in ``res.plans()`` couples the barycenter's weights with the GMM's, its
+    transport cost under the squared Bures cost (POT's, to the stored
+    barycenter) being ``costs[j]``."""
+    import ot
+
+    df = res.problems.set_index("position")
+    plans = res.plans(df.loc[positions, "problem_id"].tolist())
+    checked = 0
+    for pos in positions:
+        row = df.loc[pos]
+        if row.status != "ok":
+            assert row.costs is None, (pos, row.costs)
+            assert not (plans.problem_id == row.problem_id).any()
+            continue
+        p = store.read(pos, pos + 1).problems[0]
+        bary = res.barycenter(row.problem_id)
+        costs = np.asarray(row.costs)
+        assert costs.shape == (p.n_gmms,) and np.all(costs > 0)
+        assert row.objective == pytest.approx(float(p.lambdas @ costs), rel=1e-6)
+        mine = plans[plans.problem_id == row.problem_id]
+        assert len(mine) == 3 * p.n_components  # every entry, no padding
+        for j, g in enumerate(p.gmms):
+            e = mine[mine.gmm == j]
+            plan = np.zeros((3, g.n_components))
+            plan[e.bar_component, e.component] = e.mass
+            assert len(e) == plan.size
+            np.testing.assert_allclose(plan.sum(axis=1), bary.weights, atol=1e-5)
+            np.testing.assert_allclose(plan.sum(axis=0), g.weights,
+                                       atol=2 * row.marginal_error + 1e-5)
+            cost = ot.gmm.dist_bures_squared(bary.means, g.means, bary.covs, g.covs)
+            assert float(np.sum(plan * cost)) == pytest.approx(costs[j], rel=1e-4)
+        checked += 1
+    return checked
+
+
+def test_invalid_problems_are_reported_and_the_rest_solved(data, reference, bad_run):
+    out, report = bad_run
     assert report.complete  # invalid inputs do not make the job fail
     assert report.counts == {"ok": N - 4, "invalid": 4, "failed": 0}
     res = read_results(out)
@@ -144,6 +190,38 @@ def test_invalid_problems_are_reported_and_the_rest_solved(data, reference):
                          ids=[shard.problem_ids[i] for i in valid])
     np.testing.assert_allclose(df.loc[[10 + i for i in valid], "objective"],
                                [r.objective for r in want], rtol=1e-6)
+    for i, r in zip(valid, want):
+        np.testing.assert_allclose(df.loc[10 + i, "costs"], r.costs, rtol=1e-6)
+    # per-input costs and plans: the invalid problems have none
+    assert check_costs_and_plans(res, open_store(data["bad"]), list(range(8, 22))) == 10
+
+
+def test_resumed_run_with_plans_keeps_one_copy_of_each(data, bad_run):
+    """A shard redone on resume replaces its plans (same file, new commit):
+    exactly one row per plan entry, the same values; a resume without
+    --plans is refused."""
+    out = str(data["root"] / "bad-resume")
+    shutil.copytree(bad_run[0], out)
+    stale = read_results(out)
+    Path(out, "_commits", "shard-000001.json").unlink()
+    Path(out, "_manifest.json").unlink()
+    report = run(data["bad"], out, SOLVER, GridOptions(shape=GRID, plans=True), exe(actors=1),
+                 stream=None)
+    assert report.complete and report.shards_run == 1
+    res = read_results(out)
+    check_exactly_once(res)
+    key = ["problem_id", "gmm", "bar_component", "component"]
+    plans, old = res.plans(), read_results(bad_run[0]).plans()
+    assert not plans.duplicated(key).any() and len(plans) == len(old)
+    merged = plans.merge(old, on=key, suffixes=("", "_before"))
+    assert len(merged) == len(old)
+    np.testing.assert_allclose(merged.mass, merged.mass_before, rtol=1e-9, atol=1e-12)
+    assert len(list(Path(out, "plans").iterdir())) == N // SHARD
+    # results read before the resume do not mix in the new commit's plans
+    with pytest.warns(UserWarning, match="plans of shard 1 are left out: was rewritten"):
+        assert set(stale.plans().problem_id) == set(plans.problem_id) - set(range(10, 20))
+    with pytest.raises(ResultsConflictError, match="plans: True"):
+        run(data["bad"], out, SOLVER, GridOptions(shape=GRID), exe(), stream=None)
 
 
 def test_d3_with_marginal_grids(data):

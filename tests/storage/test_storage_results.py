@@ -10,6 +10,7 @@ import sys
 import uuid
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -25,6 +26,15 @@ H, W = 6, 5
 OPTIONS = {"epsilon": 0.1, "n": 3, "scale_free": False, "init": "kmeans", "tol": [1e-6, 1e-9]}
 
 
+SIZES = (2, 3)  # the components of a fake result's two input GMMs
+
+
+def fake_plans(pid: int, n: int, shift: float) -> list[np.ndarray]:
+    """Distinct values per problem, gmm, row and column (read back exactly)."""
+    return [np.arange(n * k, dtype=float).reshape(n, k) / 100 + j + pid + shift
+            for j, k in enumerate(SIZES)]
+
+
 def fake_result(pid: int, n: int = 3, d: int = 2, shift: float = 0.0) -> Result:
     return Result(
         weights=np.full(n, 1.0 / n),
@@ -34,6 +44,8 @@ def fake_result(pid: int, n: int = 3, d: int = 2, shift: float = 0.0) -> Result:
         converged=pid % 2 == 0,
         iterations=5 + pid,
         marginal_error=1e-7,
+        costs=np.array([4.0, 16.0]) + pid + shift,
+        plans=fake_plans(pid, n, shift),
     )
 
 
@@ -112,6 +124,110 @@ def test_full_run_and_read_back_with_pyarrow_pandas_duckdb(tmp_path):
 
     bary = pq.read_table(f"{out}/barycenters").to_pandas()
     assert len(bary) == 54
+
+
+def test_costs_column_and_schemas():
+    """``costs`` is a list<double> column after ``objective``; ``plans/`` has
+    the long format of docs/storage.md."""
+    from raybary.storage.results import plans_schema, problems_schema
+
+    schema = problems_schema({})
+    assert schema.names.index("costs") == schema.names.index("objective") + 1
+    assert schema.field("costs").type == pa.list_(pa.float64())
+    assert [(f.name, str(f.type)) for f in plans_schema()] == [
+        ("problem_id", "int64"), ("gmm", "int32"), ("bar_component", "int32"),
+        ("component", "int32"), ("mass", "double")]
+
+
+def _plan_rows(pid: int, shift: float = 0.0) -> list[tuple]:
+    """The rows ``plans/`` should hold for ``fake_result(pid, shift=shift)``."""
+    return [(pid, j, i, k, float(p[i, k])) for j, p in enumerate(fake_plans(pid, 3, shift))
+            for i in range(p.shape[0]) for k in range(p.shape[1])]
+
+
+def test_plans_are_committed_with_their_shard_and_read_back(tmp_path):
+    """With plans, each commit writes ``plans/shard-*.parquet`` under the
+    shard's commit id: read back entry for entry, one copy per problem after
+    rewrites, costs null where the problem is not ok."""
+    out = str(tmp_path / "out")
+    writer = make_writer(out, plans=True)
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        info = commit(writer, shard)
+        assert info["plan_rows"] == sum(15 for pid in range(shard * 100, min(shard * 100 + 100,
+                                                                            250), 10)
+                                        if pid % 70 not in (30, 60))
+    commit(writer, 1, shift=100.0)  # rewritten: only the new plans count
+    writer.finalize()
+    res = read_results(out)
+    assert res.layout["plans"] is True
+    costs = res.problems.set_index("problem_id").costs
+    assert costs.loc[40].tolist() == [44.0, 56.0] and costs.loc[110].tolist() == [214.0, 226.0]
+    assert costs.loc[[30, 60]].isna().all()  # invalid, failed
+    plans = res.plans()
+    assert list(plans.columns) == ["problem_id", "gmm", "bar_component", "component", "mass"]
+    ok = res.problems.problem_id[res.problems.status == "ok"].tolist()
+    want = [row for pid in ok for row in _plan_rows(pid, 100.0 if 100 <= pid < 200 else 0.0)]
+    assert sorted(map(tuple, plans.itertuples(index=False))) == sorted(want)
+    some = res.plans([40, 110, 30])  # 30 is invalid: no rows
+    assert sorted(set(some.problem_id)) == [40, 110] and len(some) == 30
+    arrow = read_results(out, as_="pyarrow").plans([40])
+    assert arrow.num_rows == 15 and arrow.schema.field("mass").type == pa.float64()
+    assert len(list((tmp_path / "out" / "plans").iterdir())) == 3
+
+
+def test_plans_follow_the_commit_protocol(tmp_path):
+    """A plans table of another attempt than the marker's leaves the shard out
+    (and a resume redoes it); a shard rewritten after the results were read
+    leaves its plans out with a warning; a resume must keep the plans choice."""
+    out = tmp_path / "out"
+    writer = make_writer(str(out), plans=True)
+    writer.prepare()
+    for shard in range(writer.n_shards):
+        commit(writer, shard)
+    stale = read_results(str(out))
+    marker_a = (out / "_commits" / "shard-000001.json").read_bytes()
+    commit(writer, 0, shift=50.0)  # after `stale` was read
+    with pytest.warns(UserWarning, match="plans of shard 0 are left out: was rewritten"):
+        assert set(stale.plans().problem_id) == set(stale.problems.problem_id[
+            (stale.problems.status == "ok") & (stale.problems.shard > 0)])
+    # writer B wrote every table of shard 1, A's late marker names A's commit
+    commit(writer, 1, shift=100.0)
+    (out / "_commits" / "shard-000001.json").write_bytes(marker_a)
+    with pytest.warns(UserWarning, match="shard 1 is being rewritten"):
+        assert read_results(str(out)).committed_shards == [0, 2]
+    # only the plans table of another commit: the same
+    commit(writer, 1, shift=100.0)
+    plans_b = (out / "plans" / "shard-000001.parquet").read_bytes()
+    commit(writer, 1, shift=200.0)
+    (out / "plans" / "shard-000001.parquet").write_bytes(plans_b)
+    with pytest.warns(UserWarning, match="shard 1 is being rewritten"):
+        assert read_results(str(out)).committed_shards == [0, 2]
+    assert make_writer(str(out), plans=True).prepare() == {0, 2}  # a resume redoes shard 1
+    # resuming without plans (or plans on a run without) is refused
+    with pytest.raises(ResultsConflictError, match=r"plans: True \(existing\) vs None \(now\)"):
+        make_writer(str(out)).prepare()
+    plain = make_writer(str(tmp_path / "plain"))
+    plain.prepare()
+    assert "plans" not in json.loads((tmp_path / "plain" / "_layout.json").read_text())
+    assert not (tmp_path / "plain" / "plans").exists()
+    with pytest.raises(ResultsConflictError, match=r"plans: None \(existing\) vs True \(now\)"):
+        make_writer(str(tmp_path / "plain"), plans=True).prepare()
+    commit(plain, 0)
+    with pytest.raises(ValueError, match="has no plans: the run did not store them"):
+        read_results(str(tmp_path / "plain")).plans()
+    # a shard without an ok problem (given up, all invalid) commits an empty plans table
+    ids = np.arange(20, 25) * 10  # positions 20..24
+    info = writer.committer.commit_shard(2, BatchOutcome(ids, ["failed"] * 5, ["gave up"] * 5,
+                                                         [None] * 5, np.nan), gave_up="gave up")
+    assert info["plan_rows"] == 0
+    res = read_results(str(out))
+    assert 2 in res.committed_shards and res.plans(ids).empty
+    assert res.problems.set_index("problem_id").costs.loc[ids].isna().all()
+    # finalize removes the plans of shards without a marker
+    (out / "_commits" / "shard-000002.json").unlink()
+    writer.finalize()
+    assert sorted(p.name for p in (out / "plans").iterdir()) == ["shard-000000.parquet"]
 
 
 def test_grids_rows_are_store_positions_and_chunks_align(tmp_path):

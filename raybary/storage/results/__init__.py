@@ -9,7 +9,7 @@ Its modules, re-exported here (``from raybary.storage.results import ...``):
 * :mod:`~raybary.storage.results.writer`: :class:`ResultWriter` (driver:
   prepare and finalise the directory);
 * :mod:`~raybary.storage.results.commit`: :class:`ShardCommitter` and
-  :class:`ShardGrids` (actors: commit a shard);
+  :class:`ShardGrids` (actors: commit a shard, and its plans in runs that store them);
 * :mod:`~raybary.storage.results.reader`: :func:`read_results`,
   :class:`Results` (barycenters as :class:`raybary.GMM`: ``res.barycenter(pid)``,
   ``res.iter_barycenters()``), :class:`BarycenterNotFoundError`, :class:`Grids`,
@@ -31,6 +31,7 @@ from raybary.storage.results.layout import (
     LEASE_SETTLE_S,
     LEASE_STALE_S,
     MANIFEST_FILE,
+    PLANS_DIR,
     RESULTS_FORMAT,
     RESULTS_VERSION,
     STATUSES,
@@ -38,6 +39,7 @@ from raybary.storage.results.layout import (
     barycenters_schema,
     curve_length,
     input_changes,
+    plans_schema,
     problems_schema,
 )
 from raybary.storage.results.lease import OutputLease
@@ -78,5 +80,7 @@ __all__ = [
     "summarize",
     "problems_schema",
     "barycenters_schema",
+    "plans_schema",
+    "PLANS_DIR",
     "input_changes",
 ]

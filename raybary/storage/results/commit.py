@@ -8,9 +8,11 @@ actor gets a copy.
 A commit draws a commit id, writes the shard's grids into a group named by
 it (``grids.zarr/shard-000012-<commit>``: no other attempt writes there, and
 the committed attempt's grids are not touched), removes the shard's old
-marker, writes each table (its footer carries the commit id) to ``_tmp/`` and
-renames it onto its fixed name, then writes the marker (the commit id and the
-grids group). A reader that follows the markers never sees half a shard, a
+marker, writes each table (its footer carries the commit id: ``problems``,
+``barycenters`` and, in a run that stores plans, ``plans``) to ``_tmp/`` and
+renames it onto its fixed name, then writes the marker (the commit id, the
+grids group and, with plans, ``plan_rows``: the marker says which tables it
+commits, :func:`~raybary.storage.results.layout.marker_tables`). A reader that follows the markers never sees half a shard, a
 rewritten shard replaces the old one (same file names; the marker names the
 new grids): never a duplicate, and a shard's grids always come from the
 attempt whose tables are read.
@@ -39,12 +41,14 @@ from raybary.storage.results.layout import (
     COMMITS_DIR,
     DEFAULT_TABLES,
     GRIDS_DIR,
+    PLANS_DIR,
     barycenters_schema,
     curve_length,
     grid_group_name,
     input_changes,
     now_iso,
     option_columns,
+    plans_schema,
     problems_schema,
     result_columns,
     run_tmp,
@@ -83,7 +87,8 @@ class ShardCommitter:
     positions :meth:`shard_range` ``(i)``), ``grid_shape`` and
     ``input_grid_gmms``, the solver ``options`` (recorded as ``opt_<key>``
     columns), the input's URL, fingerprint and per-shard first and last
-    problem ids (:meth:`check_input` compares them), and the output's
+    problem ids (:meth:`check_input` compares them), ``plans`` (also
+    write each shard's plans, ``plans/``), and the output's
     ``storage_options`` (an actor writes with them; never shown).
     """
 
@@ -97,6 +102,7 @@ class ShardCommitter:
     input_url: str | None = None
     input_fingerprint: dict | None = None
     input_shards: list | None = None
+    plans: bool = False
     storage_options: StorageOptions = field(default_factory=StorageOptions, repr=False,
                                             compare=False)
     tables: tuple[str, ...] = DEFAULT_TABLES
@@ -171,12 +177,14 @@ class ShardCommitter:
         extra = {}
         if block is not None:  # into a group of this commit's own: the committed one is untouched
             extra["grids"] = self._write_grids(shard_index, start, stop, commit, block)
-        barycenters = _barycenters_table(outcome)
-        extra["barycenter_rows"] = barycenters.num_rows
+        tables = {"problems": self._problems_table(shard_index, start, outcome),
+                  "barycenters": _barycenters_table(outcome)}
+        extra["barycenter_rows"] = tables["barycenters"].num_rows
+        if self.plans:
+            tables[PLANS_DIR] = _plans_table(outcome)
+            extra["plan_rows"] = tables[PLANS_DIR].num_rows
         return self.commit_tables(
-            shard_index, {"problems": self._problems_table(shard_index, start, outcome),
-                          "barycenters": barycenters},
-            outcome.counts(), seconds=float(np.nansum(outcome.seconds)), gave_up=gave_up,
+            shard_index, tables, outcome.counts(), seconds=float(np.nansum(outcome.seconds)), gave_up=gave_up,
             commit=commit, extra=extra)
 
     def commit_tables(self, shard_index: int, tables: Mapping[str, pa.Table],
@@ -321,6 +329,31 @@ def _barycenters_table(outcome: BatchOutcome) -> pa.Table:
         },
         schema=barycenters_schema(),
     )
+
+
+def _plans_table(outcome: BatchOutcome) -> pa.Table:
+    """One row per plan entry of the shard's ``ok`` problems: every entry of
+    every plan (``Result.plans``, padding already dropped; a GMM without a
+    plan, of lambda 0, has no rows), zeros included, in the order problem,
+    gmm, bar_component, component."""
+    ids, gmms, bars, comps, masses = [], [], [], [], []
+    for pid, status, r in zip(outcome.problem_ids, outcome.statuses, outcome.results):
+        if status != "ok" or r is None or r.plans is None:
+            continue
+        for j, plan in enumerate(r.plans):
+            if plan is None:
+                continue
+            plan = np.asarray(plan, np.float64)
+            bar, comp = np.indices(plan.shape, dtype=np.int32)
+            ids.append(np.full(plan.size, pid, np.int64))
+            gmms.append(np.full(plan.size, j, np.int32))
+            bars.append(bar.reshape(-1))
+            comps.append(comp.reshape(-1))
+            masses.append(plan.reshape(-1))
+    if not ids:
+        return plans_schema().empty_table()
+    columns = [np.concatenate(c) for c in (ids, gmms, bars, comps, masses)]
+    return pa.Table.from_arrays([pa.array(c) for c in columns], schema=plans_schema())
 
 
 def _write_tables(fs, root: str, name: str, commit: str, tmp: str,

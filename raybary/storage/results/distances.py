@@ -109,7 +109,7 @@ def read_distances(url: str, *, storage_options: Mapping[str, Any] | None = None
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
     tables = []
     for shard, info in sorted(read_markers(fs, root).items()):
-        got = _read_shard(fs, root, shard, info["commit"], (DISTANCES_TABLE,))
+        got = _read_shard(fs, root, shard, info, (DISTANCES_TABLE,))
         if got is not None:
             tables.append(got[0])
     return Distances(url, _concat(tables, distances_schema()), layout, manifest)

@@ -14,6 +14,7 @@ Layout of ``OUT/``::
     _lease.json                    the run writing OUT (run id, host, pid, heartbeat)
     problems/shard-000012.parquet   one row per problem of shard 12
     barycenters/shard-000012.parquet  one row per barycenter component
+    plans/shard-000012.parquet      one row per plan entry, if the run stores plans (--plans)
     grids.zarr/                     log-density grids (raybary.grids/3), if the run makes grids:
       shard-000012-<commit>/          the grids of one attempt at shard 12, rows = its positions:
                                       2-D grids (barycenter, extent, inputs) of d >= 2 problems,
@@ -46,6 +47,7 @@ import re
 import warnings
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -74,6 +76,9 @@ __all__ = [
     "CURVE_ARRAYS",
     "problems_schema",
     "barycenters_schema",
+    "plans_schema",
+    "PLANS_DIR",
+    "marker_tables",
     "input_changes",
     "result_columns",
     "SETTINGS",
@@ -102,6 +107,7 @@ GRIDS_FORMAT = "raybary.grids"
 # (1 and 2 were development versions, never released, and are not read)
 GRIDS_VERSION = 3
 GRIDS_DIR = "grids.zarr"
+PLANS_DIR = "plans"  # the plans' tables, in runs that store them
 LAYOUT_FILE = "_layout.json"
 MANIFEST_FILE = "_manifest.json"
 COMMITS_DIR = "_commits"
@@ -111,10 +117,13 @@ LEASE_HEARTBEAT_S = 20.0  # the driver refreshes its lease this often
 LEASE_STALE_S = 120.0  # a lease without a heartbeat for this long is taken over
 LEASE_SETTLE_S = 0.3  # wait before reading a new lease back
 COMMIT_KEY = b"raybary.commit"
-#: The Parquet tables of each shard of a ``raybary run`` (a distance job's are
-#: ``("distances",)``; a marker of other tables lists them under ``tables``).
+#: The Parquet tables of each shard of a ``raybary run`` (``plans`` too in a run
+#: with plans; a distance job's are ``("distances",)``; a marker of other
+#: tables lists them under ``tables``).
 DEFAULT_TABLES = ("problems", "barycenters")
-SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url")
+# "plans" is recorded only when true (results without it read as no plans)
+SETTINGS = ("n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url",
+            "plans")
 
 
 def now_iso() -> str:
@@ -181,6 +190,7 @@ def problems_schema(options: dict | None = None) -> pa.Schema:
         ("status", pa.string()),
         ("error", pa.string()),
         ("objective", pa.float64()),
+        ("costs", pa.list_(pa.float64())),
         ("iterations", pa.int32()),
         ("converged", pa.bool_()),
         ("marginal_error", pa.float64()),
@@ -194,14 +204,20 @@ def problems_schema(options: dict | None = None) -> pa.Schema:
 
 def result_columns(results) -> dict[str, pa.Array]:
     """The per-result columns of ``problems/`` (and of Ray Data's result rows):
-    ``objective``, ``iterations``, ``converged``, ``marginal_error``,
-    ``restart``, ``n_components``; null where a result is ``None``."""
+    ``objective``, ``costs`` (each input GMM's transport cost to the
+    barycenter, in input order), ``iterations``, ``converged``,
+    ``marginal_error``, ``restart``, ``n_components``; null where a result is
+    ``None`` (``costs`` also where the result has none: a failed problem)."""
 
     def field(get, dtype):
         return pa.array([None if r is None else get(r) for r in results], dtype)
 
+    def costs(r):
+        return None if r.costs is None else np.asarray(r.costs, np.float64).tolist()
+
     return {
         "objective": field(lambda r: float(r.objective), pa.float64()),
+        "costs": field(costs, pa.list_(pa.float64())),
         "iterations": field(lambda r: int(r.iterations), pa.int32()),
         "converged": field(lambda r: bool(r.converged), pa.bool_()),
         "marginal_error": field(lambda r: float(r.marginal_error), pa.float64()),
@@ -219,6 +235,21 @@ def barycenters_schema() -> pa.Schema:
             ("weight", pa.float64()),
             ("mean", pa.list_(pa.float64())),
             ("cov", pa.list_(pa.float64())),
+        ]
+    )
+
+
+def plans_schema() -> pa.Schema:
+    """Schema of ``plans/``: one row per entry of a plan of an ``ok`` problem:
+    ``mass`` moved between barycenter component ``bar_component`` and
+    component ``component`` of input GMM ``gmm`` (input order)."""
+    return pa.schema(
+        [
+            ("problem_id", pa.int64()),
+            ("gmm", pa.int32()),
+            ("bar_component", pa.int32()),
+            ("component", pa.int32()),
+            ("mass", pa.float64()),
         ]
     )
 
@@ -304,8 +335,9 @@ def read_markers(fs, root: str, *, repair: bool = False) -> dict[int, dict]:
 
 
 def verified_markers(fs, root: str, *, repair: bool) -> dict[int, dict]:
-    """The markers whose two tables carry the marker's commit id (footers only
-    are read) and whose grids group, if they name one, exists.
+    """The markers whose tables (:func:`marker_tables`) carry the marker's
+    commit id (footers only are read) and whose grids group, if they name
+    one, exists.
 
     With ``repair``, the other markers are removed: their shards are redone by
     a resumed run and count as missing in the manifest.

@@ -16,12 +16,13 @@ import json
 import operator
 import posixpath
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute, for Results.plans
 import pyarrow.parquet as pq
 
 from raybary.errors import RaybaryError
@@ -33,12 +34,14 @@ from raybary.storage.results.layout import (
     GRIDS_DIR,
     LAYOUT_FILE,
     MANIFEST_FILE,
+    PLANS_DIR,
     RESULTS_FORMAT,
     RESULTS_VERSION,
     STATUSES,
     UNREADABLE,
     barycenters_schema,
     curve_length,
+    plans_schema,
     problems_schema,
     read_markers,
     shard_name,
@@ -107,6 +110,9 @@ class Results:
         arrays at the root of ``grids.zarr``).
       storage_options: the fsspec options the directory was read with (grids
         are read with them too; never shown).
+      commits: the commit id of each shard read (:meth:`plans` reads the
+        same commits' plans).
+      table_format: ``"pandas"`` or ``"pyarrow"``, as :func:`read_results` was asked.
     """
 
     url: str
@@ -118,6 +124,8 @@ class Results:
     grid_groups: dict[int, str | None] = field(default_factory=dict, repr=False)
     storage_options: StorageOptions = field(default_factory=StorageOptions, repr=False,
                                             compare=False)
+    commits: dict[int, str] = field(default_factory=dict, repr=False)
+    table_format: str = "pandas"
 
     @property
     def complete(self) -> bool:
@@ -185,6 +193,41 @@ class Results:
                 _copy_rows(out, source, slice(lo - rows.start, hi - rows.start),
                            slice(lo - first, hi - first))
         return out
+
+    # -------------------------------------------------------- plans
+    def plans(self, problem_ids: Sequence[int] | np.ndarray | None = None) -> Any:
+        """The plans of the ``ok`` problems (all, or those of ``problem_ids``), one
+        row per plan entry: ``problem_id, gmm, bar_component, component, mass``
+        (a DataFrame, or a Table if read ``as_="pyarrow"``; ``plans/`` in
+        docs/storage.md). Only in a run made with plans (``--plans``).
+
+        The shards' plans are read when asked for, from the commits whose
+        :attr:`problems` were read: a shard rewritten since is left out, with
+        a warning (read the results again). With ``problem_ids``, only the
+        shards that hold them are read.
+        """
+        if not self.layout.get("plans"):
+            raise ValueError(f"{_fs.redact_url(self.url)} has no plans: the run did not store "
+                             "them (raybary run --plans, or GridOptions(plans=True))")
+        shard = _numbers(self.problems, "shard")
+        wanted = None
+        if problem_ids is not None:
+            wanted = np.unique(np.asarray(problem_ids, dtype=np.int64).reshape(-1))
+            shard = shard[np.isin(_numbers(self.problems, "problem_id"), wanted)]
+        fs, root = _fs.url_to_fs(self.url, self.storage_options)
+        tables = []
+        for i in sorted(set(shard.tolist())):
+            table, why = _committed_table(fs, root, PLANS_DIR, i, self.commits[i])
+            if table is None:
+                what = "was rewritten since the results were read" if why == _REWRITTEN else why
+                warnings.warn(f"the plans of shard {i} are left out: {what} (read the results "
+                              "again)", stacklevel=2)
+                continue
+            tables.append(table)
+        out = _concat(tables, plans_schema())
+        if wanted is not None:
+            out = out.filter(pa.compute.is_in(out.column("problem_id"), pa.array(wanted)))
+        return out.to_pandas() if self.table_format == "pandas" else out
 
     # -------------------------------------------------------- barycenters as GMMs
     def barycenter_arrays(self, problem_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -374,49 +417,70 @@ def read_results(path: str, *, as_: str = "pandas",
         raise FileNotFoundError(f"{_fs.redact_url(url)} is not a raybary results directory "
                                 f"(no {LAYOUT_FILE})")
     layout = _fs.read_json(fs, layout_path)
-    if tuple(layout.get("tables") or DEFAULT_TABLES) != DEFAULT_TABLES:
+    if tuple(layout.get("tables") or DEFAULT_TABLES)[:2] != DEFAULT_TABLES:
         raise ValueError(f"{_fs.redact_url(url)} holds the tables {layout['tables']}, not "
                          "barycenters: read a distance job's output with raybary.read_distances")
     manifest_path = posixpath.join(root, MANIFEST_FILE)
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
-    problems, barycenters, grid_groups = [], [], {}
+    problems, barycenters, grid_groups, commits = [], [], {}, {}
     for shard, info in sorted(read_markers(fs, root).items()):
-        tables = _read_shard(fs, root, shard, info["commit"])
+        tables = _read_shard(fs, root, shard, info)
         if tables is None:
             continue
         grid_groups[shard] = info.get("grids")
+        commits[shard] = info["commit"]
         problems.append(tables[0])
         barycenters.append(tables[1])
     p = _concat(problems, problems_schema(layout.get("options") or {}))
     b = _concat(barycenters, barycenters_schema())
     if as_ == "pandas":
         p, b = p.to_pandas(), b.to_pandas()
-    return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups, options)
+    return Results(url, p, b, layout, manifest, list(grid_groups), grid_groups, options,
+                   commits, as_)
 
 
-def _read_shard(fs, root: str, shard: int, commit: str,
+_REWRITTEN = "rewritten"  # what _committed_table says of a table of another commit
+
+
+def _read_shard(fs, root: str, shard: int, info: dict,
                 subs: tuple[str, ...] = DEFAULT_TABLES) -> tuple[pa.Table, ...] | None:
-    """The tables ``subs`` of committed shard ``shard`` (``None``, with a warning, if
-    one cannot be read or carries another commit id than its marker's ``commit``)."""
-    out = []
+    """The tables ``subs`` of a shard's committed attempt (``None``, with a
+    warning, if one is not that attempt's). A marker that names plans must
+    find its plans table of the same commit too (its footer only is read
+    here; :meth:`Results.plans` reads the rows)."""
+    out, why = [], ""
     for sub in subs:
-        path = posixpath.join(root, sub, shard_name(shard) + ".parquet")
-        try:
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
-        except FileNotFoundError:
-            table = None
-        except UNREADABLE as e:
-            warnings.warn(f"{sub}/{posixpath.basename(path)} cannot be read "
-                          f"({type(e).__name__}): shard {shard} left out (a re-run redoes it)",
-                          stacklevel=3)
-            return None
-        meta = (table.schema.metadata or {}) if table is not None else {}
-        if meta.get(COMMIT_KEY, b"").decode() != commit:
-            warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
-            return None
-        out.append(table.replace_schema_metadata(None))
-    return tuple(out)
+        table, why = _committed_table(fs, root, sub, shard, info["commit"])
+        if table is None:
+            break
+        out.append(table)
+    if not why and "plan_rows" in info and PLANS_DIR not in subs:
+        why = _committed_table(fs, root, PLANS_DIR, shard, info["commit"], footer=True)[1]
+    if why == _REWRITTEN:
+        warnings.warn(f"shard {shard} is being rewritten; left out", stacklevel=3)
+    elif why:
+        warnings.warn(f"{why}: shard {shard} left out (a re-run redoes it)", stacklevel=3)
+    return None if why else tuple(out)
+
+
+def _committed_table(fs, root: str, sub: str, shard: int, commit: str, *,
+                     footer: bool = False) -> tuple[pa.Table | None, str]:
+    """``(table, "")``: table ``sub`` of shard ``shard`` if its footer carries
+    ``commit`` (``footer``: read the footer only, the table is ``None``); else
+    ``(None, why)``: :data:`_REWRITTEN`, or that it cannot be read."""
+    path = posixpath.join(root, sub, shard_name(shard) + ".parquet")
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f) if footer else None
+            table = None if footer else pq.read_table(f)
+    except FileNotFoundError:
+        return None, _REWRITTEN
+    except UNREADABLE as e:
+        return None, f"{sub}/{posixpath.basename(path)} cannot be read ({type(e).__name__})"
+    schema = schema if footer else table.schema
+    if (schema.metadata or {}).get(COMMIT_KEY, b"").decode() != commit:
+        return None, _REWRITTEN
+    return (None if footer else table.replace_schema_metadata(None)), ""
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:

@@ -52,6 +52,7 @@ from raybary.storage.results.layout import (
     GRIDS_VERSION,
     LAYOUT_FILE,
     MANIFEST_FILE,
+    PLANS_DIR,
     RESULTS_FORMAT,
     RESULTS_VERSION,
     SETTINGS,
@@ -92,12 +93,14 @@ class ResultWriter:
       input_fingerprint: the input's :meth:`ProblemStore.fingerprint`, and
       input_shards: each shard's first and last problem id: recorded, and a
         resume against an input that differs in either is refused.
+      plans: also store each problem's plans (``plans/``, one row per plan
+        entry); recorded, so a resume with the other choice is refused.
       storage_options: the output's fsspec storage options (used by the
         lease, the writer and, through the committer, the actors; never
         recorded).
       tables: the Parquet tables of each shard (``problems``, ``barycenters``
-        for a barycenter run; ``distances`` for a distance job); recorded in
-        the layout.
+        for a barycenter run, and ``plans`` with ``plans``; ``distances`` for
+        a distance job); recorded in the layout.
       shard_stops: each shard's stop position, for shards of unequal sizes
         (a distance job's tiles); default ``shard_size`` positions each.
 
@@ -125,6 +128,7 @@ class ResultWriter:
         storage_options: Mapping[str, Any] | None = None,
         tables: Sequence[str] = DEFAULT_TABLES,
         shard_stops: Sequence[int] | None = None,
+        plans: bool = False,
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
@@ -141,8 +145,10 @@ class ResultWriter:
             input_url=input_url, input_fingerprint=input_fingerprint,
             input_shards=None if input_shards is None else [[int(a), int(b)]
                                                             for a, b in input_shards],
-            storage_options=self.storage_options, tables=tuple(tables),
-            shard_stops=None if shard_stops is None else tuple(int(s) for s in shard_stops))
+            storage_options=self.storage_options,
+            tables=tuple(tables) + ((PLANS_DIR,) if plans and PLANS_DIR not in tables else ()),
+            shard_stops=None if shard_stops is None else tuple(int(s) for s in shard_stops),
+            plans=bool(plans))
         self.lease = OutputLease(self.url, self.run_id, self.storage_options)
         self.retried_gave_up: list[int] = []
 
@@ -158,6 +164,8 @@ class ResultWriter:
     def settings(self) -> dict:
         """The settings recorded in the layout and compared on a re-run."""
         out = {k: getattr(self, k) for k in SETTINGS}
+        if not out["plans"]:  # as results written before plans existed
+            del out["plans"]
         if out.get("input_url"):  # never record credentials
             out["input_url"] = _fs.redact_url(out["input_url"])
         return jsonable(out)
@@ -371,5 +379,5 @@ class ResultWriter:
 _FROM_COMMITTER = frozenset({
     "n_problems", "shard_size", "grid_shape", "input_grid_gmms", "options", "input_url",
     "input_fingerprint", "input_shards", "n_shards", "shard_range", "curve_length",
-    "tables", "shard_stops",
+    "tables", "shard_stops", "plans",
 })
