@@ -62,7 +62,7 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
               help="Dimension d (tutorial: 2; random: mixed 1, 2, 3, 5).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
-              help="Zarr: problems per chunk (default 8192).")
+              help="Zarr: problems (with --gmms: GMMs) per chunk (default 8192).")
 @click.option("--covariance-type", type=click.Choice(_COVARIANCE_TYPES), default="full",
               show_default=True,
               help="Store the covariances full (cov), as their diagonals (cov_diag) or as their "
@@ -74,7 +74,7 @@ def generate_cmd(out: str, n_problems: int | None, n_gmms: int | None, family: s
                  dim: int | None, seed: int, chunk_problems: int | None, covariance_type: str,
                  overwrite: bool, storage_options) -> None:
     """Write a seeded batch of problems (--problems) or of GMMs (--gmms) to OUT
-    (*.parquet or *.zarr; GMMs: *.parquet)."""
+    (*.parquet or *.zarr)."""
     from raybary.storage.generate import generate
 
     if (n_problems is None) == (n_gmms is None):
@@ -82,10 +82,9 @@ def generate_cmd(out: str, n_problems: int | None, n_gmms: int | None, family: s
                                "(a GMM store)")
     t0 = time.perf_counter()
     if n_gmms is not None:
-        _generate_gmms(out, n_gmms, family, dim, seed, covariance_type, overwrite,
-                       storage_options)
-        click.echo(f"wrote {n_gmms} GMMs to {out} (raybary.gmms.parquet/1) in "
-                   f"{time.perf_counter() - t0:.1f} s")
+        fmt = _generate_gmms(out, n_gmms, family, dim, seed, covariance_type, overwrite,
+                             chunk_problems, storage_options)
+        click.echo(f"wrote {n_gmms} GMMs to {out} ({fmt}) in {time.perf_counter() - t0:.1f} s")
         return
     with _progress(n_problems, "generating") as update:
         store = generate(out, n_problems, family=family, dim=dim, seed=seed,
@@ -97,21 +96,23 @@ def generate_cmd(out: str, n_problems: int | None, n_gmms: int | None, family: s
 
 
 def _generate_gmms(out: str, n_gmms: int, family: str, dim: int | None, seed: int,
-                   covariance_type: str, overwrite: bool, storage_options) -> None:
-    """``generate --gmms``: the tutorial family's GMMs into a GMM store."""
+                   covariance_type: str, overwrite: bool, chunk_gmms: int | None,
+                   storage_options) -> str:
+    """``generate --gmms``: the tutorial family's GMMs into a GMM store; its format id."""
     from raybary.storage.gmm_store import generate_gmms
 
     if family != "tutorial":
         raise click.UsageError("--gmms draws the tutorial family's GMMs (--family tutorial)")
-    generate_gmms(out, n_gmms, dim=dim or 2, seed=seed, covariance_type=covariance_type,
-                  overwrite=overwrite, storage_options=storage_options)
+    return generate_gmms(out, n_gmms, dim=dim or 2, seed=seed, covariance_type=covariance_type,
+                         overwrite=overwrite, chunk_gmms=chunk_gmms,
+                         storage_options=storage_options).format
 
 
 @click.command("convert")
 @click.argument("src", metavar="IN")
 @click.argument("dst", metavar="OUT")
 @click.option("--chunk-problems", type=click.IntRange(min=1), default=None,
-              help="Zarr output: problems per chunk (default 8192).")
+              help="Zarr output: problems (of a GMM store: GMMs) per chunk (default 8192).")
 @click.option("--covariance-type", type=click.Choice(_COVARIANCE_TYPES), default=None,
               help="How OUT stores the covariances: full (cov), diag (cov_diag) or spherical "
                    "(cov_spherical) [default: as IN]. Refused, naming the first component, "
@@ -122,20 +123,42 @@ def _generate_gmms(out: str, n_gmms: int, family: str, dim: int | None, seed: in
 @user_errors(*_USER_ERRORS)
 def convert_cmd(src: str, dst: str, chunk_problems: int | None, covariance_type: str | None,
                 overwrite: bool, storage_options, output_storage_options) -> None:
-    """Convert a problem store IN to OUT (format from the suffixes: *.parquet, *.zarr)."""
+    """Convert a problem store or a GMM store IN to OUT (format from the
+    suffixes: *.parquet, *.zarr)."""
     from raybary.storage.conversion import convert
-    from raybary.storage.store import open_store
+    from raybary.storage.gmm_store import convert_gmms
 
     t0 = time.perf_counter()
-    store = open_store(src, storage_options=storage_options)
-    with _progress(store.n_problems, "converting") as update:
-        out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
-                      progress=update, covariance_type=covariance_type,
-                      storage_options=storage_options,
-                      output_storage_options=output_storage_options)
-    click.echo(f"converted {out.n_problems} problems from {src} ({store.format}, "
+    store, kind = _open_input(src, storage_options)
+    if kind == "GMMs":
+        out = convert_gmms(store, dst, overwrite=overwrite, chunk_gmms=chunk_problems,
+                           covariance_type=covariance_type,
+                           output_storage_options=output_storage_options)
+    else:
+        with _progress(store.n_problems, "converting") as update:
+            out = convert(store, dst, overwrite=overwrite, chunk_problems=chunk_problems,
+                          progress=update, covariance_type=covariance_type,
+                          storage_options=storage_options,
+                          output_storage_options=output_storage_options)
+    click.echo(f"converted {out.n_problems} {kind} from {src} ({store.format}, "
                f"{store.covariance_type} covariances) to {dst} ({out.format}, "
                f"{out.covariance_type} covariances) in {time.perf_counter() - t0:.1f} s")
+
+
+def _open_input(src: str, storage_options) -> tuple:
+    """``(store, "problems")`` for a problem store, else ``(store, "GMMs")`` if
+    ``src`` opens as a GMM store; else the problem store's refusal is raised."""
+    from raybary.storage import StoreFormatError
+    from raybary.storage.gmm_store import open_gmm_store
+    from raybary.storage.store import open_store
+
+    try:
+        return open_store(src, storage_options=storage_options), "problems"
+    except StoreFormatError as refusal:
+        try:
+            return open_gmm_store(src, storage_options=storage_options), "GMMs"
+        except StoreFormatError:
+            raise refusal from None
 
 
 @click.command("show")

@@ -13,8 +13,8 @@ Main entry points (imported lazily, so ``import raybary.storage`` is cheap):
 * the table of formats (name -> store class, writer, URL suffixes) in
   :mod:`raybary.storage.formats`
 * :class:`ResultWriter`, :func:`read_results`
-* GMM stores (the input of a distance job): :func:`write_gmms`,
-  :func:`generate_gmms`, :func:`open_gmm_store`; its output:
+* GMM stores (the input of a distance job; Parquet or Zarr): :func:`write_gmms`,
+  :func:`generate_gmms`, :func:`open_gmm_store`, :func:`convert_gmms`; its output:
   :func:`read_distances`
 * generators in :mod:`raybary.storage.generate`
 """
@@ -45,6 +45,8 @@ _LAZY = {
     "PARQUET_FORMAT_ID": "raybary.storage.parquet_store",
     "ZARR_FORMAT_ID": "raybary.storage.zarr_store",
     "GMMStore": "raybary.storage.gmm_store",
+    "ZarrGMMStore": "raybary.storage.gmm_store",
+    "convert_gmms": "raybary.storage.gmm_store",
     "open_gmm_store": "raybary.storage.gmm_store",
     "write_gmms": "raybary.storage.gmm_store",
     "generate_gmms": "raybary.storage.gmm_store",
@@ -59,7 +61,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from raybary.storage.columns import ProblemColumns
     from raybary.storage.conversion import convert, write_problems, write_store
     from raybary.storage.formats import detect_format
-    from raybary.storage.gmm_store import GMMStore, generate_gmms, open_gmm_store, write_gmms
+    from raybary.storage.gmm_store import (
+        GMMStore,
+        ZarrGMMStore,
+        convert_gmms,
+        generate_gmms,
+        open_gmm_store,
+        write_gmms,
+    )
     from raybary.storage.options import StorageOptions
     from raybary.storage.parquet_store import PARQUET_FORMAT_ID, ParquetProblemStore
     from raybary.storage.results import (

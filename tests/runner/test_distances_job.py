@@ -21,7 +21,7 @@ from raybary.cli import main
 from raybary.runner import ExecOptions
 from raybary.runner.distances import run_distances
 from raybary.storage import read_results
-from raybary.storage.gmm_store import generate_gmms, write_gmms
+from raybary.storage.gmm_store import convert_gmms, generate_gmms, write_gmms
 
 N, TILE = 9, 4  # 3 x 3 tiles over the upper triangle: 6 shards, 36 pairs
 
@@ -113,6 +113,28 @@ def test_a_bad_gmm_gives_invalid_rows_and_single_gaussians_their_w2(data):
     matrix, ids = dist.matrix()
     assert ids.tolist() == [10, 20, 30, 40]
     assert np.isnan(matrix[3, :3]).all() and np.isnan(matrix[:3, 3]).all()
+
+
+def test_zarr_gmm_stores_give_the_parquet_stores_rows(data, reference):
+    """The same GMMs in Zarr (chunks of 4 GMMs, so tiles span chunks), through the
+    CLI: the same pairs, the same values, and the bad GMM named as in Parquet."""
+    store = convert_gmms(data["store"], str(data["root"] / "gmms.zarr"), chunk_gmms=4)
+    mixed = convert_gmms(data["mixed"], str(data["root"] / "mixed.zarr"), chunk_gmms=3)
+    assert store.format == mixed.format == "raybary.gmms.zarr/1"
+    for src, tile, want in ((store.url, TILE, reference[0]),
+                            (mixed.url, 2, str(data["root"] / "mixed-out"))):
+        out = str(data["root"] / (src.rsplit("/", 1)[1] + "-out"))
+        r = CliRunner().invoke(main, ["distances", src, out, "--tile", str(tile), "--actors", "1",
+                                      "-q"])
+        assert r.exit_code == 0, r.output
+        if not os.path.exists(want):  # the Parquet run of the mixed store
+            run_distances(data["mixed"], want, exe=exe(), tile=tile, stream=None)
+        got = raybary.read_distances(out).to_pandas().sort_values(["i", "j"])
+        ref = raybary.read_distances(want).to_pandas().sort_values(["i", "j"])
+        assert got[["i", "j", "status"]].values.tolist() == ref[["i", "j", "status"]].values.tolist()
+        np.testing.assert_allclose(got.mw2.to_numpy(), ref.mw2.to_numpy(), rtol=1e-12)
+        assert got.error.fillna("").tolist() == ref.error.fillna("").tolist()
+    assert "gmm 40, component 1: weight" in got.error.fillna("").str.cat()
 
 
 def test_pairs_file_with_an_unknown_id_through_the_cli(data):

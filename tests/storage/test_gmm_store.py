@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from docs_blocks import ROOT, blocks, shell_commands
 
 from raybary import GMM
 from raybary.cli import main
-from raybary.storage import StoreFormatError
+from raybary.storage import StoreDataError, StoreFormatError, open_store
 from raybary.storage.generate import generate, tutorial_columns
 from raybary.storage.gmm_store import (
+    convert_gmms,
     generate_gmms,
     gmm_message,
     open_gmm_store,
@@ -93,10 +97,88 @@ def test_a_problem_store_is_refused_with_a_hint(tmp_path):
     url = generate(str(tmp_path / "p.parquet"), 2).url
     with pytest.raises(StoreFormatError, match="looks like a problem store"):
         open_gmm_store(url)
-    with pytest.raises(StoreFormatError, match="Zarr GMM store is not supported"):
-        open_gmm_store(str(tmp_path / "g.zarr"))
-    with pytest.raises(FileNotFoundError, match="no GMM store"):
-        open_gmm_store(str(tmp_path / "none.parquet"))
+    zarr_problems = generate(str(tmp_path / "p.zarr"), 2).url
+    with pytest.raises(StoreFormatError, match=r"(?s)raybary\.gmms\.zarr/1.*array gmms/id is "
+                       "missing.*looks like a problem store"):
+        open_gmm_store(zarr_problems)
+    zarr_gmms = generate_gmms(str(tmp_path / "g.zarr"), 2).url
+    with pytest.raises(StoreFormatError, match="(?s)problems/id is missing.*looks like a GMM store"):
+        open_store(zarr_gmms)
+    for name in ("none.parquet", "none.zarr"):
+        with pytest.raises(FileNotFoundError, match="no GMM store"):
+            open_gmm_store(str(tmp_path / name))
+
+
+def same_gmms(a, b) -> None:
+    """Two :class:`GMMShard` hold the same ids and, exactly, the same GMMs."""
+    assert a.ids.tolist() == b.ids.tolist() and a.errors == b.errors
+    for x, y in zip(a.gmms, b.gmms, strict=True):
+        for field in ("weights", "means", "covs"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
+def test_parquet_zarr_parquet_round_trip_keeps_every_gmm(tmp_path, covariance_type):
+    parquet = generate_gmms(str(tmp_path / "g.parquet"), 11, seed=2,
+                            covariance_type=covariance_type)
+    zarr_store = convert_gmms(parquet, str(tmp_path / "g.zarr"), chunk_gmms=4)
+    back = convert_gmms(zarr_store, str(tmp_path / "back.parquet"))
+    assert (zarr_store.format, back.format) == ("raybary.gmms.zarr/1", "raybary.gmms.parquet/1")
+    assert zarr_store.covariance_type == back.covariance_type == covariance_type
+    assert zarr_store.n_gmms == back.n_gmms == 11 and zarr_store.dim == 2
+    whole = parquet.read_gmms(0, 11)
+    same_gmms(zarr_store.read_gmms(0, 11), whole)
+    same_gmms(back.read_gmms(0, 11), whole)
+    # ranges inside one chunk, across chunks, empty, and the generator's own Zarr output
+    for start, stop in ((1, 3), (3, 9), (8, 11), (5, 5)):
+        got = zarr_store.read_gmms(start, stop)
+        assert got.ids.tolist() == list(range(start, stop))
+        for g, w in zip(got.gmms, whole.gmms[start:stop], strict=True):
+            np.testing.assert_array_equal(g.covs, w.covs)
+    direct = generate_gmms(str(tmp_path / "direct.zarr"), 11, seed=2,
+                           covariance_type=covariance_type, chunk_gmms=3)
+    same_gmms(direct.read_gmms(0, 11), whole)
+    with pytest.raises(IndexError, match="outside"):
+        zarr_store.read_gmms(10, 12)
+
+
+def test_zarr_gmm_store_ids_bad_gmms_and_refusals(tmp_path):
+    bad = GMM(np.array([0.5, 0.5]), np.array([[0.0, np.nan], [1.0, 1.0]]),
+              np.stack([np.eye(2)] * 2))
+    good = GMM(np.ones(1), np.zeros((1, 2)), np.eye(2)[None])
+    store = write_gmms(str(tmp_path / "b.zarr"), [bad, good, good], ids=[17, 4, 9], chunk_gmms=2)
+    shard = pickle.loads(pickle.dumps(store)).read_gmms(0, 3)  # as an actor gets it
+    assert shard.ids.tolist() == [4, 9, 17] and shard.gmms[2] is None
+    assert shard.errors[:2] == [None, None]
+    assert shard.errors[2].startswith("gmm 17, component 0: mean"), shard.errors[2]
+    assert store.positions(np.array([9, 5, 17])).tolist() == [1, -1, 2]
+    mixed = [good, GMM(np.ones(1), np.zeros((1, 3)), np.eye(3)[None])]
+    with pytest.raises(StoreDataError, match="one dimension d"):
+        write_gmms(str(tmp_path / "mixed.zarr"), mixed)
+    assert not (tmp_path / "mixed.zarr").exists()  # nothing half-written is left
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_gmms(str(tmp_path / "b.zarr"), [good])
+    with pytest.raises(StoreDataError, match="gmm 17, component 0 has the off-diagonal"):
+        tilted = GMM(np.ones(1), np.zeros((1, 2)), np.array([[[1.0, 0.5], [0.5, 1.0]]]))
+        convert_gmms(write_gmms(str(tmp_path / "t.zarr"), [tilted], ids=[17]),
+                     str(tmp_path / "t.parquet"), covariance_type="diag")
+
+
+def test_generate_and_convert_zarr_gmm_stores_on_the_command_line(tmp_path):
+    zarr_url, parquet_url = str(tmp_path / "g.zarr"), str(tmp_path / "g.parquet")
+    r = CliRunner().invoke(main, ["generate", zarr_url, "--gmms", "5", "--chunk-problems", "2",
+                                  "--covariance-type", "diag"])
+    assert r.exit_code == 0 and "wrote 5 GMMs" in r.output and "gmms.zarr/1" in r.output, r.output
+    r = CliRunner().invoke(main, ["convert", zarr_url, parquet_url])
+    assert r.exit_code == 0 and "converted 5 GMMs" in r.output, r.output
+    assert "raybary.gmms.parquet/1, diag covariances" in r.output
+    same_gmms(open_gmm_store(parquet_url).read_gmms(0, 5),
+              generate_gmms(str(tmp_path / "ref.parquet"), 5, covariance_type="diag")
+              .read_gmms(0, 5))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "junk.parquet"),
+                                  str(tmp_path / "j.zarr")])
+    assert r.exit_code != 0 and "not a valid raybary Parquet problem store" in r.output, r.output
 
 
 def test_pairs_file_rows_and_unknown_ids(tmp_path):
@@ -116,3 +198,17 @@ def test_pairs_file_rows_and_unknown_ids(tmp_path):
     pq.write_table(pa.table({"i": [0.5], "k": [1]}), tmp_path / "wrong.parquet")
     with pytest.raises(StoreFormatError, match="column 'i' has type double.*'j' is missing"):
         PairsFile(str(tmp_path / "wrong.parquet"), 3)
+
+
+def test_the_zarr_commands_of_the_distances_docs_run(tmp_path, monkeypatch):
+    """docs/distances.md's ``bash gmm-zarr`` block, as written (storage only: no Ray)."""
+    monkeypatch.chdir(tmp_path)
+    commands = [c for info, code in blocks(ROOT / "docs" / "distances.md")
+                if info == "bash gmm-zarr" for c in shell_commands(code)]
+    assert [c[:2] for c in commands] == [["raybary", "generate"], ["raybary", "convert"]]
+    for command in commands:
+        r = CliRunner().invoke(main, command[1:])
+        assert r.exit_code == 0, r.output
+    zarr_store, copy = open_gmm_store("gmms.zarr"), open_gmm_store("gmms-copy.parquet")
+    assert zarr_store.describe()["chunk_problems"] == 50
+    same_gmms(copy.read_gmms(0, 200), zarr_store.read_gmms(0, 200))
