@@ -295,17 +295,19 @@ def _better(a: Result, b: Result) -> bool:
     return bool(a.objective < b.objective)
 
 
-def _split_plans(out: dict, row: int, n: int, problem: Problem) -> tuple[np.ndarray, list]:
+def _split_plans(out: dict, row: int, n: int, problem: Problem) -> tuple[np.ndarray, list, bool]:
     """The per-GMM costs ``(J,)`` (solver units) and plans (``(n, K_j)``, ``None``
-    for GMMs that take no part: NaN cost) of row ``row``: the flat layout holds
-    GMM j's components contiguously, in input order."""
-    J = problem.n_gmms
-    costs = out["costs"][row, :J].astype(np.float64)
-    flat = out["plans"][row, :n].astype(np.float64)
-    bounds = np.cumsum([0] + [g.n_components for g in problem.gmms])
-    plans = [flat[:, bounds[j]:bounds[j + 1]] if not np.isnan(costs[j]) else None
-             for j in range(J)]
-    return costs, plans
+    for GMMs that take no part: NaN cost) of row ``row``, and whether the plans
+    are finite: the flat layout holds GMM j's components contiguously, in input
+    order (views of one array: one check, no copy per GMM)."""
+    costs = out["costs"][row, :problem.n_gmms].astype(np.float64)
+    sizes = [g.n_components for g in problem.gmms]
+    flat = out["plans"][row, :n, :sum(sizes)].astype(np.float64)
+    plans, start = [], 0
+    for size, cost in zip(sizes, costs.tolist()):
+        plans.append(None if cost != cost else flat[:, start:start + size])  # NaN: no part
+        start += size
+    return costs, plans, bool(np.isfinite(flat).all())
 
 
 def _to_result(out: dict, row: int, n: int, problem: Problem, norm, restart: int) -> Result:
@@ -315,14 +317,14 @@ def _to_result(out: dict, row: int, n: int, problem: Problem, norm, restart: int
     means = out["means"][row, :n, :d].astype(np.float64) * s + c
     covs = out["covs"][row, :n, :d, :d].astype(np.float64) * s**2
     objective = float(out["objective"][row]) * s**2
-    costs, plans = _split_plans(out, row, n, problem)
+    costs, plans, plans_finite = _split_plans(out, row, n, problem)
     costs *= s**2
     finite = (
         np.isfinite(objective)
-        and np.all(np.isfinite(weights))
-        and np.all(np.isfinite(means))
-        and np.all(np.isfinite(covs))
-        and all(np.all(np.isfinite(p)) for p in plans if p is not None)
+        and plans_finite
+        and np.isfinite(weights).all()
+        and np.isfinite(means).all()
+        and np.isfinite(covs).all()
     )
     return Result(
         weights=weights,
