@@ -234,3 +234,19 @@ def test_mw2_speed_benchmark_runs_small(capsys):
             assert row["error"] < 1e-3 and 20 < row["iterations"] < 200
             assert 0 <= row["idle"] < 1 and row["us"] > 0
     assert f"| {rows['POT loop']['x_pot']:.1f} |" in out
+
+
+def test_distances_benchmark_runs_small(ray_local, tmp_path, capsys):
+    """benchmarks/bench_distances.py on 12 GMMs (66 pairs, tiles of 5): the job
+    completes, every pair once, the matrix full, the table printed."""
+    spec = importlib.util.spec_from_file_location("bench_distances",
+                                                  ROOT / "benchmarks" / "bench_distances.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = bench.main(["--gmms", "12", "--tile", "5", "--actors", "1", "--address", ray_local,
+                    "--out", str(tmp_path), "--json", str(tmp_path / "m.json")])
+    assert m["pairs"] == m["rows"] == m["ok"] == 66 and m["shards"] == 6 and m["ids"] == 12
+    assert m["pairs_per_s"] > 0 and m["output_mb"] > 0
+    out = capsys.readouterr().out
+    assert "| pairs | 66 in 6 tiles (66 `ok`" in out
+    assert json.loads((tmp_path / "m.json").read_text())["pairs"] == 66

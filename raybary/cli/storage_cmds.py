@@ -173,31 +173,40 @@ def _open_input(src: str, storage_options) -> tuple:
 @storage_options_flag
 @user_errors(*_USER_ERRORS)
 def show_cmd(path: str, top: int, scan_all: bool, renormalize: bool, storage_options) -> None:
-    """Summarise a results directory OUT, or describe and validate a problem store."""
+    """Summarise a results directory OUT (a run's or a distance job's), or
+    describe and validate a problem store or a GMM store."""
     from raybary.storage import _fs
     from raybary.storage.results import LAYOUT_FILE, summarize
+    from raybary.storage.results.distances import is_distances, summarize_distances
 
     fs, root = _fs.url_to_fs(path, storage_options)
     if fs.exists(root.rstrip("/") + "/" + LAYOUT_FILE):
-        click.echo(summarize(path, top=top, storage_options=storage_options))
+        text = (summarize_distances if is_distances(path, storage_options=storage_options)
+                else summarize)
+        click.echo(text(path, top=top, storage_options=storage_options))
         return
-    from raybary.storage.store import open_store
-
     if not fs.exists(root):
-        raise click.ClickException(
-            f"nothing at {_fs.redact_url(path)} (expected a results directory or a problem store)")
-    store = open_store(path, storage_options=storage_options)
-    click.echo(f"problem store {path}")
+        raise click.ClickException(f"nothing at {_fs.redact_url(path)} (expected a results "
+                                   "directory, a problem store or a GMM store)")
+    store, kind = _open_input(path, storage_options)
+    click.echo(f"{'problem' if kind == 'problems' else 'GMM'} store {path}")
+    unit = "problem" if kind == "problems" else "gmm"
     for key, value in store.describe().items():
         if key == "dim" and value is None:
-            value = "per problem (Parquet; mixed dimensions allowed)"
+            value = f"per {unit} (Parquet; mixed dimensions allowed)"
         if key != "url":
+            key = key.replace("n_problems", f"n_{kind.lower()}").replace("problem", unit)
             click.echo(f"  {key}: {value}")
     if store.n_problems:
-        _validate_store(store, top, scan_all, renormalize)
+        _validate_store(store, top, scan_all, renormalize, kind)
 
 
-def _validate_store(store, top: int, scan_all: bool, renormalize: bool) -> None:
+def _validate_store(store, top: int, scan_all: bool, renormalize: bool,
+                    kind: str = "problems") -> None:
+    """Validate the first 1000 problems (GMMs), or all; print how many are
+    invalid and the first ``top`` messages (a GMM store's name the GMM)."""
+    from raybary.storage.gmm_store import gmm_message
+
     n = store.n_problems if scan_all else min(store.n_problems, 1000)
     n_invalid, shown = 0, []
     with _progress(n, "validating") as update:
@@ -207,10 +216,10 @@ def _validate_store(store, top: int, scan_all: bool, renormalize: bool) -> None:
             shown += [e for e in shard.errors if e][: top - len(shown)]
             update(len(shard))
     what = "all" if n == store.n_problems else "first"
-    click.echo(f"  {what} {n} problems: {n_invalid} invalid"
+    click.echo(f"  {what} {n} {kind}: {n_invalid} invalid"
                + (" (weights renormalised)" if renormalize else ""))
     for err in shown:
-        click.echo(f"    {err}")
+        click.echo(f"    {gmm_message(err) if kind == 'GMMs' else err}")
 
 
 def register(group: click.Group) -> None:

@@ -115,6 +115,31 @@ def test_a_bad_gmm_gives_invalid_rows_and_single_gaussians_their_w2(data):
     assert np.isnan(matrix[3, :3]).all() and np.isnan(matrix[:3, 3]).all()
 
 
+def test_show_summarises_a_distance_output_and_a_gmm_store(data):
+    """`raybary show` on the job's output: statuses, the nearest pair (the two
+    closest single Gaussians, by their closed-form W2^2) and the bad GMM's
+    message; on the GMM store: its size and the bad GMM, named."""
+    from click.testing import CliRunner
+
+    from raybary.cli import main
+
+    out = str(data["root"] / "show-out")
+    run_distances(data["mixed"], out, exe=exe(), tile=2, stream=None)
+    r = CliRunner().invoke(main, ["show", out, "--top", "1"])
+    assert r.exit_code == 0, r.output
+    a, b, c = data["singles"]
+    (i, j), w2 = min({(10, 20): w2_squared(a, b), (10, 30): w2_squared(a, c),
+                      (20, 30): w2_squared(b, c)}.items(), key=lambda kv: kv[1])
+    assert "status: ok 3, invalid 3, failed 0" in r.output
+    nearest = r.output.split("nearest 1 pairs:\n")[1].splitlines()[0].split(": ")
+    assert nearest[0].strip() == f"({i}, {j})" and float(nearest[1]) == pytest.approx(w2, 1e-4)
+    assert "(10, 40): gmm 40, component 1: weight" in r.output
+    r = CliRunner().invoke(main, ["show", data["mixed"]])
+    assert r.exit_code == 0, r.output
+    assert "GMM store" in r.output and "n_gmms: 4" in r.output
+    assert "all 4 GMMs: 1 invalid" in r.output and "    gmm 40, component 1: weight" in r.output
+
+
 def test_zarr_gmm_stores_give_the_parquet_stores_rows(data, reference):
     """The same GMMs in Zarr (chunks of 4 GMMs, so tiles span chunks), through the
     CLI: the same pairs, the same values, and the bad GMM named as in Parquet."""

@@ -25,7 +25,7 @@ from raybary.storage.results.layout import LAYOUT_FILE, MANIFEST_FILE, read_mark
 from raybary.storage.results.reader import _concat, _read_shard
 
 __all__ = ["Distances", "read_distances", "distances_schema", "DISTANCES_TABLE",
-           "MATRIX_MAX_GMMS"]
+           "MATRIX_MAX_GMMS", "is_distances", "summarize_distances"]
 
 #: :meth:`Distances.matrix` refuses more GMMs than this (an N x N float64
 #: matrix of 10,000 GMMs is 800 MB).
@@ -113,3 +113,45 @@ def read_distances(url: str, *, storage_options: Mapping[str, Any] | None = None
         if got is not None:
             tables.append(got[0])
     return Distances(url, _concat(tables, distances_schema()), layout, manifest)
+
+
+def is_distances(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether the results directory ``url`` is a distance job's output (its
+    layout's tables are ``distances``)."""
+    url = _fs.strip_url(str(url))
+    fs, root = _fs.url_to_fs(url, StorageOptions.of(storage_options))
+    layout = _fs.read_json(fs, posixpath.join(root, LAYOUT_FILE))
+    return list(layout.get("tables") or []) == [DISTANCES_TABLE]
+
+
+def summarize_distances(url: str, *, top: int = 5,
+                        storage_options: Mapping[str, Any] | None = None) -> str:
+    """A text summary of a distance job's output (what ``raybary show`` prints):
+    progress, statuses, the MW2^2 quantiles, the nearest pairs and the first
+    messages of the pairs not ``ok``."""
+    d = read_distances(url, storage_options=storage_options)
+    df = d.to_pandas()
+    lay = d.layout
+    state = "finished" if d.manifest else "not finished (no manifest)"
+    lines = [f"distances {_fs.redact_url(d.url)}",
+             f"  input: {lay.get('input_url')}  pairs: {lay.get('n_problems')}  shards: "
+             f"{len(read_markers(*_fs.url_to_fs(d.url, StorageOptions.of(storage_options))))}"
+             f"/{lay.get('n_shards')} committed, {state}"]
+    counts = df["status"].value_counts().to_dict()
+    lines.append("  status: " + ", ".join(f"{s} {counts.get(s, 0)}"
+                                          for s in ("ok", "invalid", "failed")))
+    ok = df[df["status"] == "ok"]
+    if len(ok):
+        qs = ok["mw2"].quantile([0.0, 0.05, 0.5, 0.95, 1.0])
+        lines.append("  mw2 quantiles: " + ", ".join(
+            f"{label} {v:.6g}" for label, v in zip(["min", "5%", "50%", "95%", "max"], qs)))
+        lines.append(f"  converged: {int(ok['converged'].sum())} of {len(ok)} ok")
+        lines.append(f"  nearest {min(top, len(ok))} pairs:")
+        for _, r in ok.nsmallest(top, "mw2").iterrows():
+            lines.append(f"    ({r.i}, {r.j}): {r.mw2:.6g}")
+    for status in ("failed", "invalid"):
+        bad = df[df["status"] == status]
+        if len(bad):
+            lines.append(f"  {status} ({len(bad)}; first {min(len(bad), 2 * top)}):")
+            lines += [f"    ({r.i}, {r.j}): {r.error}" for _, r in bad.head(2 * top).iterrows()]
+    return "\n".join(lines)
