@@ -520,6 +520,32 @@ def describe_size(r: dict) -> list[str]:
     ]
 
 
+MW2_RESERVE_S = 45  # of the budget, kept for mw2_section
+
+
+def mw2_section(n: int, say) -> dict | None:
+    """``mw2_batch``'s engine (checks and solve) on ``n`` tutorial-sized pairs
+    (d = 2, K 2 to 5; benchmarks/bench_mw2_speed.py's): a first call compiles,
+    the second is timed. ``None`` if interrupted (the time limit)."""
+    from bench_mw2_speed import raybary_run, tutorial_pairs
+
+    try:
+        pairs = tutorial_pairs(n, seed=0)
+        first = raybary_run(pairs, workers=None)
+        r = raybary_run(pairs, workers=None)
+    except KeyboardInterrupt:
+        say("mw2: interrupted (time limit)")
+        return None
+    out = {"pairs": n, "pairs_per_s": n / r["wall"], "wall_s": r["wall"],
+           "first_call_s": first["wall"], "plan_iterations_mean": float(r["iterations"]),
+           "converged": float(r["converged"])}
+    say(f"mw2: {n} tutorial-sized pairs in {r['wall']:.2f} s = {out['pairs_per_s']:,.0f} "
+        f"pairs/s (first call, compiling: {first['wall']:.1f} s); plan iterations "
+        f"{out['plan_iterations_mean']:.1f}; converged {out['converged']:.4f}")
+    say("MW2 " + json.dumps(out))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -539,7 +565,13 @@ def main(argv=None) -> int:
                         help="smoke test (CPU-sized): a 240 s budget and no float64 check")
     parser.add_argument("--seed", type=int, default=0, help="seed of the problems (default 0)")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON here")
+    parser.add_argument("--mw2-pairs", type=int, default=None, metavar="N",
+                        help="also time raybary's MW2 distances (mw2_batch's engine) on N "
+                        "tutorial-sized pairs, last; MW2_RESERVE_S of the budget is kept for "
+                        "it (default: 65536; 512 with --quick; 0: skip)")
     args = parser.parse_args(argv)
+    if args.mw2_pairs is None:
+        args.mw2_pairs = 512 if args.quick else 65536
     budget = args.budget_s if args.budget_s is not None else (240.0 if args.quick else 420.0)
     sizes_log2 = sorted(set(args.sizes))
     if not sizes_log2 or min(sizes_log2) < 7 or max(sizes_log2) > 24:
@@ -591,7 +623,7 @@ def main(argv=None) -> int:
     previous = None
     for k in sizes_log2:
         n = 1 << k
-        left = budget - say.elapsed()
+        left = budget - say.elapsed() - (MW2_RESERVE_S if args.mw2_pairs else 0)
         reason = None
         if previous is not None:
             scale = n / previous["problems"]
@@ -691,6 +723,8 @@ def main(argv=None) -> int:
                 say("float64: interrupted (time limit)")
         else:
             say("float64: skipped (less than 60 s left of the budget)")
+    if args.mw2_pairs:
+        run["mw2"] = mw2_section(args.mw2_pairs, say)
     say("", "summary (problems/s after compilation; us per needed iteration; round trips "
         "per lane iteration):")
     for r in run["sizes"]:
@@ -701,6 +735,8 @@ def main(argv=None) -> int:
             f"round trips {r['round_trips_per_lane_iteration']:.4f}")
     if run["kernels"] and "per_plan_iteration_est" in run["kernels"]:
         say(f"  kernels per plan iteration: about {run['kernels']['per_plan_iteration_est']:.0f}")
+    if run.get("mw2"):
+        say(f"  mw2: {run['mw2']['pairs_per_s']:,.0f} pairs/s ({run['mw2']['pairs']} pairs)")
     if run["check"]:
         say(f"  check: {'OK' if run['check']['ok'] else 'MISMATCH'}")
     if run["stopped"]:

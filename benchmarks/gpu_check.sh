@@ -3,7 +3,8 @@
 # batches of 2^14 ... 2^20 tutorial-family problems, plan iterations, wall
 # time per iteration, XLA kernels and host round trips per iteration, the
 # device and JAX version, and one correctness line (objectives against JAX's
-# CPU backend in the same run). Sizes stop early, saying why, when time or
+# CPU backend in the same run), then MW2 distances' pairs/s (issue 18:
+# mw2_batch on tutorial-sized pairs). Sizes stop early, saying why, when time or
 # memory would run out; the whole run is bounded to under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh                   # from the repository root

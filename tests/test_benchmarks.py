@@ -213,6 +213,9 @@ def test_gpu_check_runs_on_the_cpu_at_tiny_sizes(blocked_env, tmp_path):
     [saved] = out.glob("gpu_check-*.json")
     run = json.loads(saved.read_text())
     assert run["check"]["ok"] and len(run["sizes"]) == 2 and run["kernels"]["block"] > 0
+    [mw2] = [json.loads(line[len("MW2 "):]) for line in lines if line.startswith("MW2 ")]
+    assert mw2 == run["mw2"] and mw2["pairs"] == 512 and mw2["pairs_per_s"] > 0
+    assert 20 < mw2["plan_iterations_mean"] < 200 and mw2["converged"] > 0.99
 
 
 def test_mw2_speed_benchmark_runs_small(capsys):
