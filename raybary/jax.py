@@ -198,7 +198,7 @@ def _plan_options(dtype, max_iterations, tol):
 
 
 def _frame(means_a, covs_a, weights_a, means_b, covs_b, weights_b):
-    """Centre and scale of a pair, as :func:`raybary.batch.distances._pad_group`
+    """Centre and scale of a pair, as :func:`raybary.batch.distances._pair_arrays`
     takes them (the weighted mean and root second moment of both GMMs, each
     weighted 1/2): the solve runs in these units, like :func:`raybary.mw2`'s."""
     w = jnp.concatenate([weights_a, weights_b]) / 2.0

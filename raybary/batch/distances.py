@@ -252,10 +252,8 @@ def _checked_pairs(pairs, dtype: str, validate: bool) -> list[tuple[GMM, GMM]]:
 
     errors, kept = [], []
     for i, pair in enumerate(pairs):
-        if (type(pair) in (tuple, list) and len(pair) == 2 and type(pair[0]) is GMM
-                and type(pair[1]) is GMM) or (
-                isinstance(pair, (tuple, list)) and len(pair) == 2
-                and all(isinstance(g, GMM) for g in pair)):
+        if (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and isinstance(pair[0], GMM) and isinstance(pair[1], GMM)):
             kept.append(i)
         else:
             errors.append(f"pair {i}: must be an (a, b) pair of raybary.GMM, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,12 +45,14 @@ def distances_schema() -> pa.Schema:
 class Distances:
     """What :func:`read_distances` returns: ``table`` (a ``pyarrow.Table``, one
     row per pair of the committed shards, in shard order), the run's ``layout``
-    and ``manifest`` (``None`` while it is not finished), and the ``url``."""
+    and ``manifest`` (``None`` while it is not finished), the ``url`` and the
+    ``committed_shards`` read."""
 
     url: str
     table: pa.Table
     layout: dict
     manifest: dict | None
+    committed_shards: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -107,12 +109,13 @@ def read_distances(url: str, *, storage_options: Mapping[str, Any] | None = None
                          "with raybary.read_results")
     manifest_path = posixpath.join(root, MANIFEST_FILE)
     manifest = _fs.read_json(fs, manifest_path) if fs.exists(manifest_path) else None
-    tables = []
+    tables, shards = [], []
     for shard, info in sorted(read_markers(fs, root).items()):
         got = _read_shard(fs, root, shard, info, (DISTANCES_TABLE,))
         if got is not None:
             tables.append(got[0])
-    return Distances(url, _concat(tables, distances_schema()), layout, manifest)
+            shards.append(shard)
+    return Distances(url, _concat(tables, distances_schema()), layout, manifest, shards)
 
 
 def is_distances(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -135,8 +138,7 @@ def summarize_distances(url: str, *, top: int = 5,
     state = "finished" if d.manifest else "not finished (no manifest)"
     lines = [f"distances {_fs.redact_url(d.url)}",
              f"  input: {lay.get('input_url')}  pairs: {lay.get('n_problems')}  shards: "
-             f"{len(read_markers(*_fs.url_to_fs(d.url, StorageOptions.of(storage_options))))}"
-             f"/{lay.get('n_shards')} committed, {state}"]
+             f"{len(d.committed_shards)}/{lay.get('n_shards')} committed, {state}"]
     counts = df["status"].value_counts().to_dict()
     lines.append("  status: " + ", ".join(f"{s} {counts.get(s, 0)}"
                                           for s in ("ok", "invalid", "failed")))
